@@ -1,0 +1,75 @@
+"""``mft-run``: train from a YAML, validate it, or list the registered strategies.
+
+    mft-run config.yml [--set objective.tau=0.5 ...]   train
+    mft-run config.yml --validate                      validate and print the resolved config
+    mft-run --list                                     every strategy, its plugin and parameters
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import yaml
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mft-run", description="Minifinetuning on the Hugging Face stack.")
+    parser.add_argument("config", nargs="?", help="YAML config (Axolotl-style keys + objective/mitigations)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, e.g. --set objective.tau=0.5 --set seed=2 (repeatable)",
+    )
+    parser.add_argument("--validate", action="store_true", help="only validate; print the resolved config")
+    parser.add_argument("--list", action="store_true", help="list registered strategies and plugin problems")
+    return parser
+
+
+def print_listing() -> None:
+    from mft_plugin.registry import default_registry, strategy_listing
+
+    registry = default_registry()
+    for row in strategy_listing(registry):
+        params = ", ".join(f"{k}={json.dumps(v)}" for k, v in row["params"].items()) or "-"
+        print(f"{row['kind']:<11} {row['name']:<20} {row['distribution']:<24} {params}")
+    for (kind, name), distributions in sorted(registry.conflicts.items()):
+        print(f"CONFLICT    {kind} {name!r} is claimed by {' and '.join(distributions)}: unusable until one is removed")
+    for problem in registry.problems:
+        print(f"BROKEN      plugin {problem.distribution}: {problem.message}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from mft_plugin.config_errors import ConfigError, load_config
+
+    if args.list:
+        print_listing()
+        return 0
+    if not args.config:
+        build_parser().error("a config file is required (or --list)")
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    try:
+        from mft_plugin.preflight import preflight
+
+        preflight(config)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    if args.validate:
+        print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
+        return 0
+    from mft_plugin.recipe import run  # heavy imports only when training
+
+    metrics = run(config)
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""The loss every objective shares: cross-entropy against a label-corrected teacher distribution.
+
+All four objectives of the paper (Sections 2 and 4) build their target the same way,
+
+    p^C = (1 - w) p^T + w 1_l,
+
+and differ only in the per-token weight ``w`` they put on the one-hot label ``l``
+(``ft``: w = 1; ``mft``: w = alpha or beta; ...). Expanding the cross-entropy of that
+target against the student's distribution p^S gives
+
+    CE(p^C, p^S) = (1 - w) CE(p^T, p^S) + w NLL_l(p^S),
+
+so the loss never needs p^C itself, and its gradient w.r.t. the student logits is
+softmax(z^S) - p^C. This module holds that expansion once, in float32 whatever the model
+dtype, so each objective module only states its ``w``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class TeacherStats:
+    """What a correction weight may depend on, per token (all ``[batch, seq]``, float32).
+
+    ``p_label`` is p^T_l, ``p_max`` is max_v p^T_v. ``teacher_right`` is True where the label is
+    *a* maximizer of p^T (``p_label >= p_max``): on a tie the teacher counts as right, so the
+    rule does not depend on which tied index ``torch.argmax`` happens to return, and a label that
+    already shares the top spot is reinforced by beta rather than "corrected" by alpha.
+    """
+
+    p_label: torch.Tensor
+    p_max: torch.Tensor
+
+    @property
+    def teacher_right(self) -> torch.Tensor:
+        return self.p_label >= self.p_max
+
+
+def valid_mask(labels: torch.Tensor) -> torch.Tensor:
+    """``[batch, seq]`` bool: the positions that carry a label (not ``IGNORE_INDEX``)."""
+    return labels != IGNORE_INDEX
+
+
+def safe_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Labels with ignored positions replaced by 0, so that they can index a gather."""
+    return labels.masked_fill(~valid_mask(labels), 0)
+
+
+def teacher_stats(teacher_logits: torch.Tensor, labels: torch.Tensor) -> TeacherStats:
+    """Teacher probabilities of the label and of the argmax. Logits ``[batch, seq, vocab]``."""
+    p_teacher = torch.softmax(teacher_logits.detach().float(), dim=-1)
+    p_label = p_teacher.gather(-1, safe_labels(labels).unsqueeze(-1)).squeeze(-1)
+    return TeacherStats(p_label=p_label, p_max=p_teacher.amax(dim=-1))
+
+
+def nll_token_losses(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Plain finetuning loss per token, ``[batch, seq]`` float32, 0 where the label is ignored."""
+    log_p_student = torch.log_softmax(student_logits.float(), dim=-1)
+    nll = -log_p_student.gather(-1, safe_labels(labels).unsqueeze(-1)).squeeze(-1)
+    return nll * valid_mask(labels)
+
+
+def corrected_token_losses(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    label_weight: torch.Tensor,
+) -> torch.Tensor:
+    """Per-token CE(p^C, p^S) with p^C = (1 - w) p^T + w 1_l, ``[batch, seq]`` float32.
+
+    ``label_weight`` is w, ``[batch, seq]``. The teacher is treated as a constant (no gradient).
+    Ignored positions contribute 0.
+    """
+    log_p_student = torch.log_softmax(student_logits.float(), dim=-1)
+    p_teacher = torch.softmax(teacher_logits.detach().float(), dim=-1)
+    distill = -(p_teacher * log_p_student).sum(dim=-1)  # CE(p^T, p^S), [batch, seq]
+    nll = -log_p_student.gather(-1, safe_labels(labels).unsqueeze(-1)).squeeze(-1)
+    w = label_weight.detach().float()
+    return ((1.0 - w) * distill + w * nll) * valid_mask(labels)
+
+
+def masked_mean(token_losses: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over labelled tokens; 0 (not NaN) when every label is ignored."""
+    count = valid_mask(labels).sum().clamp(min=1)
+    return token_losses.sum() / count
+
+
+def shift_for_causal_lm(labels: torch.Tensor) -> torch.Tensor:
+    """Labels aligned with the logits position by position: position t predicts token t + 1.
+
+    ``[batch, seq]`` -> ``[batch, seq]``, the last position ignored.
+    """
+    return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)

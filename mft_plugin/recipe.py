@@ -1,0 +1,163 @@
+"""One training run, top to bottom: config -> data -> model -> teacher -> Trainer -> outputs.
+
+The order in which mitigations act is fixed here and only here: data stage, then model stage,
+then (inside the Trainer's loss) their penalties.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from datasets import Dataset
+from transformers import PreTrainedModel, TrainingArguments, set_seed
+
+from mft_plugin.config import MFTConfigBase
+from mft_plugin.context import RunContext
+from mft_plugin.data import PaddingCollator, load_all_documents, pack_documents, split_documents
+from mft_plugin.evaluation import GENERAL, SPEC, paper_metrics
+from mft_plugin.loading import load_model, load_tokenizer
+from mft_plugin.outputs import best_evaluation, load_base_perplexities, prepare_output_dir, save_base_perplexities
+from mft_plugin.registry import default_plugin_manager_and_registry
+from mft_plugin.strategy import Mitigation, Objective
+from mft_plugin.teacher import build_teacher
+from mft_plugin.trainer import MFTTrainer
+
+logger = logging.getLogger(__name__)
+EVALUATIONS_PER_RUN = 10
+SPEC_METRIC = f"eval_{SPEC}_ppl"
+
+
+def build_strategies(config: MFTConfigBase) -> tuple[Objective, list[Mitigation]]:
+    _, registry = default_plugin_manager_and_registry()
+    objective = registry.get("objective", config.objective.name).cls(config.objective)
+    mitigations = [registry.get("mitigation", spec.name).cls(spec) for spec in config.mitigations]
+    return objective, mitigations  # type: ignore[return-value]
+
+
+def build_datasets(config: MFTConfigBase, context: RunContext) -> tuple[Dataset, dict[str, Dataset]]:
+    """Packed training blocks and the evaluation sets (``spec`` and ``general`` when configured)."""
+    documents, held_out = split_documents(load_all_documents(config.datasets), config.val_set_size, config.seed)
+    if config.test_datasets:
+        held_out = load_all_documents(config.test_datasets)
+    pack = lambda docs: pack_documents(docs, context.tokenizer, config.sequence_len)  # noqa: E731
+    eval_sets = {SPEC: pack(held_out)} if held_out is not None else {}
+    if config.general_eval_datasets:
+        eval_sets[GENERAL] = context.packed_blocks(config.general_eval_datasets)
+    return pack(documents), eval_sets
+
+
+def training_arguments(config: MFTConfigBase, train_blocks: int, evaluate: bool) -> TrainingArguments:
+    """Axolotl-style keys mapped onto ``TrainingArguments`` (best checkpoint by spec perplexity)."""
+    steps_per_epoch = math.ceil(math.ceil(train_blocks / config.micro_batch_size) / config.gradient_accumulation_steps)
+    total_steps = config.max_steps or math.ceil(config.num_epochs * steps_per_epoch)
+    eval_steps = config.eval_steps or max(1, total_steps // EVALUATIONS_PER_RUN)
+    report_to = (["wandb"] if config.wandb_project else []) + (["tensorboard"] if config.use_tensorboard else [])
+    return TrainingArguments(
+        output_dir=config.output_dir,
+        per_device_train_batch_size=config.micro_batch_size,
+        per_device_eval_batch_size=config.eval_batch_size or config.micro_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        num_train_epochs=config.num_epochs,
+        max_steps=config.max_steps or -1,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_steps or config.warmup_ratio,
+        optim=config.optimizer,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        bf16=config.bf16,
+        fp16=config.fp16,
+        activation_checkpointing=config.gradient_checkpointing,
+        seed=config.seed,
+        data_seed=config.seed,
+        logging_steps=config.logging_steps,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=eval_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps or eval_steps,
+        save_total_limit=config.save_total_limit,
+        load_best_model_at_end=evaluate,
+        metric_for_best_model=SPEC_METRIC if evaluate else None,
+        greater_is_better=False if evaluate else None,
+        report_to=report_to,
+        run_name=config.wandb_name,
+        project=config.wandb_project or "huggingface",
+        remove_unused_columns=False,
+        dataloader_num_workers=config.dataloader_num_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+
+
+def run(config: MFTConfigBase) -> dict[str, Any]:
+    """Train as ``config`` says; write the model, the resolved config and ``metrics.json``."""
+    plugin_manager, _ = default_plugin_manager_and_registry()
+    objective, mitigations = build_strategies(config)
+    output_dir = prepare_output_dir(config)
+    set_seed(config.seed)
+
+    tokenizer = load_tokenizer(config)
+    context = RunContext(config=config, tokenizer=tokenizer, output_dir=output_dir)
+    train_blocks, eval_sets = build_datasets(config, context)
+    for mitigation in mitigations:  # 1. data stage
+        train_blocks = mitigation.prepare_data(train_blocks, context)
+
+    model: PreTrainedModel = load_model(config)
+    for mitigation in mitigations:  # 2. model stage
+        model = mitigation.prepare_model(model, context)
+    teacher = build_teacher(objective.needs_teacher, model, lambda: load_model(config))
+
+    trainer = MFTTrainer(
+        model=model,
+        args=training_arguments(config, len(train_blocks), evaluate=SPEC in eval_sets),
+        train_dataset=train_blocks,
+        eval_dataset=eval_sets.get(SPEC),  # the Trainer wants one; evaluate() uses all eval_sets
+        data_collator=PaddingCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        objective=objective,
+        teacher=teacher,
+        mitigations=mitigations,  # 3. loss stage: their penalties join the objective's loss
+        eval_sets=eval_sets,
+    )
+    trainer.base_perplexities = load_base_perplexities(output_dir, config) or trainer.perplexities()
+    save_base_perplexities(output_dir, config, trainer.base_perplexities)
+    for mitigation in mitigations:
+        mitigation.on_train_begin(trainer.model, context)
+    plugin_manager.hook.mft_run_start(config=config, output_dir=str(output_dir))
+
+    train_result = trainer.train(resume_from_checkpoint=_resume_target(config, output_dir))
+    trainer.save_model(str(output_dir))
+    metrics = _final_metrics(trainer, train_result.metrics)
+    if trainer.is_world_process_zero():
+        (output_dir / "config.yml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    plugin_manager.hook.mft_run_end(config=config, output_dir=str(output_dir), metrics=metrics)
+    return metrics
+
+
+def _resume_target(config: MFTConfigBase, output_dir: Path) -> str | bool | None:
+    """``resume_from_checkpoint: true`` resumes from the latest checkpoint if there is one."""
+    if config.resume_from_checkpoint is True:
+        has_checkpoint = any(output_dir.glob("checkpoint-*"))
+        if not has_checkpoint:
+            logger.warning("resume_from_checkpoint: no checkpoint in %s yet; starting from the base model", output_dir)
+        return True if has_checkpoint else None
+    return config.resume_from_checkpoint or None
+
+
+def _final_metrics(trainer: MFTTrainer, train_metrics: dict[str, float]) -> dict[str, Any]:
+    """Base perplexities, the selected (best) evaluation with its S/DG/DG/S, and training stats."""
+    metrics: dict[str, Any] = {f"base_{k}_ppl": v for k, v in trainer.base_perplexities.items()}
+    metrics.update(train_metrics)
+    best = best_evaluation(trainer.state.log_history, SPEC_METRIC)
+    if best is None and trainer.eval_sets:
+        current = trainer.perplexities()
+        best = {f"eval_{k}_ppl": v for k, v in current.items()}
+        best.update({f"eval_{k}": v for k, v in paper_metrics(trainer.base_perplexities, current).items()})
+    metrics.update(best or {})
+    return metrics

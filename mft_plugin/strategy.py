@@ -1,0 +1,124 @@
+"""The two kinds of strategy a plugin can contribute: objectives and mitigations.
+
+A strategy is a class with a ``name``, a pydantic ``Params`` model (validated against the
+YAML block that selects it, for third-party strategies too) and the methods the training run
+calls. Hooks only *discover* these classes (see ``hookspecs``); behaviour lives in methods,
+because pluggy calls every implementation of a hook, while a run uses the one strategy the
+YAML picked.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from mft_plugin.losses import (
+    TeacherStats,
+    corrected_token_losses,
+    masked_mean,
+    nll_token_losses,
+    teacher_stats,
+)
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedModel
+
+    from mft_plugin.context import RunContext
+
+
+class StrategyParams(BaseModel):
+    """Base of every strategy's parameters: unknown keys are errors, never silently dropped."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Strategy:
+    """Common shape: a registered ``name`` and a ``Params`` model."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[StrategyParams]] = StrategyParams
+
+    def __init__(self, params: StrategyParams | None = None, **kwargs: Any) -> None:
+        if params is not None and kwargs:
+            raise TypeError("pass either a Params instance or keyword parameters, not both")
+        if params is None:
+            params = self.Params(**kwargs)
+        elif not isinstance(params, self.Params):
+            params = self.Params(**params.model_dump(exclude={"name"}))
+        self.params = params
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.params.model_dump(exclude={"name"}).items())
+        return f"{type(self).__name__}({fields})"
+
+
+class Objective(Strategy):
+    """A training objective of the family CE(p^C, p^S), p^C = (1 - w) p^T + w 1_l (paper Sec. 2).
+
+    Subclasses state their label weight ``w`` in :meth:`label_weight`; the expansion of the
+    cross-entropy lives once in :mod:`mft_plugin.losses`. An objective outside this family may
+    override :meth:`token_losses` instead.
+    """
+
+    needs_teacher: ClassVar[bool] = True
+
+    def label_weight(self, stats: TeacherStats) -> torch.Tensor:
+        """Per-token weight w in [0, 1] of the one-hot label in the target, ``[batch, seq]``."""
+        raise NotImplementedError
+
+    def token_losses(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor | None,
+        labels: torch.Tensor,
+    ) -> torch.Tensor:
+        """Per-token loss ``[batch, seq]`` float32, 0 at ignored labels.
+
+        ``student_logits``/``teacher_logits``: ``[batch, seq, vocab]``; ``labels``: ``[batch, seq]``,
+        already aligned with the logits (the caller does the causal shift).
+        """
+        if teacher_logits is None:
+            if self.needs_teacher:
+                raise ValueError(f"objective {self.name!r} needs teacher logits")
+            return nll_token_losses(student_logits, labels)
+        weight = self.label_weight(teacher_stats(teacher_logits, labels))
+        return corrected_token_losses(student_logits, teacher_logits, labels, weight)
+
+    def loss(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor | None,
+        labels: torch.Tensor,
+    ) -> torch.Tensor:
+        """Mean per-token loss over the labels that are not -100 (0 if there are none)."""
+        return masked_mean(self.token_losses(student_logits, teacher_logits, labels), labels)
+
+
+class Mitigation(Strategy):
+    """A forgetting mitigation that acts on the data, the model, or the loss.
+
+    The core calls the stages in a fixed order (data, then model, then loss; see
+    ``mft_plugin.recipe``); a mitigation overrides only the stages it acts on.
+    ``exclusive_group`` names a family of which one run may select at most one member
+    (e.g. ``"adapter"`` for lora/dora/ia3).
+    """
+
+    exclusive_group: ClassVar[str | None] = None
+
+    def prepare_data(self, train_dataset: Dataset, context: RunContext) -> Dataset:
+        """Data stage: return the training set this mitigation wants (e.g. replay mixing)."""
+        return train_dataset
+
+    def prepare_model(self, model: PreTrainedModel, context: RunContext) -> PreTrainedModel:
+        """Model stage: wrap or modify the student (e.g. attach peft adapters)."""
+        return model
+
+    def on_train_begin(self, model: torch.nn.Module, context: RunContext) -> None:
+        """Called once before the first step (e.g. to estimate a Fisher information)."""
+
+    def penalty(self, model: torch.nn.Module) -> torch.Tensor | None:
+        """Loss stage: a regularizer added to each optimizer step's loss, or None."""
+        return None

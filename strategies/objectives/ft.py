@@ -1,0 +1,18 @@
+"""``ft``: plain finetuning, cross-entropy on the labels (the paper's FT baseline; MFT at tau = 1)."""
+
+from __future__ import annotations
+
+import torch
+
+from mft_plugin.losses import TeacherStats
+from mft_plugin.strategy import Objective
+
+
+class FinetuningObjective(Objective):
+    """Target 1_l at every token: w = 1. Needs no teacher, so none is loaded."""
+
+    name = "ft"
+    needs_teacher = False
+
+    def label_weight(self, stats: TeacherStats) -> torch.Tensor:
+        return torch.ones_like(stats.p_label)

@@ -1,0 +1,26 @@
+"""``singly_corrective``: distillation where the teacher is right, alpha-correction where wrong.
+
+Paper Section 4, "Distillation & corrective distillation on incorrect tokens": MFT's DC(p^T)
+with beta fixed to 0, so only the incorrect predictions are corrected (by margin ``tau``).
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from mft_plugin.losses import TeacherStats
+from mft_plugin.strategies.objectives._targets import alpha_weight, where_teacher_right
+from mft_plugin.strategy import Objective, StrategyParams
+
+
+class SinglyCorrectiveParams(StrategyParams):
+    tau: float = Field(0.25, ge=0.0, le=1.0, description="target margin of the label over the teacher's argmax")
+
+
+class SinglyCorrectiveObjective(Objective):
+    name = "singly_corrective"
+    Params = SinglyCorrectiveParams
+
+    def label_weight(self, stats: TeacherStats) -> torch.Tensor:
+        return where_teacher_right(stats, if_right=0.0, if_wrong=alpha_weight(stats, self.params.tau))

@@ -1,0 +1,53 @@
+"""Builders for tiny models and corpora made inside the tests (no downloads)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE_MODEL = REPO / "models" / "mft-tiny-llama"
+DATA = REPO / "data"
+
+
+def build_tiny_model(folder: Path, seed: int = 0, max_positions: int = 128) -> Path:
+    """A randomly initialised 2-layer Llama with the shipped tokenizer, saved like a hub model."""
+    import torch
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(REFERENCE_MODEL)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_corpus(path: Path, source: Path, documents: int, field: str = "text") -> Path:
+    """The first ``documents`` documents of a shipped corpus, truncated to keep tests fast."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with source.open() as src, path.open("w") as out:
+        for i, line in enumerate(src):
+            if i >= documents:
+                break
+            out.write(json.dumps({field: json.loads(line)["text"][:1500]}) + "\n")
+    return path
+
+
+def write_yaml(path: Path, config: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
