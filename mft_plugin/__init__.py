@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from mft_plugin.config_errors import ConfigError, load_config
+    from mft_plugin.registry import Registry
     from mft_plugin.strategy import Mitigation, Objective
 
 __all__ = ["ConfigError", "Mitigation", "Objective", "get_mitigation", "get_objective", "load_config", "run"]
@@ -30,11 +31,14 @@ def get_mitigation(name: str, **params: Any) -> Mitigation:
     return default_registry().get("mitigation", name).cls(**params)  # type: ignore[return-value]
 
 
-def run(config: Any) -> dict[str, Any]:
-    """Train as the validated config says; return the final metrics (also in ``metrics.json``)."""
+def run(config: Any, registry: Registry | None = None) -> dict[str, Any]:
+    """Train as the validated config says; return the final metrics (also in ``metrics.json``).
+
+    Pass the ``registry`` given to :func:`load_config` when it was not the default one.
+    """
     from mft_plugin.recipe import run as run_recipe
 
-    return run_recipe(config)
+    return run_recipe(config, registry)
 
 
 def __getattr__(name: str) -> Any:

@@ -2,6 +2,7 @@
 
     mft-run config.yml [--set objective.tau=0.5 ...]   train
     mft-run config.yml --validate                      validate and print the resolved config
+    mft-run config.yml --num-processes 2               train on 2 processes (accelerate launch)
     mft-run --list                                     every strategy, its plugin and parameters
 """
 
@@ -11,8 +12,12 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import yaml
+
+if TYPE_CHECKING:
+    from mft_plugin.registry import Registry
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,16 +28,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config key, e.g. --set objective.tau=0.5 --set seed=2 (repeatable)",
     )
     parser.add_argument("--validate", action="store_true", help="only validate; print the resolved config")
+    parser.add_argument(
+        "--num-processes", type=int, default=1, metavar="N",
+        help="train on N local processes (GPUs, or CPU processes without one) through `accelerate launch`",
+    )
     parser.add_argument("--list", action="store_true", help="list registered strategies and plugin problems")
     return parser
 
 
-def print_listing() -> None:
-    from mft_plugin.registry import default_registry, strategy_listing
+def print_listing(registry: Registry) -> None:
+    from mft_plugin.registry import strategy_listing
 
-    registry = default_registry()
     for row in strategy_listing(registry):
-        params = ", ".join(f"{k}={json.dumps(v)}" for k, v in row["params"].items()) or "-"
+        params = ", ".join(f"{k}={json.dumps(v, default=str)}" for k, v in row["params"].items()) or "-"
         print(f"{row['kind']:<11} {row['name']:<20} {row['distribution']:<24} {params}")
     for (kind, name), distributions in sorted(registry.conflicts.items()):
         print(f"CONFLICT    {kind} {name!r} is claimed by {' and '.join(distributions)}: unusable until one is removed")
@@ -40,17 +48,22 @@ def print_listing() -> None:
         print(f"BROKEN      plugin {problem.distribution}: {problem.message}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, registry: Registry | None = None) -> int:
+    """The console script; ``registry`` (default: the installed plugins) is for embedding and tests."""
     args = build_parser().parse_args(argv)
     from mft_plugin.config_errors import ConfigError, load_config
+    from mft_plugin.registry import default_registry
 
+    registry = registry or default_registry()
     if args.list:
-        print_listing()
+        print_listing(registry)
         return 0
     if not args.config:
         build_parser().error("a config file is required (or --list)")
+    if args.num_processes < 1:
+        build_parser().error(f"--num-processes: must be at least 1 (got {args.num_processes})")
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config, args.overrides, registry)
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2
@@ -64,10 +77,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.validate:
         print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
         return 0
-    from mft_plugin.recipe import run  # heavy imports only when training
+    from mft_plugin.launch import is_main_process, launch
 
-    metrics = run(config)
-    print(json.dumps(metrics, indent=2, sort_keys=True))
+    if args.num_processes > 1:
+        return launch(config, args.config, args.overrides, args.num_processes)
+    from mft_plugin.interrupts import TrainingInterrupted
+    from mft_plugin.recipe import run  # heavy imports only when training
+    from mft_plugin.safety import NonFiniteError
+
+    try:
+        metrics = run(config, registry)
+    except TrainingInterrupted as stopped:  # SIGINT/SIGTERM: a checkpoint was saved
+        print(stopped, file=sys.stderr)
+        return stopped.exit_code
+    except NonFiniteError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if is_main_process():
+        print(json.dumps(metrics, indent=2, sort_keys=True))
     return 0
 
 

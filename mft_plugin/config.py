@@ -14,16 +14,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
+    ValidationInfo,
     create_model,
     field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
-from mft_plugin.registry import Kind, Registry
+from mft_plugin.registry import Kind, Registry, UnknownStrategyError
 from mft_plugin.strategy import StrategyParams
 
 DATA_SUFFIXES = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}
@@ -91,18 +93,50 @@ class DatasetConfig(StrictModel):
                 _check_local_file(file)
         return data_files
 
-    @model_validator(mode="after")
-    def _field_exists(self) -> DatasetConfig:
-        file = Path(self.path).expanduser()
-        if file.is_file() and file.suffix in (".json", ".jsonl"):
+    @field_validator("field")
+    @classmethod
+    def _field_exists(cls, field: str, info: ValidationInfo) -> str:
+        path = info.data.get("path")  # absent when the path itself failed validation
+        file = Path(path).expanduser() if path else None
+        if file is not None and file.is_file() and file.suffix in (".json", ".jsonl"):
             keys = _first_record_keys(file)
-            if keys is not None and self.field not in keys:
+            if keys is not None and field not in keys:
                 raise PydanticCustomError(
                     "missing_field",
-                    "field {field!r} is not in {path} (its records have: {keys})",
-                    {"field": self.field, "path": self.path, "keys": ", ".join(sorted(keys))},
+                    "{field} is not a field of {path} (its records have: {keys})",
+                    {"field": repr(field), "path": path, "keys": ", ".join(sorted(keys))},
                 )
-        return self
+        return field
+
+
+class FSDPConfig(StrictModel):
+    """``fsdp_config:``, with Axolotl's key names (the Trainer's ``version``/``cpu_offload`` work too).
+
+    Only FSDP2 (``fully_shard``) is offered: transformers 5 deprecates FSDP1, and the frozen
+    teacher of a full finetuning is sharded with the same ``fully_shard`` (``mft_plugin.teacher``).
+    """
+
+    fsdp_version: int = Field(2, validation_alias=AliasChoices("fsdp_version", "version"))
+    offload_params: bool = Field(False, validation_alias=AliasChoices("offload_params", "cpu_offload"))
+    activation_checkpointing: bool = False
+    cpu_ram_efficient_loading: bool = False
+    reshard_after_forward: bool = True
+    state_dict_type: Literal["FULL_STATE_DICT", "SHARDED_STATE_DICT"] = "FULL_STATE_DICT"
+    auto_wrap_policy: Literal["TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP"] = "TRANSFORMER_BASED_WRAP"
+    transformer_layer_cls_to_wrap: str | None = Field(None, description="e.g. LlamaDecoderLayer (default: the model's own)")
+    min_num_params: int | None = Field(None, ge=1, description="module size for SIZE_BASED_WRAP")
+
+    @field_validator("fsdp_version")
+    @classmethod
+    def _fsdp2_only(cls, version: int) -> int:
+        if version != 2:
+            raise PydanticCustomError("fsdp_version", "only FSDP2 is supported (FSDP1 is deprecated in transformers 5); use 2")
+        return version
+
+    def trainer_config(self) -> dict[str, Any]:
+        """The ``fsdp_config`` dict of ``TrainingArguments``."""
+        config = self.model_dump(exclude={"fsdp_version", "offload_params"}, exclude_none=True)
+        return {**config, "version": self.fsdp_version, "cpu_offload": self.offload_params}
 
 
 class MFTConfigBase(StrictModel):
@@ -142,6 +176,14 @@ class MFTConfigBase(StrictModel):
     gradient_checkpointing: bool = False
     seed: int = 42
     dataloader_num_workers: int = Field(0, ge=0)
+    skip_nonfinite_batches: bool = Field(
+        False, description="skip (and count) optimizer steps with a NaN/inf loss or gradient instead of stopping"
+    )
+
+    # multi-process engines (README "Scaling out"); DDP needs no key, only `accelerate launch`
+    fsdp: bool | None = Field(None, description="FSDP2 on; an fsdp_config block alone turns it on too")
+    fsdp_config: FSDPConfig | None = None
+    deepspeed: str | None = Field(None, description="a DeepSpeed JSON config, e.g. yaml_examples/deepspeed/zero3.json")
 
     # outputs, logging, checkpoints
     output_dir: str = "./outputs/mft-run"
@@ -156,11 +198,58 @@ class MFTConfigBase(StrictModel):
     wandb_name: str | None = None
     use_tensorboard: bool = False
 
+    # the degeneralization budget (paper Sec. 2; mft_plugin.budget), fractions as logged
+    max_degeneralization: float | None = Field(
+        None, ge=0.0, description="stop at the first evaluation with DG above this (0.01 = 1 %); keep the best checkpoint within it"
+    )
+    target_specialization: float | None = Field(None, gt=0.0, description="stop at the first evaluation with S at least this")
+    # a grid of runs for `mft-run sweep` (mft_plugin.sweep): dotted key -> the values it takes
+    sweep: dict[str, Annotated[list[Any], Field(min_length=1)]] | None = None
+
+    @field_validator("max_degeneralization", "target_specialization")
+    @classmethod
+    def _budget_is_measured(cls, limit: float | None, info: ValidationInfo) -> float | None:
+        if limit is None:
+            return limit
+        if not (info.data.get("test_datasets") or info.data.get("val_set_size")):
+            message = "{limit} needs a specialized validation set (test_datasets or val_set_size): it is checked at each evaluation"
+            raise PydanticCustomError("budget_unmeasured", message, {"limit": limit})
+        if info.field_name == "max_degeneralization" and not info.data.get("general_eval_datasets"):
+            message = "{limit} needs general_eval_datasets: DG is measured on them"
+            raise PydanticCustomError("budget_unmeasured", message, {"limit": limit})
+        return limit
+
     @model_validator(mode="after")
     def _consistent(self) -> MFTConfigBase:
         if self.bf16 and self.fp16:
             raise PydanticCustomError("precision", "bf16 and fp16 cannot both be true; choose one")
+        if self.deepspeed and self.fsdp_enabled:
+            raise PydanticCustomError("engine", "deepspeed and fsdp/fsdp_config cannot both be set; choose one engine")
+        evaluates = bool(self.test_datasets) or self.val_set_size > 0
+        if evaluates and self.save_steps and self.eval_steps and self.save_steps % self.eval_steps:
+            raise PydanticCustomError(
+                "save_steps",
+                "save_steps ({save}) must be a multiple of eval_steps ({eval}): the best checkpoint is chosen "
+                "among evaluated steps; e.g. save_steps: {fix}",
+                {"save": self.save_steps, "eval": self.eval_steps, "fix": self.eval_steps * max(1, self.save_steps // self.eval_steps)},
+            )
         return self
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _deepspeed_json(cls, path: str | None) -> str | None:
+        if path is not None:
+            _check_local_file(path)
+            try:
+                json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
+            except json.JSONDecodeError as error:
+                raise PydanticCustomError("deepspeed_json", "not a JSON file: {error}", {"error": str(error)})
+        return path
+
+    @property
+    def fsdp_enabled(self) -> bool:
+        """``fsdp: true``, or an ``fsdp_config`` block without ``fsdp: false`` (Axolotl's reading)."""
+        return bool(self.fsdp) or (self.fsdp is None and self.fsdp_config is not None)
 
 
 def _strategy_spec_model(kind: Kind, name: str, params: type[StrategyParams]) -> type[StrategyParams]:
@@ -188,22 +277,27 @@ def _strategy_union(registry: Registry, kind: Kind) -> Any:
     return Annotated[Union[tuple(members)], Field(discriminator="name")]  # noqa: UP007
 
 
-def _unknown_name_check(registry: Registry, kind: Kind):
-    """A before-validator: bare names to mappings, unknown names to a did-you-mean error."""
+def _unknown_name_check(registry: Registry, kind: Kind, default: str | None = None):
+    """A before-validator: bare names to mappings, a missing name to ``default`` (else an error),
+    unknown names to a did-you-mean error."""
 
     def check(value: Any) -> Any:
         value = _as_mapping(value)
-        if isinstance(value, dict) and "name" in value:
-            name = value["name"]
-            if name not in registry.entries[kind]:
-                from mft_plugin.config_errors import suggestion
-                from mft_plugin.registry import UnknownStrategyError
-
-                try:
-                    registry.get(kind, name)
-                except UnknownStrategyError as error:
-                    message = str(error).replace("{", "{{").replace("}", "}}")
-                    raise PydanticCustomError("unknown_strategy", message + suggestion(str(name), registry.names(kind)))
+        names = ", ".join(registry.names(kind)) or "(none)"
+        if not isinstance(value, dict):
+            message = "{kind} must be a name or a mapping of `name` and parameters; available: {names}"
+            raise PydanticCustomError("strategy_form", message, {"kind": kind, "names": names})
+        if "name" not in value:
+            if default is None:
+                message = "a {kind} needs a `name`; available: {names}"
+                raise PydanticCustomError("missing_name", message, {"kind": kind, "names": names})
+            value = {"name": default, **value}  # e.g. `--set objective.tau=0.5` with no objective key
+        name = str(value["name"])  # a str, so that a list or mapping given as name cannot break the lookup
+        if name not in registry.entries[kind]:
+            try:
+                registry.get(kind, name)
+            except UnknownStrategyError as error:
+                raise PydanticCustomError("unknown_strategy", "{message}", {"message": str(error)}) from None
         return value
 
     return check
@@ -213,7 +307,8 @@ def config_model(registry: Registry) -> type[MFTConfigBase]:
     """The full config model for the strategies this registry knows."""
     objective = _strategy_union(registry, "objective")
     mitigation = _strategy_union(registry, "mitigation")
-    check_objective = _unknown_name_check(registry, "objective")
+    default_name = "mft" if "mft" in registry.entries["objective"] else None  # the paper's method
+    check_objective = _unknown_name_check(registry, "objective", default=default_name)
     check_mitigation = _unknown_name_check(registry, "mitigation")
 
     def objective_before(cls: type, value: Any) -> Any:
@@ -224,30 +319,28 @@ def config_model(registry: Registry) -> type[MFTConfigBase]:
             value = [value]
         return [check_mitigation(item) for item in value] if isinstance(value, list) else value
 
-    def mitigations_compatible(self: Any) -> Any:
+    def mitigations_compatible(cls: type, mitigations: list[Any]) -> list[Any]:
         seen: dict[str, str] = {}
-        for spec in self.mitigations:
+        for spec in mitigations:
             group = registry.entries["mitigation"][spec.name].cls.exclusive_group
             if group is not None and group in seen:
                 raise PydanticCustomError(
                     "incompatible_mitigations",
-                    "mitigations {first!r} and {second!r} cannot be combined (both are {group} methods; pick one)",
-                    {"first": seen[group], "second": spec.name, "group": group},
+                    "mitigations {first} and {second} cannot be combined (both are {group} methods; pick one)",
+                    {"first": repr(seen[group]), "second": repr(spec.name), "group": group},
                 )
             if group is not None:
                 seen[group] = spec.name
-        return self
+        return mitigations
 
-    default_objective = (
-        Field({"name": "mft"}, validate_default=True) if "mft" in registry.entries["objective"] else ...
-    )
+    default_objective = Field({"name": default_name}, validate_default=True) if default_name else ...
     return create_model(
         "MFTConfig",
         __base__=MFTConfigBase,
         __validators__={
             "objective_before": field_validator("objective", mode="before")(classmethod(objective_before)),
             "mitigations_before": field_validator("mitigations", mode="before")(classmethod(mitigations_before)),
-            "mitigations_compatible": model_validator(mode="after")(mitigations_compatible),
+            "mitigations_compatible": field_validator("mitigations")(classmethod(mitigations_compatible)),
         },
         objective=(objective, default_objective),
         mitigations=(list[mitigation], []),  # type: ignore[valid-type]

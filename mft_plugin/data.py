@@ -1,7 +1,8 @@
 """Datasets: load documents with ``datasets``, tokenize, and pack them into ``sequence_len`` blocks.
 
-As in the paper (Section 3.1), documents are concatenated, each followed by the tokenizer's
-end-of-sequence token, and cut into fixed-length blocks; each map batch's remainder is kept as
+As in the paper (Section 3.1), documents are concatenated, each tokenized with the tokenizer's
+own special tokens (e.g. a leading BOS) and followed by its end-of-sequence token, and cut into
+fixed-length blocks; each map batch's remainder is kept as
 one shorter block (padded by the collator) so that a corpus shorter than one block still trains.
 """
 
@@ -49,8 +50,8 @@ def pack_documents(documents: Dataset, tokenizer: PreTrainedTokenizerBase, seque
     eos = tokenizer.eos_token_id
 
     def pack(batch: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
-        encoded = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
-        stream = [token for ids in encoded if ids for token in (*ids, eos)]
+        encoded = tokenizer(batch["text"], verbose=False)["input_ids"]  # with the tokenizer's own BOS etc.
+        stream = [token for ids in encoded if ids for token in (ids if ids[-1] == eos else [*ids, eos])]
         blocks = [stream[i : i + sequence_len] for i in range(0, len(stream), sequence_len)]
         return {"input_ids": [block for block in blocks if len(block) >= 2]}
 

@@ -12,7 +12,8 @@ target against the student's distribution p^S gives
 
 so the loss never needs p^C itself, and its gradient w.r.t. the student logits is
 softmax(z^S) - p^C. This module holds that expansion once, in float32 whatever the model
-dtype, so each objective module only states its ``w``.
+dtype (float64 inputs stay float64, e.g. for gradcheck), so each objective module only states
+its ``w``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,19 @@ class TeacherStats:
     def teacher_right(self) -> torch.Tensor:
         return self.p_label >= self.p_max
 
+    def where_right(self, if_right: torch.Tensor | float, if_wrong: torch.Tensor | float) -> torch.Tensor:
+        """Per-token weight ``[batch, seq]``: ``if_right`` where the teacher is right, else ``if_wrong``.
+
+        The one place the paper's right/wrong dichotomy (Sections 2 and 4) picks between weights.
+        """
+        like = {"dtype": self.p_label.dtype, "device": self.p_label.device}
+        return torch.where(self.teacher_right, torch.as_tensor(if_right, **like), torch.as_tensor(if_wrong, **like))
+
+
+def upcast(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in float32 at least: bf16/fp16 lose too much in a softmax; float64 is kept."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
 
 def valid_mask(labels: torch.Tensor) -> torch.Tensor:
     """``[batch, seq]`` bool: the positions that carry a label (not ``IGNORE_INDEX``)."""
@@ -54,14 +68,14 @@ def safe_labels(labels: torch.Tensor) -> torch.Tensor:
 
 def teacher_stats(teacher_logits: torch.Tensor, labels: torch.Tensor) -> TeacherStats:
     """Teacher probabilities of the label and of the argmax. Logits ``[batch, seq, vocab]``."""
-    p_teacher = torch.softmax(teacher_logits.detach().float(), dim=-1)
+    p_teacher = torch.softmax(upcast(teacher_logits.detach()), dim=-1)
     p_label = p_teacher.gather(-1, safe_labels(labels).unsqueeze(-1)).squeeze(-1)
     return TeacherStats(p_label=p_label, p_max=p_teacher.amax(dim=-1))
 
 
 def nll_token_losses(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Plain finetuning loss per token, ``[batch, seq]`` float32, 0 where the label is ignored."""
-    log_p_student = torch.log_softmax(student_logits.float(), dim=-1)
+    log_p_student = torch.log_softmax(upcast(student_logits), dim=-1)
     nll = -log_p_student.gather(-1, safe_labels(labels).unsqueeze(-1)).squeeze(-1)
     return nll * valid_mask(labels)
 
@@ -77,11 +91,11 @@ def corrected_token_losses(
     ``label_weight`` is w, ``[batch, seq]``. The teacher is treated as a constant (no gradient).
     Ignored positions contribute 0.
     """
-    log_p_student = torch.log_softmax(student_logits.float(), dim=-1)
-    p_teacher = torch.softmax(teacher_logits.detach().float(), dim=-1)
+    log_p_student = torch.log_softmax(upcast(student_logits), dim=-1)
+    p_teacher = torch.softmax(upcast(teacher_logits.detach()), dim=-1)
     distill = -(p_teacher * log_p_student).sum(dim=-1)  # CE(p^T, p^S), [batch, seq]
     nll = -log_p_student.gather(-1, safe_labels(labels).unsqueeze(-1)).squeeze(-1)
-    w = label_weight.detach().float()
+    w = label_weight.detach().to(log_p_student.dtype)
     return ((1.0 - w) * distill + w * nll) * valid_mask(labels)
 
 

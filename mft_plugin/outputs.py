@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +41,14 @@ def prepare_output_dir(config: MFTConfigBase, create: bool = True) -> Path:
 
 
 def base_key(config: MFTConfigBase) -> str:
-    """Hash of what the base perplexities depend on: the base model and the evaluation data."""
+    """Hash of what the base perplexities depend on: the base model and the evaluation data.
+
+    The files themselves are hashed (:func:`fingerprint`), not only their names: a model folder or a
+    data file replaced in place makes the cache stale.
+    """
+    specs = [*config.datasets, *(config.test_datasets or []), *(config.general_eval_datasets or [])]
+    data_files = [f for d in specs for f in ([d.data_files] if isinstance(d.data_files, str) else d.data_files or [])]
+    sources = [config.base_model, config.tokenizer_config or config.base_model, *(d.path for d in specs), *data_files]
     relevant = {
         "base_model": config.base_model,
         "tokenizer": config.tokenizer_config,
@@ -49,36 +59,98 @@ def base_key(config: MFTConfigBase) -> str:
         "seed": config.seed,
         "general": [d.model_dump() for d in config.general_eval_datasets or []],
     }
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+    return fingerprint(*sources, settings=relevant)
 
 
 def load_base_perplexities(output_dir: Path, config: MFTConfigBase) -> dict[str, float] | None:
     """The cached base perplexities if they were measured for this very base and data."""
     file = output_dir / BASE_PPL_FILE
     try:
-        cached = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError):
+        cached = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # absent, truncated or not text: measured again
         return None
-    if cached.get("key") != base_key(config) or not isinstance(cached.get("perplexities"), dict):
+    if not (isinstance(cached, dict) and cached.get("key") == base_key(config)):
+        return None  # another base or other data: stale, so measured again
+    perplexities = cached.get("perplexities")
+    if not (isinstance(perplexities, dict) and all(isinstance(v, (int, float)) for v in perplexities.values())):
         return None
-    return {k: float(v) for k, v in cached["perplexities"].items()}
+    return {k: float(v) for k, v in perplexities.items()}
 
 
 def save_base_perplexities(output_dir: Path, config: MFTConfigBase, perplexities: dict[str, float]) -> None:
     atomic_write_text(output_dir / BASE_PPL_FILE, json.dumps({"key": base_key(config), "perplexities": perplexities}))
 
 
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A fresh temporary name beside ``path`` to write to; renamed onto ``path`` when the block succeeds.
+
+    A process killed while writing leaves ``path`` as it was (absent or the previous version), never
+    half-written: ``os.replace`` within one folder is atomic. The name is unique per writer, so two
+    processes writing the same file never mix their bytes; the data is fsynced before the rename so
+    that a machine crash cannot leave a renamed but empty file. The temporary is removed on failure.
+
+        with atomic_path(cache) as temporary:
+            torch.save(tensors, temporary)
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield temporary
+        with temporary.open("rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a crash never leaves a half-written file."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    """Write ``text`` to ``path`` so that a crash never leaves a half-written file (:func:`atomic_path`)."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
 
 
-def best_evaluation(log_history: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
-    """The logged evaluation with the least ``metric`` (the paper's checkpoint choice)."""
-    evaluations = [entry for entry in log_history if metric in entry]
-    if not evaluations:
+FULL_HASH_BYTES = 64 << 20
+
+
+def _file_digest(file: Path) -> str:
+    """sha256 of the content; size and mtime for files over 64 MiB (hashing weights on every run costs minutes)."""
+    stat = file.stat()
+    if stat.st_size > FULL_HASH_BYTES:
+        return f"size={stat.st_size},mtime_ns={stat.st_mtime_ns}"
+    digest = hashlib.sha256()
+    with file.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprint(*sources: str, settings: Any = None) -> str:
+    """Hash identifying what a cache was built from: local files and folders by content, other
+    sources (hub names) by name, plus the JSON-able ``settings`` that shaped it.
+
+    A cache (base perplexities, teacher logits, a Fisher estimate) stores this key and is rebuilt,
+    never used, when the key it was written with differs from the current one.
+    """
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for source in sources:
+        root = Path(source).expanduser()
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root] if root.is_file() else []
+        digest.update(f"\0{source}".encode())
+        for file in files:
+            digest.update(f"\0{file.relative_to(root) if root.is_dir() else ''}={_file_digest(file)}".encode())
+    return digest.hexdigest()
+
+
+def best_evaluation(log_history: list[dict[str, Any]], best_model_checkpoint: str | None) -> dict[str, Any] | None:
+    """The logged evaluation of the checkpoint the Trainer loaded as best (``checkpoint-<step>``).
+
+    Read off the checkpoint actually kept, not recomputed as the least logged perplexity, so that
+    ``metrics.json`` always describes the saved model (the paper's choice, Sec. 3.1, within the
+    degeneralization budget of ``mft_plugin.budget``). None when no checkpoint was selected.
+    """
+    if best_model_checkpoint is None:
         return None
-    best = min(evaluations, key=lambda entry: entry[metric])
-    return {k: v for k, v in best.items() if k.startswith("eval_") or k == "step"}
+    step = int(Path(best_model_checkpoint).name.rsplit("-", 1)[1])
+    evaluations = [entry for entry in log_history if entry.get("step") == step and any(k.startswith("eval_") for k in entry)]
+    return {k: v for k, v in evaluations[-1].items() if k.startswith("eval_") or k == "step"} if evaluations else None

@@ -7,10 +7,13 @@ model's config and tokenizer) is checked here, still before a single weight is r
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from transformers import AutoConfig
 from transformers.trainer_utils import SchedulerType
 from transformers.training_args import OptimizerNames
 
+from mft_plugin.checkpoints import CheckpointError, check_named_checkpoint
 from mft_plugin.config import MFTConfigBase
 from mft_plugin.config_errors import ConfigError
 from mft_plugin.loading import load_tokenizer
@@ -29,7 +32,15 @@ def preflight(config: MFTConfigBase) -> None:
         prepare_output_dir(config, create=False)
     except OutputDirError as error:
         problems.append(str(error))
-    model_config = AutoConfig.from_pretrained(config.base_model, trust_remote_code=config.trust_remote_code)
+    if isinstance(config.resume_from_checkpoint, str):
+        try:
+            check_named_checkpoint(Path(config.resume_from_checkpoint))
+        except CheckpointError as error:
+            problems.append(str(error))
+    try:
+        model_config = AutoConfig.from_pretrained(config.base_model, trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError) as error:  # not a model folder (no config.json), nor a reachable hub name
+        raise ConfigError([*problems, f"base_model: cannot load {config.base_model!r}: {error}"]) from None
     positions = getattr(model_config, "max_position_embeddings", None)
     if positions is not None and config.sequence_len > positions:
         problems.append(

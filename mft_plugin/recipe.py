@@ -7,8 +7,8 @@ then (inside the Trainer's loss) their penalties.
 from __future__ import annotations
 
 import json
-import logging
 import math
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -17,24 +17,33 @@ import yaml
 from datasets import Dataset
 from transformers import PreTrainedModel, TrainingArguments, set_seed
 
+from mft_plugin.budget import Budget
+from mft_plugin.checkpoints import resume_target
 from mft_plugin.config import MFTConfigBase
 from mft_plugin.context import RunContext
 from mft_plugin.data import PaddingCollator, load_all_documents, pack_documents, split_documents
 from mft_plugin.evaluation import GENERAL, SPEC, paper_metrics
+from mft_plugin.interrupts import StopOnSignal, TrainingInterrupted
+from mft_plugin.launch import engine_arguments
 from mft_plugin.loading import load_model, load_tokenizer
-from mft_plugin.outputs import best_evaluation, load_base_perplexities, prepare_output_dir, save_base_perplexities
-from mft_plugin.registry import default_plugin_manager_and_registry
+from mft_plugin.outputs import (
+    atomic_write_text,
+    best_evaluation,
+    load_base_perplexities,
+    prepare_output_dir,
+    save_base_perplexities,
+)
+from mft_plugin.registry import Registry, default_registry
+from mft_plugin.safety import SKIPPED_KEY, skipped_steps
 from mft_plugin.strategy import Mitigation, Objective
 from mft_plugin.teacher import build_teacher
 from mft_plugin.trainer import MFTTrainer
 
-logger = logging.getLogger(__name__)
 EVALUATIONS_PER_RUN = 10
 SPEC_METRIC = f"eval_{SPEC}_ppl"
 
 
-def build_strategies(config: MFTConfigBase) -> tuple[Objective, list[Mitigation]]:
-    _, registry = default_plugin_manager_and_registry()
+def build_strategies(config: MFTConfigBase, registry: Registry) -> tuple[Objective, list[Mitigation]]:
     objective = registry.get("objective", config.objective.name).cls(config.objective)
     mitigations = [registry.get("mitigation", spec.name).cls(spec) for spec in config.mitigations]
     return objective, mitigations  # type: ignore[return-value]
@@ -56,7 +65,8 @@ def training_arguments(config: MFTConfigBase, train_blocks: int, evaluate: bool)
     """Axolotl-style keys mapped onto ``TrainingArguments`` (best checkpoint by spec perplexity)."""
     steps_per_epoch = math.ceil(math.ceil(train_blocks / config.micro_batch_size) / config.gradient_accumulation_steps)
     total_steps = config.max_steps or math.ceil(config.num_epochs * steps_per_epoch)
-    eval_steps = config.eval_steps or max(1, total_steps // EVALUATIONS_PER_RUN)
+    # save_steps alone: evaluate at each save, since the best checkpoint is chosen among evaluated ones
+    eval_steps = config.eval_steps or config.save_steps or max(1, total_steps // EVALUATIONS_PER_RUN)
     report_to = (["wandb"] if config.wandb_project else []) + (["tensorboard"] if config.use_tensorboard else [])
     return TrainingArguments(
         output_dir=config.output_dir,
@@ -91,13 +101,18 @@ def training_arguments(config: MFTConfigBase, train_blocks: int, evaluate: bool)
         remove_unused_columns=False,
         dataloader_num_workers=config.dataloader_num_workers,
         dataloader_pin_memory=torch.cuda.is_available(),
+        **engine_arguments(config),  # DDP, FSDP2 or DeepSpeed, and gloo on a machine without a GPU
     )
 
 
-def run(config: MFTConfigBase) -> dict[str, Any]:
-    """Train as ``config`` says; write the model, the resolved config and ``metrics.json``."""
-    plugin_manager, _ = default_plugin_manager_and_registry()
-    objective, mitigations = build_strategies(config)
+def run(config: MFTConfigBase, registry: Registry | None = None) -> dict[str, Any]:
+    """Train as ``config`` says; write the model, the resolved config and ``metrics.json``.
+
+    ``registry`` must be the one that validated ``config`` (default: the installed plugins).
+    """
+    registry = registry or default_registry()
+    plugin_manager = registry.plugin_manager
+    objective, mitigations = build_strategies(config, registry)
     output_dir = prepare_output_dir(config)
     set_seed(config.seed)
 
@@ -107,6 +122,8 @@ def run(config: MFTConfigBase) -> dict[str, Any]:
     for mitigation in mitigations:  # 1. data stage
         train_blocks = mitigation.prepare_data(train_blocks, context)
 
+    # Before any weights load: under DeepSpeed ZeRO-3 from_pretrained then partitions them as they load.
+    args = training_arguments(config, len(train_blocks), evaluate=SPEC in eval_sets)
     model: PreTrainedModel = load_model(config)
     for mitigation in mitigations:  # 2. model stage
         model = mitigation.prepare_model(model, context)
@@ -114,7 +131,7 @@ def run(config: MFTConfigBase) -> dict[str, Any]:
 
     trainer = MFTTrainer(
         model=model,
-        args=training_arguments(config, len(train_blocks), evaluate=SPEC in eval_sets),
+        args=args,
         train_dataset=train_blocks,
         eval_dataset=eval_sets.get(SPEC),  # the Trainer wants one; evaluate() uses all eval_sets
         data_collator=PaddingCollator(tokenizer.pad_token_id),
@@ -123,41 +140,58 @@ def run(config: MFTConfigBase) -> dict[str, Any]:
         teacher=teacher,
         mitigations=mitigations,  # 3. loss stage: their penalties join the objective's loss
         eval_sets=eval_sets,
+        skip_nonfinite_batches=config.skip_nonfinite_batches,
+        budget=Budget.from_config(config),  # stops training, and bounds the choice of the final checkpoint
     )
-    trainer.base_perplexities = load_base_perplexities(output_dir, config) or trainer.perplexities()
+    trainer.base_perplexities = load_base_perplexities(output_dir, config) or trainer.perplexities(base=True)
     save_base_perplexities(output_dir, config, trainer.base_perplexities)
     for mitigation in mitigations:
         mitigation.on_train_begin(trainer.model, context)
     plugin_manager.hook.mft_run_start(config=config, output_dir=str(output_dir))
 
-    train_result = trainer.train(resume_from_checkpoint=_resume_target(config, output_dir))
+    train_metrics = _train(trainer, config, output_dir)
     trainer.save_model(str(output_dir))
-    metrics = _final_metrics(trainer, train_result.metrics)
+    trainer.save_state()  # trainer_state.json: every evaluation, for the curves of `mft-run report`
+    metrics = _final_metrics(trainer, train_metrics)
     if trainer.is_world_process_zero():
-        (output_dir / "config.yml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(output_dir / "config.yml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+        atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     plugin_manager.hook.mft_run_end(config=config, output_dir=str(output_dir), metrics=metrics)
     return metrics
 
 
-def _resume_target(config: MFTConfigBase, output_dir: Path) -> str | bool | None:
-    """``resume_from_checkpoint: true`` resumes from the latest checkpoint if there is one."""
-    if config.resume_from_checkpoint is True:
-        has_checkpoint = any(output_dir.glob("checkpoint-*"))
-        if not has_checkpoint:
-            logger.warning("resume_from_checkpoint: no checkpoint in %s yet; starting from the base model", output_dir)
-        return True if has_checkpoint else None
-    return config.resume_from_checkpoint or None
+def _train(trainer: MFTTrainer, config: MFTConfigBase, output_dir: Path) -> dict[str, float]:
+    """Train, resuming from a complete checkpoint if asked; the Trainer's training metrics.
+
+    SIGINT/SIGTERM during training save a checkpoint after the current step, then raise
+    :class:`TrainingInterrupted` (no final model nor ``metrics.json``: the run is not finished).
+    """
+    stop = StopOnSignal()
+    trainer.add_callback(stop)
+    with stop.installed():
+        result = trainer.train(resume_from_checkpoint=resume_target(config.resume_from_checkpoint, output_dir))
+    step = trainer.state.global_step
+    if stop.stopped and step < trainer.state.max_steps:
+        checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{step}"
+        raise TrainingInterrupted(stop.received or signal.SIGTERM, step, str(checkpoint))
+    return result.metrics
 
 
 def _final_metrics(trainer: MFTTrainer, train_metrics: dict[str, float]) -> dict[str, Any]:
     """Base perplexities, the selected (best) evaluation with its S/DG/DG/S, and training stats."""
     metrics: dict[str, Any] = {f"base_{k}_ppl": v for k, v in trainer.base_perplexities.items()}
     metrics.update(train_metrics)
-    best = best_evaluation(trainer.state.log_history, SPEC_METRIC)
-    if best is None and trainer.eval_sets:
+    metrics[SKIPPED_KEY] = skipped_steps(trainer.state.log_history)
+    best = best_evaluation(trainer.state.log_history, trainer.state.best_model_checkpoint)
+    if best is None and trainer.eval_sets:  # no evaluation, or none within the budget: the final model's
         current = trainer.perplexities()
         best = {f"eval_{k}_ppl": v for k, v in current.items()}
         best.update({f"eval_{k}": v for k, v in paper_metrics(trainer.base_perplexities, current).items()})
     metrics.update(best or {})
+    evaluations = [entry for entry in trainer.state.log_history if SPEC_METRIC in entry]
+    stopped_early = trainer.state.global_step < trainer.state.max_steps
+    if evaluations and stopped_early and (reason := trainer.budget.stop_reason(evaluations[-1])):
+        metrics["stopped_by"] = reason  # max_degeneralization or target_specialization
+    if best and trainer.budget.max_degeneralization is not None:
+        metrics["within_budget"] = trainer.budget.admits(best)
     return metrics

@@ -9,7 +9,9 @@ shows the problem.
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -30,6 +32,12 @@ _HOOK_NAME: dict[Kind, str] = {
 
 class UnknownStrategyError(LookupError):
     """A name that no (working) plugin provides."""
+
+
+def suggestion(word: str, candidates: list[str]) -> str:
+    """``"; did you mean 'x'?"`` for the closest candidate, or "" (for misspelled names and keys)."""
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 @dataclass(frozen=True)
@@ -57,8 +65,14 @@ class PluginProblem:
 
 @dataclass
 class Registry:
-    """Every usable strategy by kind and name, plus the problems met while collecting them."""
+    """Every usable strategy by kind and name, plus the problems met while collecting them.
 
+    It keeps the plugin manager it was collected from: a run resolves its strategies and calls
+    its event hooks (``mft_run_start``/``mft_run_end``) through the same plugins that validated
+    its config.
+    """
+
+    plugin_manager: PluginManager
     entries: dict[Kind, dict[str, StrategyEntry]] = field(
         default_factory=lambda: {"objective": {}, "mitigation": {}}
     )
@@ -82,6 +96,7 @@ class Registry:
             raise UnknownStrategyError(f"{kind} {name!r} is unusable: {broken[0].message}")
         raise UnknownStrategyError(
             f"unknown {kind} {name!r}; available: {', '.join(self.names(kind)) or '(none)'}"
+            + suggestion(str(name), self.names(kind))
             + "".join(f"\n  (plugin {p.distribution} failed to load: {p.message})" for p in self.problems)
         )
 
@@ -113,48 +128,75 @@ def _strategy_problem(kind: Kind, cls: Any) -> str | None:
         return f"{cls.__name__}.Params must be a pydantic model (StrategyParams subclass)"
     if "name" in params.model_fields:
         return f"{cls.__name__}.Params may not declare a `name` field (it is the strategy selector)"
+    try:  # an undefined annotation would break every config's validation, a raising default the listing
+        params.model_rebuild()
+        [f.get_default(call_default_factory=True) for f in params.model_fields.values() if not f.is_required()]
+    except Exception as error:
+        return f"{cls.__name__}.Params is unusable: {type(error).__name__}: {error}"
     return None
 
 
-def make_plugin_manager() -> pluggy.PluginManager:
+class PluginManager(pluggy.PluginManager):
+    """pluggy's manager with our hookspecs, remembering the distribution of each entry-point plugin."""
+
+    def __init__(self) -> None:
+        super().__init__(hookspecs.PROJECT_NAME)
+        self.add_hookspecs(hookspecs)
+        self.distributions: dict[str, str] = {}  # registered plugin name -> distribution name
+
+    def distribution_of(self, plugin: object) -> str:
+        """The distribution a plugin came from, or its registered name for inline plugins."""
+        name = self.get_name(plugin) or repr(plugin)
+        return self.distributions.get(name, name)
+
+
+def make_plugin_manager() -> PluginManager:
     """A fresh PluginManager with our hookspecs and nothing registered yet."""
-    manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
-    manager.add_hookspecs(hookspecs)
-    return manager
+    return PluginManager()
 
 
-def load_entry_point_plugins(manager: pluggy.PluginManager) -> list[PluginProblem]:
-    """Register every ``mft_plugin`` entry point; return the ones that failed to import."""
+def load_entry_point_plugins(
+    manager: PluginManager, entry_points: Iterable[importlib.metadata.EntryPoint] | None = None
+) -> list[PluginProblem]:
+    """Register each ``mft_plugin`` entry point (default: all installed); return the ones that failed.
+
+    Unlike pluggy's loader, an entry point whose name is already taken by another plugin is
+    reported, not silently skipped.
+    """
     problems: list[PluginProblem] = []
-    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+    if entry_points is None:
+        entry_points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    for entry_point in entry_points:
         distribution = entry_point.dist.name if entry_point.dist else entry_point.value
-        if manager.get_plugin(entry_point.name) is not None or manager.is_blocked(entry_point.name):
+        if manager.is_blocked(entry_point.name):
             continue
         try:
             plugin = entry_point.load()
-            manager.register(plugin, name=entry_point.name)
         except Exception as error:  # a broken plugin must not take the others down
             problems.append(PluginProblem(distribution, f"failed to import: {type(error).__name__}: {error}"))
             continue
-        _DISTRIBUTIONS[id(plugin)] = distribution
+        registered = manager.get_plugin(entry_point.name)
+        if registered is plugin or manager.is_registered(plugin):
+            continue  # loaded before (under this or another entry point name)
+        if registered is not None:
+            message = f"entry point name {entry_point.name!r} is taken by {manager.distribution_of(registered)}"
+            problems.append(PluginProblem(distribution, message))
+            continue
+        try:
+            manager.register(plugin, name=entry_point.name)
+        except pluggy.PluginValidationError as error:  # e.g. a hook implementation with a wrong signature
+            problems.append(PluginProblem(distribution, f"invalid hook implementation: {error}"))
+            continue
+        manager.distributions[entry_point.name] = distribution
     return problems
 
 
-# plugin object id -> distribution name, for plugins that came from entry points
-_DISTRIBUTIONS: dict[int, str] = {}
-
-
-def distribution_of(manager: pluggy.PluginManager, plugin: object) -> str:
-    """The distribution a plugin came from, or its registered name for inline plugins."""
-    return _DISTRIBUTIONS.get(id(plugin)) or manager.get_name(plugin) or repr(plugin)
-
-
-def collect_strategies(manager: pluggy.PluginManager, problems: list[PluginProblem] | None = None) -> Registry:
+def collect_strategies(manager: PluginManager, problems: list[PluginProblem] | None = None) -> Registry:
     """Ask each registered plugin for its strategies, one implementation at a time."""
-    registry = Registry(problems=list(problems or []))
+    registry = Registry(manager, problems=list(problems or []))
     for kind, hook_name in _HOOK_NAME.items():
         for impl in getattr(manager.hook, hook_name).get_hookimpls():
-            distribution = distribution_of(manager, impl.plugin)
+            distribution = manager.distribution_of(impl.plugin)
             try:
                 classes = impl.function()
             except Exception as error:
@@ -163,34 +205,24 @@ def collect_strategies(manager: pluggy.PluginManager, problems: list[PluginProbl
                 )
                 continue
             if not isinstance(classes, (list, tuple)):
-                registry.problems.append(PluginProblem(distribution, f"{hook_name} must return a list, got {classes!r}"))
+                message = f"{hook_name} must return a list, got {classes!r}"
+                registry.problems.append(PluginProblem(distribution, message))
                 continue
             for cls in classes:
                 registry.add(kind, cls, distribution)
     return registry
 
 
-_DEFAULT: tuple[pluggy.PluginManager, Registry] | None = None
+_DEFAULT: Registry | None = None
 
 
 def default_registry() -> Registry:
-    """The registry of all installed plugins, built once per process."""
-    return default_plugin_manager_and_registry()[1]
-
-
-def default_plugin_manager_and_registry() -> tuple[pluggy.PluginManager, Registry]:
+    """The registry of all installed plugins (with their plugin manager), built once per process."""
     global _DEFAULT
     if _DEFAULT is None:
         manager = make_plugin_manager()
-        problems = load_entry_point_plugins(manager)
-        _DEFAULT = (manager, collect_strategies(manager, problems))
+        _DEFAULT = collect_strategies(manager, load_entry_point_plugins(manager))
     return _DEFAULT
-
-
-def build_strategy(registry: Registry, kind: Kind, name: str, **params: Any) -> Strategy:
-    """Instantiate a strategy by name with validated parameters."""
-    entry = registry.get(kind, name)
-    return entry.cls(**params)
 
 
 def strategy_listing(registry: Registry) -> list[dict[str, Any]]:

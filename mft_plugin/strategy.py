@@ -5,28 +5,25 @@ YAML block that selects it, for third-party strategies too) and the methods the 
 calls. Hooks only *discover* these classes (see ``hookspecs``); behaviour lives in methods,
 because pluggy calls every implementation of a hook, while a run uses the one strategy the
 YAML picked.
+
+This module (and every strategy module) imports no torch at import time: the registry imports the
+strategies to validate a YAML, and ``mft-run`` must report a typo before torch is loaded. The loss
+code (:mod:`mft_plugin.losses`) is imported when a loss is first computed.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
 from pydantic import BaseModel, ConfigDict
 
-from mft_plugin.losses import (
-    TeacherStats,
-    corrected_token_losses,
-    masked_mean,
-    nll_token_losses,
-    teacher_stats,
-)
-
 if TYPE_CHECKING:
+    import torch
     from datasets import Dataset
     from transformers import PreTrainedModel
 
     from mft_plugin.context import RunContext
+    from mft_plugin.losses import TeacherStats
 
 
 class StrategyParams(BaseModel):
@@ -80,12 +77,14 @@ class Objective(Strategy):
         ``student_logits``/``teacher_logits``: ``[batch, seq, vocab]``; ``labels``: ``[batch, seq]``,
         already aligned with the logits (the caller does the causal shift).
         """
+        from mft_plugin import losses
+
         if teacher_logits is None:
             if self.needs_teacher:
                 raise ValueError(f"objective {self.name!r} needs teacher logits")
-            return nll_token_losses(student_logits, labels)
-        weight = self.label_weight(teacher_stats(teacher_logits, labels))
-        return corrected_token_losses(student_logits, teacher_logits, labels, weight)
+            return losses.nll_token_losses(student_logits, labels)
+        weight = self.label_weight(losses.teacher_stats(teacher_logits, labels))
+        return losses.corrected_token_losses(student_logits, teacher_logits, labels, weight)
 
     def loss(
         self,
@@ -94,7 +93,9 @@ class Objective(Strategy):
         labels: torch.Tensor,
     ) -> torch.Tensor:
         """Mean per-token loss over the labels that are not -100 (0 if there are none)."""
-        return masked_mean(self.token_losses(student_logits, teacher_logits, labels), labels)
+        from mft_plugin import losses
+
+        return losses.masked_mean(self.token_losses(student_logits, teacher_logits, labels), labels)
 
 
 class Mitigation(Strategy):

@@ -6,16 +6,21 @@ Two ways to hold it, chosen by the core from the student's form, never by the ob
   ``disable_adapter()``, so no second copy of the (possibly quantized) weights exists;
 - for full finetuning it is a frozen copy loaded once from the same checkpoint.
 
-Either way the teacher runs in eval mode (no dropout) with no autograd graph.
+Either way the teacher runs in eval mode (no dropout) with no autograd graph. Under an engine that
+shards the student (FSDP2, DeepSpeed ZeRO-3) the frozen copy is sharded the same way by
+:func:`place_teacher`, never replicated whole on every rank (README "Scaling out").
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from transformers import PreTrainedModel
 
 
@@ -80,3 +85,51 @@ def build_teacher(
     if has_adapters(student):
         return SharedBaseTeacher(student)
     return FrozenCopyTeacher(load_frozen_copy())
+
+
+def place_teacher(
+    teacher: FrozenCopyTeacher | SharedBaseTeacher | None, accelerator: Accelerator
+) -> FrozenCopyTeacher | SharedBaseTeacher | None:
+    """The teacher on the student's device; a frozen copy sharded like the student where it is.
+
+    A shared base needs nothing: it is the student. A frozen copy under FSDP2 is ``fully_shard``-ed
+    with the student's own wrap policy (accelerate's ``fsdp2_prepare_model``), so a rank holds
+    1/N of it plus one gathered layer at a time. Under DeepSpeed it runs in an inference engine of
+    the run's config (as TRL does for its reference model): ZeRO-3 partitions it (it was loaded
+    partitioned already, since ``TrainingArguments`` exist before ``from_pretrained``); ZeRO-1/2
+    keep parameters whole on every rank, the student's as well, so the teacher is whole there too.
+    """
+    if teacher is None:
+        return None
+    if isinstance(teacher, FrozenCopyTeacher):
+        if accelerator.distributed_type == DistributedType.FSDP:
+            from accelerate.utils import fsdp2_prepare_model
+
+            teacher.model = fsdp2_prepare_model(accelerator, teacher.model).eval()
+            return teacher
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            teacher.model = deepspeed_inference_engine(teacher.model, accelerator)
+            return teacher
+    return teacher.to(accelerator.device)
+
+
+def deepspeed_inference_engine(model: PreTrainedModel, accelerator: Accelerator) -> torch.nn.Module:
+    """A DeepSpeed engine without optimizer that runs ``model``'s forward, ZeRO-3 partitioned or not."""
+    import deepspeed
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    if config["zero_optimization"]["stage"] == 3:
+        hidden = model.config.hidden_size  # the sizes TRL uses for a frozen reference model
+        config["zero_optimization"].update(
+            reduce_bucket_size=hidden * hidden,
+            stage3_param_persistence_threshold=10 * hidden,
+            stage3_prefetch_bucket_size=int(0.9 * hidden * hidden),
+        )
+    else:
+        config["zero_optimization"]["stage"] = 0
+    config.pop("optimizer", None)
+    config.pop("scheduler", None)
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()  # DeepSpeedEngine.eval() returns None, not the engine
+    return engine
+

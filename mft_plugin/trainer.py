@@ -6,17 +6,22 @@ Everything else (optimizer, schedule, gradient accumulation, mixed precision, ch
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset
 from transformers import Trainer
 
+from mft_plugin.budget import Budget, BudgetStop
+from mft_plugin.checkpoints import finish_checkpoint
 from mft_plugin.evaluation import paper_metrics, perplexity
 from mft_plugin.losses import masked_mean, shift_for_causal_lm
+from mft_plugin.safety import SKIPPED_KEY, NonFiniteGuard, skipped_steps
 from mft_plugin.strategy import Mitigation, Objective
-from mft_plugin.teacher import FrozenCopyTeacher, SharedBaseTeacher
+from mft_plugin.teacher import FrozenCopyTeacher, SharedBaseTeacher, has_adapters, place_teacher
 
 
 class MFTTrainer(Trainer):
@@ -30,14 +35,20 @@ class MFTTrainer(Trainer):
         teacher: FrozenCopyTeacher | SharedBaseTeacher | None,
         mitigations: Sequence[Mitigation] = (),
         eval_sets: dict[str, Dataset] | None = None,
+        skip_nonfinite_batches: bool = False,
+        budget: Budget | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.objective = objective
-        self.teacher = teacher.to(self.args.device) if teacher is not None else None
+        self.teacher = place_teacher(teacher, self.accelerator)  # sharded like the student where it is
         self.mitigations = list(mitigations)
         self.eval_sets = eval_sets or {}
         self.base_perplexities: dict[str, float] = {}
+        self.nonfinite = NonFiniteGuard(skip=skip_nonfinite_batches)
+        self.budget = budget or Budget()
+        if self.budget.active:
+            self.add_callback(BudgetStop(self.budget))
 
     def compute_loss(
         self,
@@ -51,19 +62,54 @@ class MFTTrainer(Trainer):
         outputs = model(input_ids=input_ids, attention_mask=attention_mask)
         teacher_logits = self.teacher.logits(input_ids, attention_mask) if self.teacher is not None else None
         token_losses = self.objective.token_losses(outputs.logits, teacher_logits, labels)
-        loss = masked_mean(token_losses, labels)
-        for mitigation in self.mitigations:
-            penalty = mitigation.penalty(model)
-            if penalty is not None:
-                loss = loss + penalty
+        penalties = {m.name: p for m in self.mitigations if (p := m.penalty(model)) is not None}
+        loss = masked_mean(token_losses, labels) + sum(penalties.values())
+        if model.training:
+            self.nonfinite.check_loss(self.state.global_step + 1, loss, self.objective.name, token_losses, penalties)
         return (loss, outputs) if return_outputs else loss
 
-    def perplexities(self) -> dict[str, float]:
-        """Token-level perplexity of the current model on each evaluation set."""
-        return {
-            name: perplexity(self.model, self.get_eval_dataloader(dataset), self.accelerator)
-            for name, dataset in self.eval_sets.items()
-        }
+    def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
+        """The Trainer's gradient norm, checked before the optimizer step (``mft_plugin.safety``)."""
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        step = self.state.global_step + 1
+        if self.nonfinite.check_gradients(step, grad_norm, scaled=self.accelerator.scaler is not None):
+            model.zero_grad(set_to_none=True)  # no gradient: the optimizer leaves every weight as it is
+            self.log({SKIPPED_KEY: skipped_steps(self.state.log_history) + 1})
+        return grad_norm
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        """The Trainer's checkpoint, then its completeness manifest, then the rotation of old ones.
+
+        In that order, a kill at any moment leaves a complete checkpoint to resume from
+        (``mft_plugin.checkpoints``); the Trainer itself would rotate before the manifest exists.
+        """
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()  # every rank's files (RNG states, shards) are written
+        if self.args.should_save:
+            run_dir = Path(self._get_output_dir(trial=trial))
+            finish_checkpoint(run_dir, self.state.global_step, limit, self.state.best_model_checkpoint)
+
+    def perplexities(self, base: bool = False) -> dict[str, float]:
+        """Token-level perplexity of the current model on each evaluation set.
+
+        ``base``: of the unfinetuned model (paper Sec. 3.1), which with adapters is the student with them
+        switched off; without adapters, call it before training.
+        """
+        switched_off = self.model.disable_adapter() if base and has_adapters(self.model) else contextlib.nullcontext()
+        with switched_off:
+            return {
+                name: perplexity(self.model, self.get_eval_dataloader(dataset), self.accelerator)
+                for name, dataset in self.eval_sets.items()
+            }
+
+    def _determine_best_metric(self, metrics: dict[str, float], trial: Any) -> bool:
+        """The Trainer's best-checkpoint bookkeeping (least ``eval_spec_ppl``), blind to evaluations
+        past the degeneralization budget: the final model is the best one *within* it (``mft_plugin.budget``)."""
+        return self.budget.admits(metrics) and super()._determine_best_metric(metrics, trial)
 
     def evaluate(
         self,

@@ -42,3 +42,11 @@ def base_config(tiny_model: Path, corpora: dict[str, Path], tmp_path: Path) -> d
         "objective": {"name": "mft", "tau": 0.25},
         "seed": 0,
     }
+
+
+@pytest.fixture
+def two_step_config(base_config: dict[str, Any]) -> dict[str, Any]:
+    """``base_config`` cut to a 2-step run with no evaluation sets, for tests that only train."""
+    dropped = ("test_datasets", "general_eval_datasets", "eval_steps")
+    config = {key: value for key, value in base_config.items() if key not in dropped}
+    return {**config, "sequence_len": 32, "max_steps": 2, "save_steps": 2}

@@ -8,13 +8,19 @@ With d = p^T_argmax - p^T_l (0 where the teacher is right):
 alpha moves just enough mass to the label that it beats the old argmax by tau; beta raises a
 label the teacher already got right by tau (capped at 1). At tau = 1 both are exactly 1,
 which makes MFT plain finetuning.
+
+Only tensor methods are used, so importing an objective does not import torch (the registry
+imports every objective to validate a YAML; see :mod:`mft_plugin.strategy`).
 """
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from mft_plugin.losses import TeacherStats
+if TYPE_CHECKING:
+    import torch
+
+    from mft_plugin.losses import TeacherStats
 
 
 def alpha_weight(stats: TeacherStats, tau: float) -> torch.Tensor:
@@ -30,18 +36,6 @@ def beta_weight(stats: TeacherStats, tau: float) -> torch.Tensor:
     target; 1 is used so that the result stays finite.
     """
     headroom = 1.0 - stats.p_label
-    raised = torch.clamp(stats.p_label + tau, max=1.0) - stats.p_label
-    safe_headroom = torch.where(headroom > 0, headroom, torch.ones_like(headroom))
-    return torch.where(headroom > 0, raised / safe_headroom, torch.ones_like(headroom))
-
-
-def where_teacher_right(
-    stats: TeacherStats, if_right: torch.Tensor | float, if_wrong: torch.Tensor | float
-) -> torch.Tensor:
-    """Pick a per-token weight by whether the label is a maximizer of p^T (ties count as right)."""
-    right = stats.teacher_right
-    return torch.where(
-        right,
-        torch.as_tensor(if_right, dtype=stats.p_label.dtype, device=right.device),
-        torch.as_tensor(if_wrong, dtype=stats.p_label.dtype, device=right.device),
-    )
+    raised = (stats.p_label + tau).clamp(max=1.0) - stats.p_label
+    saturated = headroom <= 0
+    return (raised / headroom.masked_fill(saturated, 1.0)).masked_fill(saturated, 1.0)

@@ -6,15 +6,18 @@ where argmax p^T = l and the one-hot label 1_l elsewhere, i.e. w = 0 or 1.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from mft_plugin.losses import TeacherStats
-from mft_plugin.strategies.objectives._targets import where_teacher_right
 from mft_plugin.strategy import Objective
+
+if TYPE_CHECKING:
+    import torch
+
+    from mft_plugin.losses import TeacherStats
 
 
 class DistillFinetuningObjective(Objective):
     name = "distill_ft"
 
     def label_weight(self, stats: TeacherStats) -> torch.Tensor:
-        return where_teacher_right(stats, if_right=0.0, if_wrong=1.0)
+        return stats.where_right(if_right=0.0, if_wrong=1.0)

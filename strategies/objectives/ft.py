@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from mft_plugin.losses import TeacherStats
 from mft_plugin.strategy import Objective
+
+if TYPE_CHECKING:
+    import torch
+
+    from mft_plugin.losses import TeacherStats
 
 
 class FinetuningObjective(Objective):
@@ -15,4 +19,4 @@ class FinetuningObjective(Objective):
     needs_teacher = False
 
     def label_weight(self, stats: TeacherStats) -> torch.Tensor:
-        return torch.ones_like(stats.p_label)
+        return stats.p_label.new_ones(stats.p_label.shape)

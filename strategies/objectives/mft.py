@@ -11,12 +11,17 @@ and the student trains on CE(p^C, p^S). tau = 1 is plain finetuning; the paper u
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from pydantic import Field
 
-from mft_plugin.losses import TeacherStats
-from mft_plugin.strategies.objectives._targets import alpha_weight, beta_weight, where_teacher_right
+from mft_plugin.strategies.objectives._targets import alpha_weight, beta_weight
 from mft_plugin.strategy import Objective, StrategyParams
+
+if TYPE_CHECKING:
+    import torch
+
+    from mft_plugin.losses import TeacherStats
 
 
 class MinifinetuningParams(StrategyParams):
@@ -29,4 +34,4 @@ class MinifinetuningObjective(Objective):
 
     def label_weight(self, stats: TeacherStats) -> torch.Tensor:
         tau = self.params.tau
-        return where_teacher_right(stats, if_right=beta_weight(stats, tau), if_wrong=alpha_weight(stats, tau))
+        return stats.where_right(if_right=beta_weight(stats, tau), if_wrong=alpha_weight(stats, tau))

@@ -6,12 +6,17 @@ with beta fixed to 0, so only the incorrect predictions are corrected (by margin
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from pydantic import Field
 
-from mft_plugin.losses import TeacherStats
-from mft_plugin.strategies.objectives._targets import alpha_weight, where_teacher_right
+from mft_plugin.strategies.objectives._targets import alpha_weight
 from mft_plugin.strategy import Objective, StrategyParams
+
+if TYPE_CHECKING:
+    import torch
+
+    from mft_plugin.losses import TeacherStats
 
 
 class SinglyCorrectiveParams(StrategyParams):
@@ -23,4 +28,4 @@ class SinglyCorrectiveObjective(Objective):
     Params = SinglyCorrectiveParams
 
     def label_weight(self, stats: TeacherStats) -> torch.Tensor:
-        return where_teacher_right(stats, if_right=0.0, if_wrong=alpha_weight(stats, self.params.tau))
+        return stats.where_right(if_right=0.0, if_wrong=alpha_weight(stats, self.params.tau))

@@ -1,0 +1,99 @@
+"""Many processes on one machine: ``mft-run --num-processes N`` is ``accelerate launch`` of mft-run.
+
+We add no launcher of our own. The parent validates the YAML once, then runs
+``accelerate launch --multi_gpu --num_processes N -m mft_plugin.cli config.yml``; each child
+is an ordinary ``mft-run``. Which engine the children use (DDP, FSDP2, DeepSpeed ZeRO) is read
+from the YAML's Trainer keys (``fsdp``/``fsdp_config``/``deepspeed``) by :func:`engine_arguments`,
+never from accelerate's own config file, so one YAML means the same run however it is launched.
+
+On a machine without a GPU the Trainer only joins the processes into one gloo group when told
+to use the CPU; :func:`engine_arguments` tells it, so ``torchrun``/``accelerate launch`` of 2
+CPU processes trains one model with DDP instead of two independent copies. (``accelerate
+launch --cpu`` starts a single process unless an MPI hostfile is given: use ``--multi_gpu`` or
+torchrun on CPU too.)
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from mft_plugin.config import FSDPConfig, MFTConfigBase
+
+
+def accelerate_command(config_path: str, overrides: Sequence[str], num_processes: int) -> list[str]:
+    """The ``accelerate launch`` command line that runs mft-run on ``num_processes`` processes."""
+    # Port 0 makes accelerate pick a free one, so that two runs on one machine never collide.
+    port = os.environ.get("MASTER_PORT", "0")
+    return [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
+        "--main_process_port", port, "--mixed_precision", "no", "--dynamo_backend", "no",
+        "-m", "mft_plugin.cli", config_path, *(f"--set={override}" for override in overrides),
+    ]  # fmt: skip
+
+
+def launch(config: MFTConfigBase, config_path: str, overrides: Sequence[str], num_processes: int) -> int:
+    """Run the training on ``num_processes`` local processes; the return code of the launch."""
+    try:
+        check_engine_available(config)
+    except EngineUnavailableError as error:
+        print(error, file=sys.stderr)
+        return 2
+    return subprocess.call(accelerate_command(config_path, overrides, num_processes))
+
+
+class EngineUnavailableError(RuntimeError):
+    """The YAML asks for an engine that this machine cannot run."""
+
+
+def check_engine_available(config: MFTConfigBase) -> None:
+    """FSDP and DeepSpeed need GPUs: accelerate 1.15 applies neither to CPU processes.
+
+    Without this check an FSDP run on CPU would silently train as plain DDP (accelerate drops
+    the FSDP plugin for CPU processes), and a DeepSpeed one would fail deep in DeepSpeed's
+    batch-size check (accelerate sets up no process group for it on CPU).
+    """
+    if has_accelerator():
+        return
+    if config.fsdp_enabled:
+        raise EngineUnavailableError(
+            "fsdp: FSDP needs GPUs (accelerate applies it only to GPU processes; on CPU the run would "
+            "silently be plain DDP); remove fsdp/fsdp_config to train with DDP on CPU"
+        )
+    if config.deepspeed is not None:
+        raise EngineUnavailableError(
+            f"deepspeed: {config.deepspeed}: DeepSpeed needs GPUs (accelerate sets up no DeepSpeed process "
+            "group for CPU processes); remove deepspeed to train with DDP on CPU"
+        )
+
+
+def has_accelerator() -> bool:
+    """Whether torch sees a GPU (or another accelerator) to put each process on."""
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
+def engine_arguments(config: MFTConfigBase) -> dict[str, Any]:
+    """``TrainingArguments`` keys for the engine the YAML asks for (DDP when it asks for none).
+
+    ``use_cpu`` on a machine without an accelerator is what makes the Trainer join launched
+    processes into one gloo group (otherwise each would train alone).
+    """
+    check_engine_available(config)
+    arguments: dict[str, Any] = {"use_cpu": not has_accelerator()}
+    if config.fsdp_enabled:
+        arguments.update(fsdp=True, fsdp_config=(config.fsdp_config or FSDPConfig()).trainer_config())
+    if config.deepspeed is not None:
+        arguments["deepspeed"] = config.deepspeed
+    return arguments
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a launched run (or the only process): the one that prints and writes."""
+    return int(os.environ.get("RANK", "0")) == 0

@@ -1,0 +1,287 @@
+"""Scaling out: engine keys, the launch wrapper, and 2-process runs on CPU (gloo).
+
+The 2-process tests launch real processes (``mft-run --num-processes 2``, i.e. ``accelerate
+launch`` -> torchrun -> gloo) and compare with a single-process run of the same global batch:
+2 ranks x micro batch 2 against 1 process x micro batch 2 x gradient accumulation 2. Both see
+the same blocks at every step (accelerate's shard of the seeded sampler gives rank r batch
+2k + r; accumulation takes batches 2k, 2k + 1), and DDP's gradient average of the two per-rank
+means is the accumulated mean of the two micro-batch means, so the weights must agree to
+float32 round-off.
+
+Run as ``python -m torch.distributed.run --nproc_per_node 2 -m tests.test_distributed CHECK
+MODEL_DIR OUT_DIR`` this module is also the per-rank worker of the teacher-sharding checks.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from accelerate.commands.launch import launch_command_parser
+
+from mft_plugin.config import FSDPConfig
+from mft_plugin.config_errors import ConfigError, load_config, validate_config
+from mft_plugin.launch import EngineUnavailableError, accelerate_command, engine_arguments
+from tests.tiny import REPO, write_yaml
+
+TOLERANCE = 1e-5  # float32 round-off of a different reduction order; training moves weights ~1e-3
+
+
+# --- engine keys -----------------------------------------------------------------------------
+
+
+def test_fsdp_config_maps_axolotl_keys_to_the_trainers() -> None:
+    config = FSDPConfig(offload_params=True, transformer_layer_cls_to_wrap="LlamaDecoderLayer", reshard_after_forward=False)
+    assert config.trainer_config() == {
+        "version": 2,
+        "cpu_offload": True,
+        "activation_checkpointing": False,
+        "cpu_ram_efficient_loading": False,
+        "reshard_after_forward": False,
+        "state_dict_type": "FULL_STATE_DICT",
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "transformer_layer_cls_to_wrap": "LlamaDecoderLayer",
+    }
+    assert FSDPConfig.model_validate({"version": 2, "cpu_offload": True}).offload_params  # the Trainer's names
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"fsdp_config": {"fsdp_version": 1}}, "fsdp_config.fsdp_version: only FSDP2 is supported"),
+        ({"fsdp_config": {"offload_param": True}}, "fsdp_config.offload_param: unknown key; did you mean 'offload_params'?"),
+        ({"deepspeed": "missing/zero3.json"}, "deepspeed: file or folder not found: missing/zero3.json"),
+        ({"fsdp": True, "deepspeed": str(REPO / "yaml_examples/deepspeed/zero3.json")}, "choose one engine"),
+    ],
+)
+def test_engine_keys_are_validated(base_config: dict[str, Any], extra: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        validate_config({**base_config, **extra})
+
+
+def test_deepspeed_config_must_be_json(base_config: dict[str, Any], tmp_path: Path) -> None:
+    broken = tmp_path / "zero3.json"
+    broken.write_text("zero_optimization: {stage: 3}")
+    with pytest.raises(ConfigError, match="deepspeed: not a JSON file"):
+        validate_config({**base_config, "deepspeed": str(broken)})
+
+
+@pytest.fixture
+def with_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("mft_plugin.launch.has_accelerator", lambda: True)
+
+
+@pytest.fixture
+def without_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("mft_plugin.launch.has_accelerator", lambda: False)
+
+
+def test_engine_arguments_on_gpus(base_config: dict[str, Any], with_gpu: None) -> None:
+    assert engine_arguments(validate_config(base_config)) == {"use_cpu": False}  # DDP: the Trainer's default
+    fsdp = engine_arguments(validate_config({**base_config, "fsdp_config": {"offload_params": True}}))
+    assert fsdp["fsdp"] is True and fsdp["fsdp_config"]["cpu_offload"] is True
+    assert engine_arguments(validate_config({**base_config, "fsdp": True}))["fsdp_config"] == FSDPConfig().trainer_config()
+    assert "fsdp" not in engine_arguments(validate_config({**base_config, "fsdp": False, "fsdp_config": {}}))
+    zero3 = str(REPO / "yaml_examples/deepspeed/zero3.json")
+    assert engine_arguments(validate_config({**base_config, "deepspeed": zero3}))["deepspeed"] == zero3
+
+
+def test_cpu_processes_join_one_gloo_group_and_refuse_gpu_engines(base_config: dict[str, Any], without_gpu: None) -> None:
+    assert engine_arguments(validate_config(base_config)) == {"use_cpu": True}
+    with pytest.raises(EngineUnavailableError, match="fsdp: FSDP needs GPUs"):
+        engine_arguments(validate_config({**base_config, "fsdp": True}))
+    zero2 = str(REPO / "yaml_examples/deepspeed/zero2.json")
+    with pytest.raises(EngineUnavailableError, match="deepspeed: .* DeepSpeed needs GPUs"):
+        engine_arguments(validate_config({**base_config, "deepspeed": zero2}))
+
+
+# --- the launch wrapper ----------------------------------------------------------------------
+
+
+def test_launch_command_is_accelerate_launch_of_mft_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    command = accelerate_command("run.yml", ["seed=3"], 2)
+    assert command[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    parsed = launch_command_parser().parse_args(command[3:])  # accelerate's own parser reads it
+    assert (parsed.num_processes, parsed.multi_gpu, parsed.module) == (2, True, True)
+    assert parsed.main_process_port == 0  # a free port, so concurrent runs never collide
+    assert (parsed.training_script, parsed.training_script_args) == ("mft_plugin.cli", ["run.yml", "--set=seed=3"])
+
+
+def test_num_processes_must_be_positive(base_config: dict[str, Any], tmp_path: Path) -> None:
+    from mft_plugin.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(write_yaml(tmp_path / "run.yml", base_config)), "--num-processes", "0"])
+    assert exit_info.value.code == 2
+
+
+def test_gpu_engine_is_refused_before_any_process_starts(
+    base_config: dict[str, Any], tmp_path: Path, without_gpu: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mft_plugin.cli import main
+
+    path = write_yaml(tmp_path / "run.yml", {**base_config, "fsdp": True})
+    assert main([str(path), "--num-processes", "2"]) == 2
+    assert "fsdp: FSDP needs GPUs" in capsys.readouterr().err
+
+
+# --- 2 processes against 1 -------------------------------------------------------------------
+
+
+def _run_two_processes(config: dict[str, Any], folder: Path) -> subprocess.CompletedProcess[str]:
+    path = write_yaml(folder / "two_processes.yml", config)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per process on 2 CPU cores
+    result = subprocess.run(
+        [sys.executable, "-m", "mft_plugin.cli", str(path), "--num-processes", "2"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
+
+
+def _run_one_process(config: dict[str, Any], folder: Path) -> dict[str, float]:
+    from mft_plugin import run
+
+    return run(load_config(write_yaml(folder / "one_process.yml", config)))
+
+
+def _weights(output_dir: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(Path(output_dir).glob("*.safetensors"))
+    assert files, f"no weights saved in {output_dir}"
+    return {name: tensor for file in files for name, tensor in load_file(file).items()}
+
+
+def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[name].float() - b[name].float()).abs().max().item() for name in a)
+
+
+def _compare_runs(base_config: dict[str, Any], tmp_path: Path, extra: dict[str, Any]) -> None:
+    """2 ranks x micro batch 2 == 1 process x micro batch 2 x accumulation 2; != accumulation 1."""
+    common = {**base_config, **extra, "micro_batch_size": 2, "max_steps": 3, "eval_steps": 3}
+    two = {**common, "output_dir": str(tmp_path / "two")}
+    one = {**common, "gradient_accumulation_steps": 2, "output_dir": str(tmp_path / "one")}
+    half = {**common, "output_dir": str(tmp_path / "half")}  # what each rank alone would do
+
+    _run_two_processes(two, tmp_path)
+    one_metrics = _run_one_process(one, tmp_path)
+    _run_one_process(half, tmp_path)
+    two_metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
+
+    trained, same_batch, rank_alone = _weights(two["output_dir"]), _weights(one["output_dir"]), _weights(half["output_dir"])
+    assert _max_difference(trained, same_batch) < TOLERANCE
+    assert _max_difference(trained, rank_alone) > 100 * TOLERANCE  # the check can tell the runs apart
+    for key in ("train_loss", "base_spec_ppl", "base_general_ppl", "eval_spec_ppl", "eval_general_ppl", "eval_S", "eval_DG"):
+        assert two_metrics[key] == pytest.approx(one_metrics[key], rel=TOLERANCE), key
+
+
+@pytest.mark.slow
+def test_two_processes_full_finetuning_equal_one_process_with_the_same_global_batch(
+    base_config: dict[str, Any], tmp_path: Path
+) -> None:
+    # The general eval set packs into 35 blocks: an odd count, so accelerate pads the last eval
+    # batch with a duplicate that gather_for_metrics must drop for the perplexities to agree.
+    _compare_runs(base_config, tmp_path, {})
+
+
+# --- the frozen teacher sharded like the student ---------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _run_worker(check: str, tiny_model: Path, out: Path, python: str = sys.executable) -> list[dict[str, Any]]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    command = [python, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    result = subprocess.run(
+        [*command, "-m", "tests.test_distributed", check, str(tiny_model), str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-6000:]
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+
+def _assert_sharded_in_half(results: list[dict[str, Any]]) -> None:
+    for result in results:
+        assert result["local_parameters"] * 2 == result["parameters"]  # 1/N of the teacher per rank
+        assert result["max_logit_difference"] == 0.0  # same p^T as the whole teacher
+
+
+@pytest.mark.slow
+def test_fsdp2_shards_the_frozen_teacher_with_the_students_wrap_policy(tiny_model: Path, tmp_path: Path) -> None:
+    _assert_sharded_in_half(_run_worker("fsdp_teacher", tiny_model, tmp_path))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed (optional)")
+def test_zero3_partitions_the_frozen_teacher(tiny_model: Path, tmp_path: Path) -> None:
+    _assert_sharded_in_half(_run_worker("zero3_teacher", tiny_model, tmp_path))
+
+
+def _stand_in_accelerator(state: Any, distributed_type: Any) -> Any:
+    """What ``place_teacher`` reads of an Accelerator; accelerate 1.15 sets FSDP/DeepSpeed up only on GPUs."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        distributed_type=distributed_type, state=state, device=torch.device("cpu"),
+        torch_device_mesh=None, mixed_precision="no", is_main_process=int(os.environ["RANK"]) == 0,
+    )  # fmt: skip
+
+
+def _teacher_check(check: str, model_dir: str) -> dict[str, Any]:
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from transformers import AutoModelForCausalLM
+
+    from mft_plugin.teacher import FrozenCopyTeacher, place_teacher
+
+    whole = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    parameters = sum(p.numel() for p in whole.parameters())
+    input_ids = torch.randint(0, whole.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    expected = FrozenCopyTeacher(copy.deepcopy(whole)).logits(input_ids, None)
+    if check == "fsdp_teacher":
+        dist.init_process_group("gloo")
+        state = SimpleNamespace(fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2))
+        teacher = place_teacher(FrozenCopyTeacher(whole), _stand_in_accelerator(state, DistributedType.FSDP))
+        local = sum(p.to_local().numel() for p in teacher.model.parameters())
+    else:
+        import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig
+
+        deepspeed.init_distributed(dist_backend="gloo")
+        config = json.loads((REPO / "yaml_examples/deepspeed/zero3.json").read_text())
+        config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, train_batch_size=2)
+        config.update(gradient_clipping=1.0, bf16={"enabled": False}, fp16={"enabled": False})
+        config["zero_optimization"].update(
+            reduce_bucket_size=1000, stage3_prefetch_bucket_size=1000, stage3_param_persistence_threshold=10
+        )
+        zero3 = HfDeepSpeedConfig(config)  # noqa: F841  (alive: from_pretrained loads partitioned)
+        partitioned = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        state = SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=config))
+        teacher = place_teacher(FrozenCopyTeacher(partitioned), _stand_in_accelerator(state, DistributedType.DEEPSPEED))
+        local = sum(p.ds_tensor.numel() for p in partitioned.parameters())
+    difference = (teacher.logits(input_ids, None) - expected).abs().max().item()
+    return {"parameters": parameters, "local_parameters": local, "max_logit_difference": difference}
+
+
+if __name__ == "__main__":
+    check_name, model_folder, out_folder = sys.argv[1:4]
+    report = _teacher_check(check_name, model_folder)
+    Path(out_folder, f"rank{os.environ['RANK']}.json").write_text(json.dumps(report))
