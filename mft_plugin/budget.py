@@ -19,7 +19,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import (
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 
 from mft_plugin.config import MFTConfigBase
 
@@ -77,7 +82,7 @@ class BudgetStop(TrainerCallback):
     ) -> TrainerControl:
         reason = self.budget.stop_reason(metrics) if metrics else None
         if reason is not None:
-            limit = getattr(self.budget, reason)
-            logger.warning("step %d: %s %s reached; stopping training", state.global_step, reason, limit)
+            measured = f"DG {metrics['eval_DG']:.4g} >" if reason == MAX_DEGENERALIZATION else f"S {metrics['eval_S']:.4g} >="
+            logger.warning("step %d: %s %s %s: stopping training", state.global_step, measured, reason, getattr(self.budget, reason))
             control.should_training_stop = True
         return control

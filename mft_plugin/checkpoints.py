@@ -53,14 +53,20 @@ def is_complete(checkpoint: Path) -> bool:
     """Whether the checkpoint's manifest exists and every file it lists is there with its size."""
     try:
         manifest = json.loads((checkpoint / MANIFEST).read_text(encoding="utf-8"))
-        return manifest["files"] == {name: size for name, size in _files(checkpoint).items() if name in manifest["files"]}
+        return manifest["files"] == {
+            name: size for name, size in _files(checkpoint).items() if name in manifest["files"]
+        }
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
     """``checkpoint-N`` folders, oldest step first."""
-    found = [(int(m.group(1)), path) for path in run_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if (m := _CHECKPOINT.match(path.name)) and path.is_dir()]
+    found = [
+        (int(m.group(1)), path)
+        for path in run_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+        if (m := _CHECKPOINT.match(path.name)) and path.is_dir()
+    ]
     return [path for _, path in sorted(found)]
 
 
@@ -74,26 +80,32 @@ def _set_aside(checkpoint: Path) -> Path:
     return target
 
 
-def latest_complete_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint; newer incomplete ones are renamed ``incomplete-checkpoint-N``."""
+def latest_complete_checkpoint(run_dir: Path, set_aside: bool = True) -> Path | None:
+    """The newest complete checkpoint; with ``set_aside``, newer incomplete ones are renamed
+    ``incomplete-checkpoint-N`` (by one process only: the others find the same answer without renaming)."""
     found = checkpoints(run_dir)
     while found and not is_complete(found[-1]):
-        moved = _set_aside(found.pop())
-        logger.warning("%s was not completely written (killed while saving?); moved aside to %s", moved.name[len(INCOMPLETE_PREFIX):], moved)
+        checkpoint = found.pop()
+        if set_aside:
+            moved = _set_aside(checkpoint)
+            logger.warning("%s was not completely written (killed while saving?); moved to %s", checkpoint, moved)
     return found[-1] if found else None
 
 
-def resume_target(resume_from_checkpoint: bool | str | None, run_dir: Path) -> str | None:
+def resume_target(resume_from_checkpoint: bool | str | None, run_dir: Path, main_process: bool = True) -> str | None:
     """What ``Trainer.train(resume_from_checkpoint=...)`` gets: a complete checkpoint's path, or None.
 
-    ``true`` takes the newest complete checkpoint (none yet: a fresh start, with a warning). A path is
-    refused if its manifest says files are missing or truncated; a checkpoint without a manifest (made
-    by another tool) is trusted with a warning, since nothing can be checked.
+    ``true`` takes the newest complete checkpoint (none yet: a fresh start, with a warning); only the
+    ``main_process`` moves incomplete ones aside. A path is refused if its manifest says files are
+    missing or truncated; a checkpoint without a manifest (made by another tool) is trusted with a
+    warning, since nothing can be checked.
     """
     if resume_from_checkpoint is True:
-        latest = latest_complete_checkpoint(run_dir)
+        latest = latest_complete_checkpoint(run_dir, set_aside=main_process)
         if latest is None:
-            logger.warning("resume_from_checkpoint: no complete checkpoint in %s yet; starting from the base model", run_dir)
+            logger.warning(
+                "resume_from_checkpoint: no complete checkpoint in %s yet; starting from the base model", run_dir
+            )
         return str(latest) if latest is not None else None
     if not resume_from_checkpoint:
         return None
@@ -110,5 +122,9 @@ def check_named_checkpoint(checkpoint: Path) -> Path:
             "name an earlier checkpoint, or use resume_from_checkpoint: true for the newest complete one"
         )
     if not (checkpoint / MANIFEST).exists():
-        logger.warning("resume_from_checkpoint: %s has no %s (not written by mft-plugin); cannot check it is complete", checkpoint, MANIFEST)
+        logger.warning(
+            "resume_from_checkpoint: %s has no %s (not written by mft-plugin); cannot check it is complete",
+            checkpoint,
+            MANIFEST,
+        )
     return checkpoint

@@ -4,6 +4,8 @@
     mft-run config.yml --validate                      validate and print the resolved config
     mft-run config.yml --num-processes 2               train on 2 processes (accelerate launch)
     mft-run --list                                     every strategy, its plugin and parameters
+    mft-run sweep config.yml [--grid KEY=[V1,V2] ...]  train a grid of runs, then tabulate them (mft_plugin.sweep)
+    mft-run report OUTPUT_DIR...                       tables and plots from finished runs (mft_plugin.report)
 """
 
 from __future__ import annotations
@@ -50,6 +52,15 @@ def print_listing(registry: Registry) -> None:
 
 def main(argv: Sequence[str] | None = None, registry: Registry | None = None) -> int:
     """The console script; ``registry`` (default: the installed plugins) is for embedding and tests."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sweep"]:
+        from mft_plugin import sweep
+
+        return sweep.main(argv[1:], registry)
+    if argv[:1] == ["report"]:
+        from mft_plugin import report
+
+        return report.main(argv[1:])
     args = build_parser().parse_args(argv)
     from mft_plugin.config_errors import ConfigError, load_config
     from mft_plugin.registry import default_registry
@@ -77,6 +88,9 @@ def main(argv: Sequence[str] | None = None, registry: Registry | None = None) ->
     if args.validate:
         print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
         return 0
+    if config.sweep:
+        print(f"{args.config}: sweep: a grid of runs; train it with `mft-run sweep {args.config}`", file=sys.stderr)
+        return 2
     from mft_plugin.launch import is_main_process, launch
 
     if args.num_processes > 1:

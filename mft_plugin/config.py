@@ -25,6 +25,14 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from mft_plugin.adapter_config import (
+    ADAPTER_GROUP,
+    QuantizationKeys,
+    TeacherConfig,
+    adapter_from_axolotl_keys,
+    adapter_problems,
+)
+from mft_plugin.loss_config import LossImpl, TeacherCacheConfig, loss_impl_problem
 from mft_plugin.registry import Kind, Registry, UnknownStrategyError
 from mft_plugin.strategy import StrategyParams
 
@@ -139,14 +147,20 @@ class FSDPConfig(StrictModel):
         return {**config, "version": self.fsdp_version, "cpu_offload": self.offload_params}
 
 
-class MFTConfigBase(StrictModel):
-    """Everything but the strategy unions, which :func:`config_model` adds from the registry."""
+class MFTConfigBase(StrictModel, QuantizationKeys):
+    """Everything but the strategy unions, which :func:`config_model` adds from the registry.
+
+    The base's bitsandbytes keys (``load_in_4bit``, ...) come from :class:`QuantizationKeys`;
+    Axolotl's ``adapter``/``lora_*`` keys are rewritten into a mitigation (``adapter_config``).
+    """
 
     # model and tokenizer
     base_model: str = Field(description="hub name or local folder of the model to finetune")
     tokenizer_config: str | None = Field(None, description="tokenizer location if not base_model's")
     tokenizer_type: str = Field("AutoTokenizer", description="transformers tokenizer class name")
     trust_remote_code: bool = False
+    teacher: TeacherConfig | None = Field(None, description="full finetuning: hold the frozen teacher quantized or in a lower dtype")
+    merge_adapter: bool = Field(False, description="also save the adapter merged into the base, as a plain model in output_dir/merged")
 
     # data
     datasets: list[DatasetConfig] = Field(min_length=1)
@@ -184,6 +198,10 @@ class MFTConfigBase(StrictModel):
     fsdp: bool | None = Field(None, description="FSDP2 on; an fsdp_config block alone turns it on too")
     fsdp_config: FSDPConfig | None = None
     deepspeed: str | None = Field(None, description="a DeepSpeed JSON config, e.g. yaml_examples/deepspeed/zero3.json")
+
+    # how the loss is computed (README "Performance"; mft_plugin.loss_config)
+    loss_impl: LossImpl = Field("auto", description="chunked: fused with the LM head; auto: chunked wherever it applies")
+    teacher_cache: TeacherCacheConfig | None = None
 
     # outputs, logging, checkpoints
     output_dir: str = "./outputs/mft-run"
@@ -225,15 +243,24 @@ class MFTConfigBase(StrictModel):
             raise PydanticCustomError("precision", "bf16 and fp16 cannot both be true; choose one")
         if self.deepspeed and self.fsdp_enabled:
             raise PydanticCustomError("engine", "deepspeed and fsdp/fsdp_config cannot both be set; choose one engine")
-        evaluates = bool(self.test_datasets) or self.val_set_size > 0
-        if evaluates and self.save_steps and self.eval_steps and self.save_steps % self.eval_steps:
+        if problem := loss_impl_problem(self.loss_impl, self.teacher_cache, bool(self.deepspeed) or self.fsdp_enabled):
+            raise PydanticCustomError("loss_impl", problem)
+        return self
+
+    @field_validator("save_steps")
+    @classmethod
+    def _saves_are_evaluated(cls, save_steps: int | None, info: ValidationInfo) -> int | None:
+        """The Trainer keeps the best checkpoint only among evaluated steps; it would refuse after loading."""
+        eval_steps = info.data.get("eval_steps")
+        evaluates = bool(info.data.get("test_datasets")) or info.data.get("val_set_size", 0) > 0
+        if evaluates and save_steps and eval_steps and save_steps % eval_steps:
             raise PydanticCustomError(
                 "save_steps",
-                "save_steps ({save}) must be a multiple of eval_steps ({eval}): the best checkpoint is chosen "
-                "among evaluated steps; e.g. save_steps: {fix}",
-                {"save": self.save_steps, "eval": self.eval_steps, "fix": self.eval_steps * max(1, self.save_steps // self.eval_steps)},
+                "{save} is not a multiple of eval_steps ({eval}), but the best checkpoint is chosen among "
+                "evaluated steps; e.g. save_steps: {fix}",
+                {"save": save_steps, "eval": eval_steps, "fix": eval_steps * max(1, save_steps // eval_steps)},
             )
-        return self
+        return save_steps
 
     @field_validator("deepspeed")
     @classmethod
@@ -303,8 +330,12 @@ def _unknown_name_check(registry: Registry, kind: Kind, default: str | None = No
     return check
 
 
-def config_model(registry: Registry) -> type[MFTConfigBase]:
-    """The full config model for the strategies this registry knows."""
+def strategies_model(registry: Registry, base: type[BaseModel], name: str = "MFTStrategies") -> type[Any]:
+    """``base`` plus the ``objective`` and ``mitigations`` keys for the strategies this registry knows.
+
+    The core of :func:`config_model`; the Axolotl plugin builds on a bare model so that Axolotl's
+    own schema gains exactly these two keys (``mft_plugin.axolotl``).
+    """
     objective = _strategy_union(registry, "objective")
     mitigation = _strategy_union(registry, "mitigation")
     default_name = "mft" if "mft" in registry.entries["objective"] else None  # the paper's method
@@ -335,8 +366,8 @@ def config_model(registry: Registry) -> type[MFTConfigBase]:
 
     default_objective = Field({"name": default_name}, validate_default=True) if default_name else ...
     return create_model(
-        "MFTConfig",
-        __base__=MFTConfigBase,
+        name,
+        __base__=base,
         __validators__={
             "objective_before": field_validator("objective", mode="before")(classmethod(objective_before)),
             "mitigations_before": field_validator("mitigations", mode="before")(classmethod(mitigations_before)),
@@ -344,4 +375,32 @@ def config_model(registry: Registry) -> type[MFTConfigBase]:
         },
         objective=(objective, default_objective),
         mitigations=(list[mitigation], []),  # type: ignore[valid-type]
+    )
+
+
+def config_model(registry: Registry) -> type[MFTConfigBase]:
+    """The full config model for the strategies this registry knows."""
+    adapter_names = {n for n, e in registry.entries["mitigation"].items() if e.cls.exclusive_group == ADAPTER_GROUP}
+
+    def axolotl_adapter_keys(cls: type, data: Any) -> Any:
+        return adapter_from_axolotl_keys(data, adapter_names)
+
+    def mitigations_fit(self: MFTConfigBase) -> MFTConfigBase:
+        """Each mitigation against the rest of the config, and the adapter-dependent keys."""
+        problems = []
+        for spec in self.mitigations:
+            problems += registry.entries["mitigation"][spec.name].cls.config_problems(spec, self)
+        adapter = next((spec.name for spec in self.mitigations if spec.name in adapter_names), None)
+        problems += adapter_problems(self, self.teacher, self.merge_adapter, adapter)
+        if problems:
+            raise PydanticCustomError("mitigations_fit", "{problems}", {"problems": "; ".join(problems)})
+        return self
+
+    return create_model(
+        "MFTConfig",
+        __base__=strategies_model(registry, MFTConfigBase),
+        __validators__={
+            "axolotl_adapter_keys": model_validator(mode="before")(classmethod(axolotl_adapter_keys)),
+            "mitigations_fit": model_validator(mode="after")(mitigations_fit),
+        },
     )

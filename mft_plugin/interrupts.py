@@ -28,7 +28,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 class TrainingInterrupted(RuntimeError):
     """Training stopped on a signal after saving a checkpoint; rerun with ``resume_from_checkpoint: true``."""
 
-    def __init__(self, signum: int, step: int, checkpoint: str | None) -> None:
+    def __init__(self, signum: int, step: int, checkpoint: str) -> None:
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         self.exit_code = 128 + signum  # the shell's convention for "killed by this signal"
         super().__init__(
@@ -41,9 +41,8 @@ def _any_process(flag: bool) -> bool:
     """Whether any process of a launched run has the flag: all must stop at the same step, or they hang."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return flag
-    from accelerate import PartialState
-
-    value = torch.tensor([float(flag)], device=PartialState().device)
+    nccl = torch.distributed.get_backend() == "nccl"  # NCCL reduces GPU tensors only
+    value = torch.tensor([float(flag)], device=torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
     torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
     return bool(value.item())
 
@@ -84,8 +83,10 @@ class StopOnSignal(TrainerCallback):
                 signal.raise_signal(signum)
                 return
             self.received = signum
-            logger.warning("%s received: saving a checkpoint after this step, then stopping "
-                           "(send it again to stop at once)", signal.Signals(signum).name)
+            logger.warning(
+                "%s received: saving a checkpoint after this step, then stopping (send it again to stop at once)",
+                signal.Signals(signum).name,
+            )
 
         for signum in previous:
             signal.signal(signum, handle)

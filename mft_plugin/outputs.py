@@ -15,6 +15,7 @@ from typing import Any
 from mft_plugin.config import MFTConfigBase
 
 BASE_PPL_FILE = "base_perplexity.json"
+METRICS_FILE = "metrics.json"  # written last and atomically: a run with it is finished
 
 
 class OutputDirError(RuntimeError):

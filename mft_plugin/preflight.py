@@ -40,7 +40,8 @@ def preflight(config: MFTConfigBase) -> None:
     try:
         model_config = AutoConfig.from_pretrained(config.base_model, trust_remote_code=config.trust_remote_code)
     except (OSError, ValueError) as error:  # not a model folder (no config.json), nor a reachable hub name
-        raise ConfigError([*problems, f"base_model: cannot load {config.base_model!r}: {error}"]) from None
+        detail = " ".join(str(error).split())  # one line per problem, like every other message
+        raise ConfigError([*problems, f"base_model: cannot load {config.base_model!r}: {detail}"]) from None
     positions = getattr(model_config, "max_position_embeddings", None)
     if positions is not None and config.sequence_len > positions:
         problems.append(

@@ -19,14 +19,16 @@ from transformers import PreTrainedModel, TrainingArguments, set_seed
 
 from mft_plugin.budget import Budget
 from mft_plugin.checkpoints import resume_target
+from mft_plugin.chunked_loss import select_loss_impl
 from mft_plugin.config import MFTConfigBase
 from mft_plugin.context import RunContext
 from mft_plugin.data import PaddingCollator, load_all_documents, pack_documents, split_documents
 from mft_plugin.evaluation import GENERAL, SPEC, paper_metrics
 from mft_plugin.interrupts import StopOnSignal, TrainingInterrupted
 from mft_plugin.launch import engine_arguments
-from mft_plugin.loading import load_model, load_tokenizer
+from mft_plugin.loading import load_frozen_teacher, load_model, load_tokenizer, save_merged_model
 from mft_plugin.outputs import (
+    METRICS_FILE,
     atomic_write_text,
     best_evaluation,
     load_base_perplexities,
@@ -37,10 +39,12 @@ from mft_plugin.registry import Registry, default_registry
 from mft_plugin.safety import SKIPPED_KEY, skipped_steps
 from mft_plugin.strategy import Mitigation, Objective
 from mft_plugin.teacher import build_teacher
+from mft_plugin.teacher_cache import cached_teacher
 from mft_plugin.trainer import MFTTrainer
 
 EVALUATIONS_PER_RUN = 10
 SPEC_METRIC = f"eval_{SPEC}_ppl"
+MERGED_DIR = "merged"  # merge_adapter: the adapter merged into the base, a plain transformers model
 
 
 def build_strategies(config: MFTConfigBase, registry: Registry) -> tuple[Objective, list[Mitigation]]:
@@ -127,14 +131,20 @@ def run(config: MFTConfigBase, registry: Registry | None = None) -> dict[str, An
     model: PreTrainedModel = load_model(config)
     for mitigation in mitigations:  # 2. model stage
         model = mitigation.prepare_model(model, context)
-    teacher = build_teacher(objective.needs_teacher, model, lambda: load_model(config))
+    chunked_loss = select_loss_impl(config, objective, model)  # loss_impl; fails here if it cannot apply
+    collator = PaddingCollator(tokenizer.pad_token_id)
+    make_teacher = lambda: build_teacher(objective.needs_teacher, model, lambda: load_frozen_teacher(config))  # noqa: E731
+    if config.teacher_cache is not None and objective.needs_teacher:  # p^T read from disk: no teacher model in memory
+        teacher, train_blocks = cached_teacher(config, train_blocks, make_teacher, collator, args)
+    else:
+        teacher = make_teacher()
 
     trainer = MFTTrainer(
         model=model,
         args=args,
         train_dataset=train_blocks,
         eval_dataset=eval_sets.get(SPEC),  # the Trainer wants one; evaluate() uses all eval_sets
-        data_collator=PaddingCollator(tokenizer.pad_token_id),
+        data_collator=collator,
         processing_class=tokenizer,
         objective=objective,
         teacher=teacher,
@@ -142,6 +152,7 @@ def run(config: MFTConfigBase, registry: Registry | None = None) -> dict[str, An
         eval_sets=eval_sets,
         skip_nonfinite_batches=config.skip_nonfinite_batches,
         budget=Budget.from_config(config),  # stops training, and bounds the choice of the final checkpoint
+        chunked_loss=chunked_loss,
     )
     trainer.base_perplexities = load_base_perplexities(output_dir, config) or trainer.perplexities(base=True)
     save_base_perplexities(output_dir, config, trainer.base_perplexities)
@@ -150,12 +161,14 @@ def run(config: MFTConfigBase, registry: Registry | None = None) -> dict[str, An
     plugin_manager.hook.mft_run_start(config=config, output_dir=str(output_dir))
 
     train_metrics = _train(trainer, config, output_dir)
-    trainer.save_model(str(output_dir))
+    trainer.save_model(str(output_dir))  # with an adapter: the adapter alone, in peft's format
+    if config.merge_adapter and trainer.is_world_process_zero():
+        save_merged_model(config, output_dir, output_dir / MERGED_DIR)
     trainer.save_state()  # trainer_state.json: every evaluation, for the curves of `mft-run report`
     metrics = _final_metrics(trainer, train_metrics)
     if trainer.is_world_process_zero():
         atomic_write_text(output_dir / "config.yml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-        atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(output_dir / METRICS_FILE, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     plugin_manager.hook.mft_run_end(config=config, output_dir=str(output_dir), metrics=metrics)
     return metrics
 
@@ -169,11 +182,12 @@ def _train(trainer: MFTTrainer, config: MFTConfigBase, output_dir: Path) -> dict
     stop = StopOnSignal()
     trainer.add_callback(stop)
     with stop.installed():
-        result = trainer.train(resume_from_checkpoint=resume_target(config.resume_from_checkpoint, output_dir))
+        checkpoint = resume_target(config.resume_from_checkpoint, output_dir, main_process=trainer.args.should_save)
+        result = trainer.train(resume_from_checkpoint=checkpoint)
     step = trainer.state.global_step
     if stop.stopped and step < trainer.state.max_steps:
-        checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{step}"
-        raise TrainingInterrupted(stop.received or signal.SIGTERM, step, str(checkpoint))
+        saved = Path(trainer.args.output_dir) / f"checkpoint-{step}"
+        raise TrainingInterrupted(stop.received or signal.SIGTERM, step, str(saved))
     return result.metrics
 
 

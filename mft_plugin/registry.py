@@ -93,7 +93,8 @@ class Registry:
             return self.entries[kind][name]
         broken = [p for p in self.problems if p.strategy_name == name]
         if broken:
-            raise UnknownStrategyError(f"{kind} {name!r} is unusable: {broken[0].message}")
+            problem = broken[0]
+            raise UnknownStrategyError(f"{kind} {name!r} is unusable: plugin {problem.distribution}: {problem.message}")
         raise UnknownStrategyError(
             f"unknown {kind} {name!r}; available: {', '.join(self.names(kind)) or '(none)'}"
             + suggestion(str(name), self.names(kind))
@@ -132,7 +133,7 @@ def _strategy_problem(kind: Kind, cls: Any) -> str | None:
         params.model_rebuild()
         [f.get_default(call_default_factory=True) for f in params.model_fields.values() if not f.is_required()]
     except Exception as error:
-        return f"{cls.__name__}.Params is unusable: {type(error).__name__}: {error}"
+        return f"{cls.__name__}.Params cannot be used: {type(error).__name__}: {str(error).splitlines()[0]}"
     return None
 
 
@@ -185,7 +186,8 @@ def load_entry_point_plugins(
         try:
             manager.register(plugin, name=entry_point.name)
         except pluggy.PluginValidationError as error:  # e.g. a hook implementation with a wrong signature
-            problems.append(PluginProblem(distribution, f"invalid hook implementation: {error}"))
+            message = "; ".join(str(error).splitlines())  # pluggy's message spans three lines
+            problems.append(PluginProblem(distribution, f"invalid hook implementation: {message}"))
             continue
         manager.distributions[entry_point.name] = distribution
     return problems

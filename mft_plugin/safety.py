@@ -32,7 +32,10 @@ def nonfinite_positions(token_losses: torch.Tensor) -> list[tuple[int, int]]:
 
 
 def describe_nonfinite_loss(objective: str, token_losses: torch.Tensor, penalties: Mapping[str, torch.Tensor]) -> str:
-    """Where a non-finite loss comes from: the objective's token positions, or the mitigations' penalties."""
+    """Where a non-finite loss comes from: the objective's token positions, or the mitigations' penalties.
+
+    A position is that of the predicting token in the block (position t predicts token t + 1).
+    """
     positions = nonfinite_positions(token_losses.detach())
     sources = []
     if positions:
@@ -41,8 +44,11 @@ def describe_nonfinite_loss(objective: str, token_losses: torch.Tensor, penaltie
             f"objective {objective!r} gave a non-finite loss at {len(positions)} token position(s) "
             f"(batch row, position): {shown}"
         )
-    sources += [f"mitigation {name!r} gave a non-finite penalty ({value.item()})" for name, value in penalties.items()
-                if not torch.isfinite(value.detach()).all()]
+    sources += [
+        f"mitigation {name!r} gave a non-finite penalty ({value.item()})"
+        for name, value in penalties.items()
+        if not torch.isfinite(value.detach()).all()
+    ]
     return "; ".join(sources) or "the sum of finite terms overflowed"
 
 
@@ -54,12 +60,18 @@ class NonFiniteGuard:
         self._pending: str | None = None  # why the current optimizer step is to be skipped
 
     def check_loss(
-        self, step: int, loss: torch.Tensor, objective: str, token_losses: torch.Tensor, penalties: Mapping[str, torch.Tensor]
+        self,
+        step: int,
+        loss: torch.Tensor,
+        objective: str,
+        token_losses: torch.Tensor,
+        penalties: Mapping[str, torch.Tensor],
     ) -> None:
         """Raise (or, when skipping, remember) a non-finite ``loss`` of optimizer step ``step`` (1-based)."""
         if bool(torch.isfinite(loss.detach()).all()):
             return
-        where = f"non-finite loss ({loss.item()}) at step {step}: {describe_nonfinite_loss(objective, token_losses, penalties)}"
+        source = describe_nonfinite_loss(objective, token_losses, penalties)
+        where = f"non-finite loss ({loss.item()}) at step {step}: {source}"
         if not self.skip:
             raise NonFiniteError(f"{where}. Set skip_nonfinite_batches: true to skip such steps instead of stopping")
         self._pending = self._pending or where
@@ -73,7 +85,7 @@ class NonFiniteGuard:
         reason, self._pending = self._pending, None
         norm = float(grad_norm) if grad_norm is not None else 0.0
         if reason is None and not scaled and not math.isfinite(norm):
-            reason = f"non-finite gradient norm ({norm}) at step {step} although the loss was finite (overflow in the backward pass?)"
+            reason = f"non-finite gradient norm ({norm}) at step {step} although the loss was finite"
             if not self.skip:
                 raise NonFiniteError(
                     f"{reason}. Lower learning_rate, keep max_grad_norm > 0, or set skip_nonfinite_batches: true"

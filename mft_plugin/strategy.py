@@ -109,6 +109,13 @@ class Mitigation(Strategy):
 
     exclusive_group: ClassVar[str | None] = None
 
+    @classmethod
+    def config_problems(cls, params: StrategyParams, config: Any) -> list[str]:
+        """Validation stage: what in the rest of the validated config (``MFTConfigBase``) these
+        parameters cannot work with, each problem naming its keys, e.g. a ratio that must divide
+        ``micro_batch_size``. Checked with the schema, before anything loads."""
+        return []
+
     def prepare_data(self, train_dataset: Dataset, context: RunContext) -> Dataset:
         """Data stage: return the training set this mitigation wants (e.g. replay mixing)."""
         return train_dataset

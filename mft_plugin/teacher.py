@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Protocol
 
 import torch
@@ -23,10 +23,17 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from transformers import PreTrainedModel
 
+from mft_plugin.chunked_loss import TeacherHead, teacher_head
+
 
 class Teacher(Protocol):
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Teacher logits ``[batch, seq, vocab]`` for the same inputs the student sees."""
+
+    def targets(self, inputs: Mapping[str, torch.Tensor], rows: torch.Tensor | None = None) -> TeacherHead:
+        """The same predictions for the chunked loss (:mod:`mft_plugin.chunked_loss`): the teacher's
+        final hidden states and head, its ``[batch, seq, vocab]`` logits never materialized; run on
+        the ``rows`` ``[batch]`` bool only (None: all)."""
 
 
 @contextlib.contextmanager
@@ -47,13 +54,16 @@ class FrozenCopyTeacher:
         self.model = model.eval().requires_grad_(False)
 
     def to(self, device: torch.device | str) -> FrozenCopyTeacher:
-        if not getattr(self.model, "is_loaded_in_4bit", False) and not getattr(self.model, "is_loaded_in_8bit", False):
+        if not is_quantized(self.model):
             self.model.to(device)
         return self
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def targets(self, inputs: Mapping[str, torch.Tensor], rows: torch.Tensor | None = None) -> TeacherHead:
+        return teacher_head(self.model, inputs, rows)
 
 
 class SharedBaseTeacher:
@@ -69,6 +79,15 @@ class SharedBaseTeacher:
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         with eval_mode(self.model), self.model.disable_adapter():
             return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def targets(self, inputs: Mapping[str, torch.Tensor], rows: torch.Tensor | None = None) -> TeacherHead:
+        with eval_mode(self.model), self.model.disable_adapter():
+            return teacher_head(self.model, inputs, rows)
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    """Loaded in 4 or 8 bits by bitsandbytes: placed at load time, and never sharded."""
+    return getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
 
 
 def has_adapters(model: torch.nn.Module) -> bool:
@@ -98,10 +117,11 @@ def place_teacher(
     the run's config (as TRL does for its reference model): ZeRO-3 partitions it (it was loaded
     partitioned already, since ``TrainingArguments`` exist before ``from_pretrained``); ZeRO-1/2
     keep parameters whole on every rank, the student's as well, so the teacher is whole there too.
+    A quantized teacher (``teacher: {load_in_4bit: true}``) is small already and stays whole.
     """
     if teacher is None:
         return None
-    if isinstance(teacher, FrozenCopyTeacher):
+    if isinstance(teacher, FrozenCopyTeacher) and not is_quantized(teacher.model):
         if accelerator.distributed_type == DistributedType.FSDP:
             from accelerate.utils import fsdp2_prepare_model
 

@@ -17,11 +17,14 @@ from transformers import Trainer
 
 from mft_plugin.budget import Budget, BudgetStop
 from mft_plugin.checkpoints import finish_checkpoint
+from mft_plugin.chunked_loss import ChunkedLoss
+from mft_plugin.composed_batches import FT_LOSS_COLUMN, REPLAY_COLUMN, MicroBatchSampler, row_token_losses
 from mft_plugin.evaluation import paper_metrics, perplexity
 from mft_plugin.losses import masked_mean, shift_for_causal_lm
 from mft_plugin.safety import SKIPPED_KEY, NonFiniteGuard, skipped_steps
 from mft_plugin.strategy import Mitigation, Objective
 from mft_plugin.teacher import FrozenCopyTeacher, SharedBaseTeacher, has_adapters, place_teacher
+from mft_plugin.teacher_cache import TeacherCache
 
 
 class MFTTrainer(Trainer):
@@ -32,15 +35,17 @@ class MFTTrainer(Trainer):
         self,
         *args: Any,
         objective: Objective,
-        teacher: FrozenCopyTeacher | SharedBaseTeacher | None,
+        teacher: FrozenCopyTeacher | SharedBaseTeacher | TeacherCache | None,
         mitigations: Sequence[Mitigation] = (),
         eval_sets: dict[str, Dataset] | None = None,
         skip_nonfinite_batches: bool = False,
         budget: Budget | None = None,
+        chunked_loss: ChunkedLoss | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.objective = objective
+        self.chunked_loss = chunked_loss  # None: the plain loss from [batch, seq, vocab] logits
         self.teacher = place_teacher(teacher, self.accelerator)  # sharded like the student where it is
         self.mitigations = list(mitigations)
         self.eval_sets = eval_sets or {}
@@ -59,14 +64,27 @@ class MFTTrainer(Trainer):
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         labels = shift_for_causal_lm(inputs["labels"])
         input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
-        outputs = model(input_ids=input_ids, attention_mask=attention_mask)
-        teacher_logits = self.teacher.logits(input_ids, attention_mask) if self.teacher is not None else None
-        token_losses = self.objective.token_losses(outputs.logits, teacher_logits, labels)
+        if self.chunked_loss is not None and not return_outputs:  # fused with the LM head, no logits made
+            outputs, token_losses = None, self.chunked_loss(model, self.teacher, inputs, labels, inputs.get(FT_LOSS_COLUMN))
+        else:
+            outputs = model(input_ids=input_ids, attention_mask=attention_mask)
+            token_losses = row_token_losses(  # plain FT loss on rows flagged so (e.g. replayed general data)
+                self.objective, self.teacher, outputs.logits, input_ids, attention_mask, labels, inputs.get(FT_LOSS_COLUMN)
+            )
         penalties = {m.name: p for m in self.mitigations if (p := m.penalty(model)) is not None}
         loss = masked_mean(token_losses, labels) + sum(penalties.values())
         if model.training:
             self.nonfinite.check_loss(self.state.global_step + 1, loss, self.objective.name, token_losses, penalties)
         return (loss, outputs) if return_outputs else loss
+
+    def _get_train_sampler(self, train_dataset: Dataset | None = None) -> torch.utils.data.Sampler | None:
+        """A training set composed micro-batch by micro-batch (it has a replay column) is shuffled
+        in whole micro-batches, so that each keeps its composition (``mft_plugin.composed_batches``)."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if REPLAY_COLUMN in getattr(dataset, "column_names", ()):
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return MicroBatchSampler(len(dataset), self.args.per_device_train_batch_size, seed)
+        return super()._get_train_sampler(train_dataset)
 
     def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
         """The Trainer's gradient norm, checked before the optimizer step (``mft_plugin.safety``)."""

@@ -183,8 +183,10 @@ def _compare_runs(base_config: dict[str, Any], tmp_path: Path, extra: dict[str, 
     trained, same_batch, rank_alone = _weights(two["output_dir"]), _weights(one["output_dir"]), _weights(half["output_dir"])
     assert _max_difference(trained, same_batch) < TOLERANCE
     assert _max_difference(trained, rank_alone) > 100 * TOLERANCE  # the check can tell the runs apart
-    for key in ("train_loss", "base_spec_ppl", "base_general_ppl", "eval_spec_ppl", "eval_general_ppl", "eval_S", "eval_DG"):
+    for key in ("train_loss", "base_spec_ppl", "base_general_ppl", "eval_spec_ppl", "eval_general_ppl"):
         assert two_metrics[key] == pytest.approx(one_metrics[key], rel=TOLERANCE), key
+    for key in ("eval_S", "eval_DG"):  # small differences of perplexities: compared absolutely
+        assert two_metrics[key] == pytest.approx(one_metrics[key], abs=TOLERANCE), key
 
 
 @pytest.mark.slow
@@ -194,6 +196,26 @@ def test_two_processes_full_finetuning_equal_one_process_with_the_same_global_ba
     # The general eval set packs into 35 blocks: an odd count, so accelerate pads the last eval
     # batch with a duplicate that gather_for_metrics must drop for the perplexities to agree.
     _compare_runs(base_config, tmp_path, {})
+
+
+@pytest.mark.slow
+def test_two_processes_lora_equal_one_process(base_config: dict[str, Any], tmp_path: Path) -> None:
+    # The teacher is the shared base under disable_adapter(), called through the DDP-wrapped student.
+    _compare_runs(base_config, tmp_path, {"mitigations": [{"name": "lora", "r": 4}]})
+
+
+@pytest.mark.slow
+def test_two_processes_replay_and_ewc_equal_one_process(
+    base_config: dict[str, Any], corpora: dict[str, Path], tmp_path: Path
+) -> None:
+    # Replay: every rank must compose the same mixed set and take whole composed micro-batches of
+    # it; EWC: every rank must hold the same Fisher and anchors, so that its penalty is the same.
+    general = [{"path": str(corpora["general_train"]), "type": "completion"}]
+    mitigations = [
+        {"name": "replay", "ratio": 0.5, "datasets": general},
+        {"name": "ewc", "ewc_lambda": 100.0, "datasets": general, "fisher_samples": 4},
+    ]
+    _compare_runs(base_config, tmp_path, {"mitigations": mitigations})
 
 
 # --- the frozen teacher sharded like the student ---------------------------------------------

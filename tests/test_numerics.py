@@ -148,7 +148,9 @@ def test_nonfinite_gradient_with_a_finite_loss_stops_the_run(
     short_run["objective"] = "ft"
     short_run["mitigations"] = [{"name": "faulty_penalty", "steps": [2], "fault": "nan_gradient"}]
     config = load_config(config_file(tmp_path, short_run), registry=registry)
-    with pytest.raises(NonFiniteError, match=r"^non-finite gradient norm \(nan\) at step 2 although the loss was finite"):
+    with pytest.raises(
+        NonFiniteError, match=r"^non-finite gradient norm \(nan\) at step 2 although the loss was finite"
+    ):
         run(config, registry)
 
 
@@ -268,10 +270,13 @@ def test_a_padded_short_block_counts_only_its_real_tokens(name: str, tiny_model:
     rows = [batch(tiny_model, [text]) for text in texts]
     counts = [row["input_ids"].shape[1] - 1 for row in rows]  # predicted tokens per row
     losses = [trainer.compute_loss(trainer.model, row).item() for row in rows]
-    assert padded == pytest.approx(sum(c * l for c, l in zip(counts, losses)) / sum(counts), rel=1e-5)
+    weighted = sum(count * loss for count, loss in zip(counts, losses, strict=True))
+    assert padded == pytest.approx(weighted / sum(counts), rel=1e-5)
 
 
-def test_a_corpus_shorter_than_one_block_trains(two_step_config: dict[str, Any], tiny_model: Path, tmp_path: Path) -> None:
+def test_a_corpus_shorter_than_one_block_trains(
+    two_step_config: dict[str, Any], tiny_model: Path, tmp_path: Path
+) -> None:
     corpus = tmp_path / "tiny.jsonl"
     corpus.write_text('{"text": "The court held."}\n{"text": "Appeal dismissed."}\n')
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
@@ -290,7 +295,12 @@ def load_dataset_texts(path: Path) -> Any:
     return load_documents(DatasetConfig(path=str(path)))
 
 
-@pytest.mark.parametrize(("key", "dtype"), [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+NEEDS_CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 autocast needs CUDA")]
+
+
+@pytest.mark.parametrize(
+    ("key", "dtype"), [("bf16", torch.bfloat16), pytest.param("fp16", torch.float16, marks=NEEDS_CUDA)]
+)
 def test_mixed_precision_run_computes_the_correction_and_loss_in_float32(
     key: str, dtype: torch.dtype, two_step_config: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -70,30 +70,23 @@ def resume_config(base_config: dict[str, Any], output_dir: Path) -> dict[str, An
             "output_dir": str(output_dir)}  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_model: Path, corpora: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The output folder of one uninterrupted run."""
-    folder = tmp_path_factory.mktemp("reference")
-    config = resume_config(_base(tiny_model, corpora), folder / "out")
-    assert main([str(write_yaml(folder / "config.yml", config))]) == 0
-    return folder / "out"
-
-
-def _base(tiny_model: Path, corpora: dict[str, Path]) -> dict[str, Any]:
-    """``base_config`` for the module-scoped reference (fixtures of function scope cannot be used there)."""
-    return {
-        "base_model": str(tiny_model),
-        "datasets": [{"path": str(corpora["spec_train"])}],
-        "test_datasets": [{"path": str(corpora["spec_val"])}],
-        "general_eval_datasets": [{"path": str(corpora["general_val"])}],
-        "sequence_len": 64, "micro_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1,
-        "objective": {"name": "mft", "tau": 0.25}, "seed": 0,
-    }  # fmt: skip
+_REFERENCE: dict[str, Path] = {}  # one uninterrupted run per session (base_config is function-scoped)
 
 
 @pytest.fixture
-def config(tiny_model: Path, corpora: dict[str, Path], tmp_path: Path) -> dict[str, Any]:
-    return resume_config(_base(tiny_model, corpora), tmp_path / "out")
+def reference(base_config: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The output folder of one uninterrupted run."""
+    if "run" not in _REFERENCE:
+        folder = tmp_path_factory.mktemp("reference")
+        config = resume_config(base_config, folder / "out")
+        assert main([str(write_yaml(folder / "config.yml", config))]) == 0
+        _REFERENCE["run"] = folder / "out"
+    return _REFERENCE["run"]
+
+
+@pytest.fixture
+def config(base_config: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
+    return resume_config(base_config, tmp_path / "out")
 
 
 def resume(config: dict[str, Any], tmp_path: Path) -> None:
@@ -264,6 +257,29 @@ def test_an_ignored_signal_stays_ignored() -> None:
         signal.signal(signal.SIGINT, previous)
 
 
+TWO_PROCESSES = """
+import signal, sys, torch.distributed as dist
+from transformers import TrainerControl
+from mft_plugin.interrupts import StopOnSignal
+rank, store = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+stop = StopOnSignal()
+if rank == 0:
+    stop.received = signal.SIGTERM  # only rank 0 got the signal
+control = stop.on_step_end(None, None, TrainerControl())
+print(stop.stopped, control.should_save, control.should_training_stop)
+dist.destroy_process_group()
+"""
+
+
+def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path: Path) -> None:
+    """Processes of a launched run must stop together, or the others hang in their next collective."""
+    processes = [start(TWO_PROCESSES, str(rank), str(tmp_path / "store")) for rank in (0, 1)]
+    outputs = [process.communicate(timeout=120) for process in processes]
+    assert [p.returncode for p in processes] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert [out.split() for out, _ in outputs] == [["True", "True", "True"]] * 2
+
+
 # ---------------------------------------------------------------- which checkpoint resumes
 
 
@@ -324,7 +340,7 @@ def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path: Path) -> Non
 
 
 def test_base_perplexity_cache_is_rebuilt_when_stale_or_truncated(
-    base_config: dict[str, Any], corpora: dict[str, Path], tiny_model: Path, tmp_path: Path
+    base_config: dict[str, Any], corpora: dict[str, Path], tmp_path: Path
 ) -> None:
     config = validate_config(base_config)
     save_base_perplexities(tmp_path, config, {"spec": 12.5, "general": 20.0})

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from mft_plugin.hookspecs import hookimpl
+from mft_plugin.strategies.mitigations.ewc import EWCMitigation
+from mft_plugin.strategies.mitigations.peft_adapters import DoraAdapter, IA3Adapter, LoraAdapter
+from mft_plugin.strategies.mitigations.replay import ReplayMitigation
 
 
 @hookimpl
 def mft_register_mitigations() -> list[type]:
-    return []
+    return [ReplayMitigation, LoraAdapter, DoraAdapter, IA3Adapter, EWCMitigation]

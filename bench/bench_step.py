@@ -1,0 +1,222 @@
+"""Training-step time and peak memory: MFT against plain finetuning, online teacher and teacher cache.
+
+One step is ``MFTTrainer.compute_loss`` (the trainer's own loss path: teacher, objective, fused or
+naive head) + backward + an AdamW step, on a fixed batch of random tokens. Models are built from
+configs (no downloads): the shipped reference model's architecture and a larger one.
+
+Goals (issue 6): full-finetuning MFT step / FT step <= 1.40 with an online teacher (the floor is
+about 1.33: one more forward against a forward + backward) and <= 1.10 with the teacher cache;
+LoRA+MFT peak memory / LoRA+FT <= 1.10, QLoRA likewise; and how step time and memory grow with the
+sequence length and the vocabulary.
+
+    OMP_NUM_THREADS=1 python bench/bench_step.py      # CPU, a few minutes
+    python bench/bench_step.py --gpu-paper-size        # on a GPU: a ~270M model in bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from _harness import REPO, device, interleaved_medians, live_bytes, markdown_table, mib, peak_extra_bytes, write_results
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+from mft_plugin import get_objective
+from mft_plugin.chunked_loss import ChunkedLoss, output_head
+from mft_plugin.data import PaddingCollator
+from mft_plugin.loading import keep_4bit_layout_on_cpu
+from mft_plugin.teacher import FrozenCopyTeacher, SharedBaseTeacher
+from mft_plugin.teacher_cache import ROW_COLUMN, TeacherCache, write_cache
+from mft_plugin.trainer import MFTTrainer
+
+SHIPPED = REPO / "models" / "mft-tiny-llama"
+WORK = Path(tempfile.mkdtemp(prefix="mft-bench-step-"))
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A Llama built from a config; ``batch`` x ``seq`` tokens per step."""
+
+    name: str
+    hidden: int
+    layers: int
+    vocab: int
+    batch: int
+    seq: int
+    heads: int = 4
+
+    def config(self) -> LlamaConfig:
+        return LlamaConfig(
+            vocab_size=self.vocab, hidden_size=self.hidden, intermediate_size=self.hidden * 43 // 16,
+            num_hidden_layers=self.layers, num_attention_heads=self.heads, num_key_value_heads=self.heads,
+            max_position_embeddings=max(self.seq, 512), tie_word_embeddings=True,
+        )  # fmt: skip
+
+    def saved(self) -> Path:
+        """The model saved like a hub checkpoint (the shipped one's architecture is read from models/)."""
+        folder = WORK / self.name.replace(" ", "_")
+        if not (folder / "config.json").exists():
+            torch.manual_seed(0)
+            LlamaForCausalLM(self.config()).save_pretrained(folder)
+        return folder
+
+
+def load(shape: Shape, quantized: bool = False) -> torch.nn.Module:
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if quantized:
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(shape.saved(), **kwargs)
+    keep_4bit_layout_on_cpu(model)
+    return model
+
+
+def batch(shape: Shape) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, shape.vocab, (shape.batch, shape.seq), generator=generator)
+    collated = PaddingCollator(pad_token_id=0)([{"input_ids": row.tolist(), ROW_COLUMN: i} for i, row in enumerate(ids)])
+    return {key: value.to(device()) for key, value in collated.items()}
+
+
+def with_lora(model: torch.nn.Module) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+
+
+def teacher_cache(shape: Shape, model: torch.nn.Module, top_k: int) -> TeacherCache:
+    """The cache of the benchmark batch's blocks, built with a frozen copy that is then dropped."""
+    rows = batch(shape)["input_ids"].tolist()
+    folder = WORK / f"cache-{shape.name.replace(' ', '_')}-{top_k}"
+    if not folder.exists():
+        write_cache(FrozenCopyTeacher(copy.deepcopy(model)), Dataset.from_dict({"input_ids": rows}),
+                    PaddingCollator(pad_token_id=0), folder, top_k)  # fmt: skip
+    return TeacherCache(folder)
+
+
+def trainer_step(model: torch.nn.Module, objective: str, teacher: Any, fused: bool, inputs: dict) -> Callable[[], None]:
+    """One optimizer step through ``MFTTrainer.compute_loss``."""
+    chosen = get_objective(objective) if objective == "ft" else get_objective(objective, tau=0.25)
+    chunked = ChunkedLoss(chosen, output_head(model)) if fused else None
+    args = TrainingArguments(output_dir=str(WORK / "trainer"), report_to=[], use_cpu=device().type == "cpu")
+    trainer = MFTTrainer(model=model, args=args, objective=chosen, teacher=teacher, chunked_loss=chunked)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    model.train()
+
+    def step() -> None:
+        trainer.compute_loss(model, inputs).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def variant(shape: Shape, kind: str, top_k: int = 64) -> tuple[torch.nn.Module, str, Any]:
+    """(student, objective, teacher) of a named variant: FT, MFT online, MFT cache, LoRA/QLoRA +FT/+MFT."""
+    adapter, _, objective = kind.partition("+")
+    if adapter in ("LoRA", "QLoRA"):
+        student = with_lora(load(shape, quantized=adapter == "QLoRA"))
+        return student, objective.lower(), SharedBaseTeacher(student) if objective == "MFT" else None
+    student = load(shape).to(device())
+    if kind == "FT":
+        return student, "ft", None
+    if kind == "MFT cache":
+        return student, "mft", teacher_cache(shape, student, top_k).to(device())
+    return student, "mft", FrozenCopyTeacher(copy.deepcopy(student))
+
+
+def measure(shape: Shape, kinds: list[str], fused: bool, repeats: int) -> dict[str, dict[str, float]]:
+    """Median step seconds and peak bytes of each variant: the tensors it holds (student, teacher,
+    gradients, optimizer states) plus the extra bytes its step allocates at its peak."""
+    steps, memory = {}, {}
+    for kind in kinds:
+        before = live_bytes()
+        student, objective, teacher = variant(shape, kind)
+        steps[kind] = trainer_step(student, objective, teacher, fused, batch(shape))
+        steps[kind]()  # optimizer states exist from here on
+        memory[kind] = live_bytes() - before + peak_extra_bytes(steps[kind])
+    times = interleaved_medians(steps, repeats, warmup=0)
+    return {kind: {"seconds": times[kind], "bytes": memory[kind]} for kind in kinds}
+
+
+def ratio(result: dict[str, dict[str, float]], a: str, b: str, key: str) -> str:
+    return f"{result[a][key] / result[b][key]:.2f}"
+
+
+def step_time_section(shapes: list[Shape], repeats: int) -> str:
+    kinds, rows = ["FT", "MFT online", "MFT cache"], []
+    for shape in shapes:
+        for fused in (True, False):
+            r = measure(shape, kinds, fused, repeats)
+            rows.append([
+                shape.name, "chunked (auto)" if fused else "naive", *(f"{r[k]['seconds'] * 1e3:,.0f}" for k in kinds),
+                f"{ratio(r, 'MFT online', 'FT', 'seconds')} (<= 1.40)", f"{ratio(r, 'MFT cache', 'FT', 'seconds')} (<= 1.10)",
+                f"{shape.batch * shape.seq / r['MFT online']['seconds']:,.0f}",
+            ])  # fmt: skip
+    header = ["model", "loss", "FT ms", "MFT online ms", "MFT cache (top-64) ms", "MFT online / FT", "MFT cache / FT",
+              "MFT online tokens/s"]  # fmt: skip
+    return "## Full-finetuning step time\n\n" + markdown_table(header, rows)
+
+
+def adapter_memory_section(shapes: list[Shape], repeats: int) -> str:
+    kinds, rows = ["LoRA+FT", "LoRA+MFT", "QLoRA+FT", "QLoRA+MFT"], []
+    for shape in shapes:
+        r = measure(shape, kinds, fused=True, repeats=repeats)
+        rows.append([
+            shape.name, *(mib(r[k]["bytes"]) for k in kinds),
+            f"{ratio(r, 'LoRA+MFT', 'LoRA+FT', 'bytes')} (<= 1.10)", f"{ratio(r, 'QLoRA+MFT', 'QLoRA+FT', 'bytes')} (<= 1.10)",
+            ratio(r, "LoRA+MFT", "LoRA+FT", "seconds"), ratio(r, "QLoRA+MFT", "QLoRA+FT", "seconds"),
+        ])  # fmt: skip
+    header = ["model", "LoRA+FT MiB", "LoRA+MFT MiB", "QLoRA+FT MiB", "QLoRA+MFT MiB", "LoRA memory ratio",
+              "QLoRA memory ratio", "LoRA time ratio", "QLoRA time ratio"]  # fmt: skip
+    return "## Adapter peak memory (teacher = the shared base)\n\n" + markdown_table(header, rows)
+
+
+def scale_section(base: Shape, seqs: list[int], vocabs: list[int], repeats: int) -> str:
+    rows = []
+    grid = [(seq, base.vocab) for seq in seqs] + [(base.seq, vocab) for vocab in vocabs if vocab != base.vocab]
+    for seq, vocab in grid:
+        shape = Shape(f"scale s{seq} v{vocab}", base.hidden, base.layers, vocab, base.batch, seq, base.heads)
+        r = measure(shape, ["FT", "MFT online"], fused=True, repeats=repeats)
+        tokens, mft = shape.batch * seq, r["MFT online"]
+        rows.append([
+            seq, f"{vocab:,}", f"{mft['seconds'] * 1e3:,.0f}", f"{mft['seconds'] / tokens * 1e6:,.0f}", mib(mft["bytes"]),
+            ratio(r, "MFT online", "FT", "seconds"), ratio(r, "MFT online", "FT", "bytes"),
+        ])  # fmt: skip
+    header = ["seq", "vocab", "MFT step ms", "MFT us/token", "MFT peak MiB", "MFT/FT time", "MFT/FT memory"]
+    note = (f"{base.name} architecture (H = {base.hidden}, {base.layers} layers), batch {base.batch}, online teacher, "
+            f"chunked loss; the sequence length varied at vocabulary {base.vocab:,}, then the vocabulary at seq {base.seq}.")
+    return "## Scaling with sequence length and vocabulary\n\n" + note + "\n\n" + markdown_table(header, rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gpu-paper-size", action="store_true", help="a ~270M model, batch 8 x 1024 (needs a GPU)")
+    args = parser.parse_args()
+    shipped = Shape("shipped 4.2M (V 4k)", 256, 4, 4096, batch=4, seq=256)
+    larger = Shape("larger 29M (V 32k)", 512, 4, 32768, batch=2, seq=256, heads=8)
+    shapes = [shipped, larger]
+    if args.gpu_paper_size:
+        shapes = [Shape("paper-size 283M (V 128k)", 1024, 12, 128256, batch=8, seq=1024, heads=16)]
+    sections = [
+        f"Medians of {args.repeats} interleaved steps; random tokens; float32 weights; AdamW over the trainable "
+        "parameters. Peak memory: the variant's live tensors after a first step (weights, teacher, gradients, "
+        "optimizer states) plus the extra bytes its step allocates at its peak (bench/_harness.py). "
+        "The teacher cache holds the top 64 probabilities per token.",
+        step_time_section(shapes, args.repeats),
+        adapter_memory_section(shapes, args.repeats),
+        scale_section(Shape("small", 256, 4, 4096, batch=2, seq=256), [128, 256, 512, 1024], [4096, 16384, 65536, 131072],
+                      args.repeats),
+    ]  # fmt: skip
+    write_results("step", "Training-step time and memory (bench/bench_step.py)", sections)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""``ewc``: elastic weight consolidation (Kirkpatrick et al. 2017), the paper's Table 5 baseline.
+
+At the start of training a diagonal Fisher information F is estimated on general-domain data,
+and every step adds the penalty
+
+    lambda/2 * sum_i F_i (theta_i - theta*_i)^2
+
+where theta* are the parameters at the start. F is the *empirical* Fisher: the mean over
+``fisher_samples`` general-domain blocks (in mini-batches of ``fisher_batch_size``; 1 is the
+textbook per-sample estimate) of the squared gradient of the mean token NLL. Only trainable
+parameters take part (with an adapter: the adapter's), and F and theta* are float32 copies of
+those alone: 8 bytes per trainable parameter. ``fisher_path`` saves F (safetensors, written
+atomically) with a hash of the starting parameters, the base and the data; a later run with the
+same hash loads it instead of recomputing (e.g. a sweep over ``ewc_lambda``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field
+
+from mft_plugin.config import DatasetConfig
+from mft_plugin.launch import is_main_process
+from mft_plugin.strategy import Mitigation, StrategyParams
+
+if TYPE_CHECKING:
+    import torch
+    from datasets import Dataset
+
+    from mft_plugin.context import RunContext
+
+logger = logging.getLogger(__name__)
+KEY = "mft_plugin.fisher_key"  # safetensors metadata entry holding the hash
+
+
+class EWCParams(StrategyParams):
+    ewc_lambda: float = Field(1000.0, gt=0.0, description="lambda, the weight of the penalty")
+    datasets: list[DatasetConfig] = Field(min_length=1, description="general-domain sources for the Fisher")
+    fisher_samples: int = Field(64, ge=1, description="general-domain blocks the Fisher is averaged over")
+    fisher_batch_size: int = Field(1, ge=1, description="blocks per gradient (1: per-sample Fisher)")
+    fisher_path: str | None = Field(None, description="a .safetensors file to reuse the Fisher from (and save it to)")
+
+
+def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def estimate_fisher(model: torch.nn.Module, blocks: Dataset, batch_size: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Diagonal empirical Fisher of the trainable parameters, float32, in eval mode (no dropout).
+
+    The mean over mini-batches of (d mean-token-NLL / d theta)^2; gradients are cleared after.
+    """
+    import torch
+
+    from mft_plugin.data import PaddingCollator
+    from mft_plugin.losses import masked_mean, nll_token_losses, shift_for_causal_lm
+    from mft_plugin.teacher import eval_mode
+
+    params = trainable_parameters(model)
+    fisher = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
+    collate, device = PaddingCollator(pad_token_id), next(iter(params.values())).device
+    starts = range(0, len(blocks), batch_size)
+    with eval_mode(model), torch.enable_grad():
+        for start in starts:
+            batch = collate([blocks[i] for i in range(start, min(start + batch_size, len(blocks)))])
+            labels = shift_for_causal_lm(batch["labels"].to(device))
+            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+            model.zero_grad(set_to_none=True)
+            masked_mean(nll_token_losses(logits, labels), labels).backward()
+            for name, p in params.items():
+                if p.grad is not None:
+                    fisher[name] += p.grad.detach().float() ** 2
+    model.zero_grad(set_to_none=True)
+    return {name: f / len(starts) for name, f in fisher.items()}
+
+
+def fisher_key(params: EWCParams, context: RunContext, anchors: dict[str, torch.Tensor]) -> str:
+    """Hash of what the Fisher depends on: starting parameters, base model, data and settings."""
+    from mft_plugin.adapter_config import QuantizationKeys
+    from mft_plugin.outputs import fingerprint
+
+    digest = hashlib.sha256()
+    for name, anchor in anchors.items():
+        digest.update(name.encode() + str(tuple(anchor.shape)).encode() + anchor.cpu().numpy().tobytes())
+    config = context.config
+    settings = {
+        "fisher": params.model_dump(mode="json", exclude={"name", "ewc_lambda", "fisher_path"}),
+        "sequence_len": config.sequence_len,
+        "seed": config.seed,
+        "quantization": config.model_dump(include=set(QuantizationKeys.model_fields)),
+        "trainable": digest.hexdigest(),
+    }
+    sources = [config.base_model, config.tokenizer_config or config.base_model, *(d.path for d in params.datasets)]
+    return fingerprint(*sources, settings=settings)
+
+
+def load_fisher(path: Path, key: str) -> dict[str, torch.Tensor] | None:
+    """The saved Fisher if ``path`` holds one for this very ``key``, else None."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            if (handle.metadata() or {}).get(KEY) != key:
+                logger.warning("ewc: %s was computed for other parameters or data; recomputing it", path)
+                return None
+            return {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
+    except (OSError, ValueError):  # absent or not a safetensors file
+        return None
+
+
+def save_fisher(path: Path, fisher: dict[str, torch.Tensor], key: str) -> None:
+    from safetensors.torch import save_file
+
+    from mft_plugin.outputs import atomic_path
+
+    with atomic_path(path) as temporary:
+        save_file({name: f.contiguous().cpu() for name, f in fisher.items()}, str(temporary), metadata={KEY: key})
+
+
+class EWCMitigation(Mitigation):
+    name = "ewc"
+    Params = EWCParams
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.terms: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]] = []  # (theta, F, theta*)
+
+    def on_train_begin(self, model: torch.nn.Module, context: RunContext) -> None:
+        params = trainable_parameters(model)
+        anchors = {name: p.detach().float().clone() for name, p in params.items()}
+        fisher = self._fisher(model, context, anchors)
+        self.terms = [(p, fisher[name].to(p.device), anchors[name]) for name, p in params.items()]
+
+    def _fisher(self, model: torch.nn.Module, context: RunContext, anchors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        path = Path(self.params.fisher_path) if self.params.fisher_path else None
+        key = fisher_key(self.params, context, anchors) if path else ""
+        fisher = load_fisher(path, key) if path else None
+        if fisher is not None:
+            logger.info("ewc: Fisher loaded from %s", path)
+            return fisher
+        blocks = context.packed_blocks(self.params.datasets).shuffle(seed=context.config.seed)
+        blocks = blocks.select(range(min(self.params.fisher_samples, len(blocks))))
+        if len(blocks) < self.params.fisher_samples:
+            logger.warning("ewc: only %d general blocks for fisher_samples %d", len(blocks), self.params.fisher_samples)
+        fisher = estimate_fisher(model, blocks, self.params.fisher_batch_size, context.tokenizer.pad_token_id)
+        if path and is_main_process():
+            save_fisher(path, fisher, key)
+            logger.info("ewc: Fisher saved to %s", path)
+        return fisher
+
+    def penalty(self, model: torch.nn.Module) -> torch.Tensor | None:
+        """lambda/2 * sum_i F_i (theta_i - theta*_i)^2, float32; None before :meth:`on_train_begin`."""
+        if not self.terms:
+            return None
+        total = sum(((p.float() - anchor) ** 2 * fisher).sum() for p, fisher, anchor in self.terms)
+        return 0.5 * self.params.ewc_lambda * total

@@ -1,0 +1,112 @@
+"""``replay``: general-domain (pre-training) rows mixed into every micro-batch.
+
+Paper Sec. 3.1, "Baselines": each batch holds 50% general-domain and 50% specialized samples;
+Sec. 3.3 and Table 7 vary the share of new data nu (``ratio``); nu = 1 is plain finetuning.
+
+The proportion is exact in every micro-batch, not on average: with k = ratio * micro_batch_size
+new rows per micro-batch (validated to be a whole number), the training set is laid out as
+micro-batches of k specialized rows followed by micro_batch_size - k general rows, and the core
+shuffles whole micro-batches (``mft_plugin.composed_batches``), also per rank and under gradient
+accumulation. One epoch is one pass over the specialized data (the last micro-batch is topped up
+from the start of the shuffled specialized rows); the general rows are drawn without replacement
+from a seeded shuffle of the general data, and cycled (with a log line) when an epoch needs more.
+Replay rows train on the plain FT loss by default (they are pre-training text, not corrections
+of the teacher); ``replay_loss: objective`` gives them the objective's loss instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field
+
+from mft_plugin.config import DatasetConfig
+from mft_plugin.strategy import Mitigation, StrategyParams
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+    from mft_plugin.context import RunContext
+
+logger = logging.getLogger(__name__)
+
+
+class ReplayParams(StrategyParams):
+    ratio: float = Field(0.5, gt=0.0, le=1.0, description="nu: share of new (specialized) rows in every micro-batch")
+    datasets: list[DatasetConfig] = Field(min_length=1, description="general-domain sources, like `datasets:`")
+    replay_loss: Literal["ft", "objective"] = Field(
+        "ft", description="loss of the replay rows: plain FT (they are pre-training data) or the objective's"
+    )
+
+
+def new_rows_per_batch(ratio: float, micro_batch_size: int) -> int | None:
+    """k = ratio * micro_batch_size if it is a whole number of at least 1, else None."""
+    k = round(ratio * micro_batch_size)
+    return k if k >= 1 and math.isclose(ratio * micro_batch_size, k, abs_tol=1e-9) else None
+
+
+def shuffled_stream(size: int, count: int, seed: int) -> list[int]:
+    """``count`` indices of ``range(size)``: seeded shuffles of it, one after the other."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    stream: list[int] = []
+    while len(stream) < count:
+        stream += torch.randperm(size, generator=generator).tolist()
+    return stream[:count]
+
+
+def composed_order(num_new: int, num_general: int, k: int, micro_batch_size: int, seed: int) -> list[int]:
+    """Row order over ``new + general`` (general rows offset by ``num_new``): micro-batches of k
+    new rows then ``micro_batch_size - k`` general ones, covering every new row once."""
+    batches = math.ceil(num_new / k)
+    new = shuffled_stream(num_new, batches * k, seed)
+    general = shuffled_stream(num_general, batches * (micro_batch_size - k), seed + 1)
+    replay = micro_batch_size - k
+    order: list[int] = []
+    for b in range(batches):
+        order += new[b * k : (b + 1) * k] + [num_new + i for i in general[b * replay : (b + 1) * replay]]
+    return order
+
+
+class ReplayMitigation(Mitigation):
+    name = "replay"
+    Params = ReplayParams
+
+    @classmethod
+    def config_problems(cls, params: ReplayParams, config: Any) -> list[str]:
+        if new_rows_per_batch(params.ratio, config.micro_batch_size) is not None:
+            return []
+        problem = (
+            f"mitigations.replay.ratio: {params.ratio} x micro_batch_size {config.micro_batch_size} = "
+            f"{params.ratio * config.micro_batch_size:g} new rows per micro-batch; it must be a whole number "
+            "of at least 1 (e.g. ratio 0.5 with an even micro_batch_size)"
+        )
+        return [problem]
+
+    def prepare_data(self, train_dataset: Dataset, context: RunContext) -> Dataset:
+        from datasets import concatenate_datasets
+
+        from mft_plugin.composed_batches import FT_LOSS_COLUMN, REPLAY_COLUMN
+
+        config = context.config
+        k = new_rows_per_batch(self.params.ratio, config.micro_batch_size)
+        general = context.packed_blocks(self.params.datasets).select_columns(["input_ids"])
+        new = train_dataset.select_columns(["input_ids"])
+        if len(new) == 0 or len(general) == 0:
+            raise ValueError(f"replay: {'the training data' if len(new) == 0 else 'mitigations.replay.datasets'} is empty")
+        order = composed_order(len(new), len(general), k, config.micro_batch_size, config.seed)
+        needed = len(order) // config.micro_batch_size * (config.micro_batch_size - k)  # general rows per epoch
+        if needed > len(general):
+            logger.warning(
+                "replay: an epoch needs %d general rows but mitigations.replay.datasets has %d blocks of %d tokens; "
+                "cycling them (each used up to %d times per epoch)",
+                needed, len(general), config.sequence_len, math.ceil(needed / len(general)),
+            )  # fmt: skip
+        flag_ft = int(self.params.replay_loss == "ft")
+        new = new.add_column(REPLAY_COLUMN, [0] * len(new)).add_column(FT_LOSS_COLUMN, [0] * len(new))
+        general = general.add_column(REPLAY_COLUMN, [1] * len(general))
+        general = general.add_column(FT_LOSS_COLUMN, [flag_ft] * len(general))
+        return concatenate_datasets([new, general]).select(order)

@@ -1,0 +1,283 @@
+"""The chunked loss fused with the LM head against the plain objective (``Objective.token_losses``).
+
+The reference is the naive path: logits ``hidden @ weight.T`` materialized, the objective's own
+``token_losses`` (itself tested against the paper's formulas in ``test_objectives``), autograd for
+the gradients. The chunked path must give the same per-token losses and the same gradients w.r.t.
+the hidden states and the head weight, for every objective, chunk size and dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from mft_plugin import get_objective
+from mft_plugin.chunked_loss import (
+    ChunkedLoss,
+    TeacherHead,
+    TeacherLogits,
+    UnfusableError,
+    chunked_token_losses,
+    default_chunk_size,
+    is_label_weight_objective,
+    output_head,
+    select_loss_impl,
+)
+from mft_plugin.composed_batches import row_token_losses
+from mft_plugin.config_errors import ConfigError, validate_config
+from mft_plugin.losses import masked_mean, nll_token_losses, shift_for_causal_lm
+from mft_plugin.strategy import Objective
+from mft_plugin.teacher import FrozenCopyTeacher, SharedBaseTeacher
+from tests.test_objectives import CASES, IGNORE, objective
+
+TOKENS, HIDDEN, VOCAB = 23, 8, 37  # prime sizes: chunks never divide them evenly
+CHUNK_SIZES = [1, 4, 7, TOKENS, TOKENS + 5]
+
+
+def random_problem(dtype: torch.dtype = torch.float32, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Student and teacher hidden states and heads; half the labels are the teacher's argmax, some ignored."""
+    generator = torch.Generator().manual_seed(seed)
+    make = lambda *shape: torch.randn(shape, generator=generator)  # noqa: E731
+    hidden, weight = make(TOKENS, HIDDEN), make(VOCAB, HIDDEN)
+    teacher_hidden, teacher_weight = make(TOKENS, HIDDEN), make(VOCAB, HIDDEN)
+    labels = torch.randint(0, VOCAB, (TOKENS,), generator=generator)
+    right = torch.rand(TOKENS, generator=generator) < 0.5
+    labels = torch.where(right, (teacher_hidden @ teacher_weight.T).argmax(-1), labels)
+    labels[torch.rand(TOKENS, generator=generator) < 0.25] = IGNORE
+    tensors = {"hidden": hidden, "weight": weight, "teacher_hidden": teacher_hidden, "teacher_weight": teacher_weight}
+    return {**{k: v.to(dtype) for k, v in tensors.items()}, "labels": labels}
+
+
+def naive(problem: dict[str, torch.Tensor], name: str, tau: float | None) -> tuple[torch.Tensor, ...]:
+    """Token losses and the gradients of their mean w.r.t. (hidden, weight), the plain way."""
+    hidden = problem["hidden"].clone().requires_grad_()
+    weight = problem["weight"].clone().requires_grad_()
+    teacher_logits = (problem["teacher_hidden"] @ problem["teacher_weight"].T)[None]
+    chosen = objective(name, tau)
+    losses = chosen.token_losses((hidden @ weight.T)[None], teacher_logits if chosen.needs_teacher else None, problem["labels"][None])
+    masked_mean(losses, problem["labels"][None]).backward()
+    return losses[0].detach(), hidden.grad, weight.grad
+
+
+def chunked(problem: dict[str, torch.Tensor], name: str, tau: float | None, chunk_size: int | None, **kwargs: Any):
+    hidden = problem["hidden"].clone().requires_grad_()
+    weight = problem["weight"].clone().requires_grad_()
+    chosen = objective(name, tau)
+    teacher = TeacherHead(problem["teacher_hidden"], problem["teacher_weight"]) if chosen.needs_teacher else None
+    losses = chunked_token_losses(hidden, weight, problem["labels"], chosen, teacher, chunk_size, **kwargs)
+    masked_mean(losses, problem["labels"]).backward()
+    return losses.detach(), hidden.grad, weight.grad
+
+
+def test_problems_hold_right_wrong_and_ignored_tokens() -> None:
+    """Guard for the tests below: the teacher is right on some labelled tokens, wrong on others."""
+    problem = random_problem()
+    labels = problem["labels"]
+    right = (problem["teacher_hidden"] @ problem["teacher_weight"].T).argmax(-1) == labels
+    assert right.any() and (~right & (labels != IGNORE)).any() and (labels == IGNORE).any()
+
+
+@pytest.mark.parametrize("chunk_size", CHUNK_SIZES)
+@pytest.mark.parametrize(("name", "tau"), CASES)
+def test_matches_the_plain_objective_in_float32(name: str, tau: float | None, chunk_size: int) -> None:
+    problem = random_problem(seed=chunk_size)
+    for got, expected in zip(chunked(problem, name, tau, chunk_size), naive(problem, name, tau)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("name", "tau"), CASES)
+def test_matches_the_plain_objective_in_bfloat16(name: str, tau: float | None) -> None:
+    """bf16 hidden states and head: the same bf16 logits, float32 softmaxes, bf16 gradients."""
+    problem = random_problem(torch.bfloat16, seed=5)
+    got, expected = chunked(problem, name, tau, 5), naive(problem, name, tau)
+    assert got[0].dtype == torch.float32 and got[1].dtype == got[2].dtype == torch.bfloat16
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-4, atol=1e-4)  # from identical bf16 logits
+    for grad, reference in zip(got[1:], expected[1:]):  # bf16 rounding of the gradient: 2^-8 relative
+        torch.testing.assert_close(grad.float(), reference.float(), rtol=2e-2, atol=2e-2 * reference.abs().max().item())
+
+
+def test_gradients_pass_gradcheck_in_float64() -> None:
+    problem = random_problem(torch.float64, seed=2)
+    teacher = TeacherHead(problem["teacher_hidden"], problem["teacher_weight"])
+
+    def loss(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return chunked_token_losses(hidden, weight, problem["labels"], get_objective("mft"), teacher, 6).sum()
+
+    inputs = (problem["hidden"].requires_grad_(), problem["weight"].requires_grad_())
+    assert torch.autograd.gradcheck(loss, inputs)
+
+
+def test_teacher_as_logits_or_as_hidden_states_and_head_agree() -> None:
+    problem = random_problem(seed=3)
+    mft = get_objective("mft")
+    head = TeacherHead(problem["teacher_hidden"], problem["teacher_weight"])
+    logits = TeacherLogits(problem["teacher_hidden"] @ problem["teacher_weight"].T)
+    by_head = chunked_token_losses(problem["hidden"], problem["weight"], problem["labels"], mft, head, 4)
+    by_logits = chunked_token_losses(problem["hidden"], problem["weight"], problem["labels"], mft, logits, 9)
+    torch.testing.assert_close(by_head, by_logits, rtol=1e-6, atol=1e-6)
+
+
+def test_nll_rows_train_on_plain_nll() -> None:
+    problem = random_problem(seed=4)
+    nll_rows = torch.arange(TOKENS) % 3 == 0
+    losses, *_ = chunked(problem, "mft", 0.25, 5, nll_rows=nll_rows)
+    mft_losses, *_ = naive(problem, "mft", 0.25)
+    nll = nll_token_losses((problem["hidden"] @ problem["weight"].T)[None], problem["labels"][None])[0]
+    torch.testing.assert_close(losses, torch.where(nll_rows, nll, mft_losses), rtol=1e-5, atol=1e-6)
+
+
+def test_all_labels_ignored_gives_zero_loss_and_gradient() -> None:
+    problem = {**random_problem(seed=6), "labels": torch.full((TOKENS,), IGNORE)}
+    losses, grad_hidden, grad_weight = chunked(problem, "mft", 0.25, 4)
+    assert not losses.any() and not grad_hidden.any() and not grad_weight.any()
+
+
+def test_a_frozen_head_gets_no_gradient_and_hidden_states_still_do() -> None:
+    problem = random_problem(seed=7)
+    hidden = problem["hidden"].clone().requires_grad_()
+    teacher = TeacherHead(problem["teacher_hidden"], problem["teacher_weight"])
+    losses = chunked_token_losses(hidden, problem["weight"], problem["labels"], get_objective("mft"), teacher, 5)
+    masked_mean(losses, problem["labels"]).backward()
+    torch.testing.assert_close(hidden.grad, naive(problem, "mft", 0.25)[1], rtol=1e-5, atol=1e-6)
+
+
+def test_per_token_weights_are_refused_rather_than_given_a_wrong_head_gradient() -> None:
+    problem = random_problem(seed=8)
+    weight = problem["weight"].clone().requires_grad_()
+    losses = chunked_token_losses(problem["hidden"], weight, problem["labels"], get_objective("ft"), None, 4)
+    with pytest.raises(RuntimeError, match="loss_impl: naive"):
+        (losses * torch.linspace(0.5, 1.5, TOKENS)).sum().backward()
+
+
+def test_teacher_objectives_refuse_a_missing_teacher() -> None:
+    problem = random_problem()
+    with pytest.raises(ValueError, match="needs a teacher"):
+        chunked_token_losses(problem["hidden"], problem["weight"], problem["labels"], get_objective("mft"), None)
+
+
+def test_default_chunk_holds_the_same_bytes_with_or_without_a_teacher() -> None:
+    """Chunked MFT's [chunk, V] buffers (three) weigh what fused cross-entropy's (one) do."""
+    for vocab in (4096, 32768, 131072):
+        alone, with_teacher = default_chunk_size(10**6, vocab, False), default_chunk_size(10**6, vocab, True)
+        assert 3 * with_teacher <= alone < 3 * (with_teacher + 1) and with_teacher >= 128
+    assert default_chunk_size(10, 32768, True) == 10
+
+
+# ---------------------------------------------------------------- on a model: the trainer's fused path
+
+
+def tiny_llama(seed: int, tied: bool = True) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=tied,
+    )
+    return LlamaForCausalLM(config)
+
+
+def batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, VOCAB, (3, 9), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[2, 6:] = 0  # a padded row
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": input_ids.masked_fill(attention_mask == 0, IGNORE)}
+
+
+def gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_fused_matches_plain(student: torch.nn.Module, teacher: Any, ft_rows: torch.Tensor | None = None) -> None:
+    inputs, mft = batch(), get_objective("mft", tau=0.25)
+    labels = shift_for_causal_lm(inputs["labels"])
+    logits = student(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    plain = row_token_losses(mft, teacher, logits, inputs["input_ids"], inputs["attention_mask"], labels, ft_rows)
+    masked_mean(plain, labels).backward()
+    expected = gradients(student)
+    student.zero_grad()
+    fused = ChunkedLoss(mft, output_head(student), chunk_size=5)(student, teacher, inputs, labels, ft_rows)
+    masked_mean(fused, labels).backward()
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    got = gradients(student)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_fused_path_matches_plain_path_with_a_frozen_copy_teacher(tied: bool) -> None:
+    student, teacher = tiny_llama(0, tied), FrozenCopyTeacher(tiny_llama(1, tied))
+    assert_fused_matches_plain(student, teacher)
+
+
+def test_fused_path_keeps_plain_nll_rows_and_runs_the_teacher_on_the_others_only() -> None:
+    student, teacher = tiny_llama(0), FrozenCopyTeacher(tiny_llama(1))
+    assert_fused_matches_plain(student, teacher, ft_rows=torch.tensor([0, 1, 0]))
+
+
+def test_fused_path_matches_plain_path_with_the_shared_base_teacher_of_lora() -> None:
+    lora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)  # adapters != base
+    student = get_peft_model(tiny_llama(0), lora)
+    assert_fused_matches_plain(student, SharedBaseTeacher(student))
+
+
+def test_a_head_that_is_not_a_plain_linear_cannot_be_fused() -> None:
+    adapted_head = get_peft_model(tiny_llama(0), LoraConfig(r=2, target_modules=["lm_head"]))
+    with pytest.raises(UnfusableError, match="not a bias-free torch.nn.Linear"):
+        output_head(adapted_head)
+    capped = tiny_llama(0)
+    capped.config.final_logit_softcapping = 30.0
+    with pytest.raises(UnfusableError, match="final_logit_softcapping"):
+        output_head(capped)
+
+
+class OwnLossObjective(Objective):
+    """A plugin objective outside the label-weight family."""
+
+    name = "own_loss"
+
+    def token_losses(self, student_logits: torch.Tensor, teacher_logits: Any, labels: torch.Tensor) -> torch.Tensor:
+        return nll_token_losses(student_logits, labels) ** 2
+
+
+def test_builtin_objectives_are_label_weight_objectives_and_an_own_loss_is_not() -> None:
+    assert all(is_label_weight_objective(objective(name, tau)) for name, tau in CASES)
+    assert not is_label_weight_objective(OwnLossObjective())
+
+
+# ---------------------------------------------------------------- selection: loss_impl
+
+
+def test_auto_picks_chunked_and_falls_back_to_naive_where_it_cannot_apply(base_config: dict[str, Any]) -> None:
+    mft, model = get_objective("mft"), tiny_llama(0)
+    assert isinstance(select_loss_impl(validate_config(base_config), mft, model), ChunkedLoss)
+    assert select_loss_impl(validate_config({**base_config, "loss_impl": "naive"}), mft, model) is None
+    assert select_loss_impl(validate_config(base_config), OwnLossObjective(), model) is None
+    assert select_loss_impl(validate_config({**base_config, "fsdp": True}), mft, model) is None
+
+
+def test_explicit_chunked_or_a_cache_fails_where_chunked_cannot_apply(base_config: dict[str, Any]) -> None:
+    with pytest.raises(UnfusableError, match="loss_impl: chunked cannot be used: objective 'own_loss'"):
+        select_loss_impl(validate_config({**base_config, "loss_impl": "chunked"}), OwnLossObjective(), tiny_llama(0))
+    cached = validate_config({**base_config, "teacher_cache": {"top_k": 8}})
+    with pytest.raises(UnfusableError, match="teacher_cache needs the chunked loss"):
+        select_loss_impl(cached, get_objective("mft"), get_peft_model(tiny_llama(0), LoraConfig(target_modules=["lm_head"])))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"loss_impl": "fused"}, "loss_impl: Input should be 'auto', 'naive' or 'chunked'"),
+        ({"loss_impl": "naive", "teacher_cache": {}}, "teacher_cache needs the chunked loss"),
+        ({"loss_impl": "chunked", "fsdp": True}, "loss_impl: chunked cannot be used with fsdp/deepspeed"),
+        ({"teacher_cache": {"top_k": 0}}, "teacher_cache.top_k: Input should be greater than or equal to 1"),
+        ({"teacher_cache": {"topk": 8}}, "teacher_cache.topk: unknown key"),
+    ],
+)
+def test_loss_keys_are_validated(base_config: dict[str, Any], extra: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        validate_config({**base_config, **extra})

@@ -1,0 +1,142 @@
+"""EWC: the Fisher and the penalty against formulas written out by hand, trainable parameters only,
+and the saved Fisher reused only for the same model and data."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from datasets import Dataset
+from safetensors import safe_open
+
+from mft_plugin import run
+from mft_plugin.config_errors import validate_config
+from mft_plugin.strategies.mitigations import ewc
+from mft_plugin.strategies.mitigations.ewc import EWCMitigation, estimate_fisher
+
+LAMBDA = 3.0
+
+
+class ToyLM(torch.nn.Module):
+    """A causal LM in miniature: frozen embedding, tanh, trainable head; returns ``.logits``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(7, 3).requires_grad_(False)
+        self.head = torch.nn.Linear(3, 7)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.head(torch.tanh(self.embed(input_ids))))
+
+
+BLOCKS = [[1, 4, 2, 6, 3], [5, 5, 0, 2], [6, 1, 1, 3, 0, 4]]
+
+
+def hand_fisher(model: ToyLM) -> dict[str, torch.Tensor]:
+    """F_i = mean over blocks of (d/d theta_i of the block's mean next-token NLL)^2, the NLL spelled out."""
+    squares = {name: torch.zeros_like(p) for name, p in model.named_parameters() if p.requires_grad}
+    for block in BLOCKS:
+        ids = torch.tensor(block)
+        logits = model.head(torch.tanh(model.embed.weight[ids]))  # [seq, vocab]
+        nll = [torch.logsumexp(logits[t], 0) - logits[t, ids[t + 1]] for t in range(len(block) - 1)]
+        grads = torch.autograd.grad(sum(nll) / len(nll), [model.head.weight, model.head.bias])
+        squares["head.weight"] += grads[0] ** 2
+        squares["head.bias"] += grads[1] ** 2
+    return {name: s / len(BLOCKS) for name, s in squares.items()}
+
+
+@pytest.fixture
+def toy_ewc(corpora: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> tuple[ToyLM, EWCMitigation]:
+    model = ToyLM()
+    mitigation = EWCMitigation(ewc_lambda=LAMBDA, datasets=[{"path": str(corpora["general_train"])}], fisher_samples=10)
+    context = SimpleNamespace(
+        config=SimpleNamespace(seed=0),
+        tokenizer=SimpleNamespace(pad_token_id=0),
+        packed_blocks=lambda specs: Dataset.from_dict({"input_ids": BLOCKS}),
+    )
+    mitigation.on_train_begin(model, context)  # type: ignore[arg-type]
+    return model, mitigation
+
+
+def test_fisher_matches_the_hand_computed_one(toy_ewc: tuple[ToyLM, EWCMitigation]) -> None:
+    model, mitigation = toy_ewc
+    expected = hand_fisher(model)
+    fisher = {name: f for (p, f, _), name in zip(mitigation.terms, ["head.weight", "head.bias"], strict=True)}
+    assert len(mitigation.terms) == 2  # the frozen embedding takes no part
+    for name, f in fisher.items():
+        assert f.dtype == torch.float32 and f.abs().sum() > 0
+        torch.testing.assert_close(f, expected[name])
+    assert all(p.grad is None for p in model.parameters())  # estimating leaves no gradient behind
+
+
+def test_penalty_is_zero_at_the_start_then_matches_the_formula(toy_ewc: tuple[ToyLM, EWCMitigation]) -> None:
+    model, mitigation = toy_ewc
+    penalty = mitigation.penalty(model)
+    assert penalty is not None and penalty.item() == 0.0
+    penalty.backward()
+    assert all(p.grad.abs().sum() == 0 for p in model.parameters() if p.requires_grad)
+    model.zero_grad()
+    fisher = hand_fisher(model)
+    anchors = {"head.weight": model.head.weight.detach().clone(), "head.bias": model.head.bias.detach().clone()}
+    with torch.no_grad():
+        model.head.weight.add_(torch.randn_like(model.head.weight))
+        model.head.bias.add_(torch.randn_like(model.head.bias))
+    deltas = {"head.weight": model.head.weight - anchors["head.weight"], "head.bias": model.head.bias - anchors["head.bias"]}
+    penalty = mitigation.penalty(model)
+    expected = LAMBDA / 2 * sum((fisher[n] * deltas[n] ** 2).sum() for n in fisher)
+    torch.testing.assert_close(penalty, expected)
+    penalty.backward()
+    torch.testing.assert_close(model.head.weight.grad, LAMBDA * fisher["head.weight"] * deltas["head.weight"].detach())
+    torch.testing.assert_close(model.head.bias.grad, LAMBDA * fisher["head.bias"] * deltas["head.bias"].detach())
+
+
+def test_no_penalty_before_train_begin(corpora: dict[str, Path]) -> None:
+    assert EWCMitigation(datasets=[{"path": str(corpora["general_train"])}]).penalty(ToyLM()) is None
+
+
+def test_minibatch_fisher_is_the_mean_of_squared_batch_gradients() -> None:
+    model = ToyLM()
+    blocks = Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5, 6]]})
+    fisher = estimate_fisher(model, blocks, batch_size=2, pad_token_id=0)
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    logits = model(ids).logits[:, :-1]
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 7), ids[:, 1:].reshape(-1))
+    grad_bias = torch.autograd.grad(loss, model.head.bias)[0]
+    torch.testing.assert_close(fisher["head.bias"], grad_bias**2)
+
+
+# --- with the real model, adapters and the saved Fisher -----------------------------------------
+
+
+def ewc_config(two_step_config: dict[str, Any], corpora: dict[str, Path], **params: Any) -> dict[str, Any]:
+    spec = {"name": "ewc", "fisher_samples": 4, "datasets": [{"path": str(corpora["general_train"])}], **params}
+    return {**two_step_config, "mitigations": [spec]}
+
+
+def test_fisher_is_saved_and_reused_only_for_the_same_model_and_data(
+    two_step_config: dict[str, Any], corpora: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    path = tmp_path / "fisher.safetensors"
+    config = ewc_config(two_step_config, corpora, fisher_path=str(path))
+    run(validate_config(config))
+    with safe_open(str(path), framework="pt") as handle:
+        names = set(handle.keys())
+        assert handle.metadata()[ewc.KEY] and handle.get_tensor("model.embed_tokens.weight").dtype == torch.float32
+    calls = []
+    original = ewc.estimate_fisher
+    monkeypatch.setattr(ewc, "estimate_fisher", lambda *args: calls.append(1) or original(*args))
+    run(validate_config({**config, "overwrite_output_dir": True, "mitigations": [{**config["mitigations"][0], "ewc_lambda": 5.0}]}))
+    assert calls == []  # same base, data and starting parameters: loaded
+    with caplog.at_level(logging.WARNING):
+        run(validate_config({**config, "overwrite_output_dir": True, "mitigations": [{**config["mitigations"][0], "fisher_samples": 3}]}))
+    assert calls == [1] and "recomputing" in caplog.text
+    lora = {**config, "overwrite_output_dir": True, "mitigations": ["lora", config["mitigations"][0]]}
+    run(validate_config(lora))
+    with safe_open(str(path), framework="pt") as handle:  # with an adapter: its parameters only
+        assert set(handle.keys()) != names and all("lora_" in name for name in handle.keys())  # noqa: SIM118

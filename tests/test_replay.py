@@ -1,0 +1,175 @@
+"""Replay: exact per-micro-batch proportions through the Trainer's real dataloader, and its loss."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from accelerate.data_loader import prepare_data_loader
+from datasets import Dataset
+from torch.utils.data import DataLoader
+
+from mft_plugin import get_objective
+from mft_plugin.composed_batches import FT_LOSS_COLUMN, REPLAY_COLUMN, MicroBatchSampler, row_token_losses
+from mft_plugin.config_errors import ConfigError, validate_config
+from mft_plugin.context import RunContext
+from mft_plugin.data import PaddingCollator
+from mft_plugin.loading import load_model, load_tokenizer
+from mft_plugin.losses import nll_token_losses, shift_for_causal_lm
+from mft_plugin.recipe import build_datasets, build_strategies, training_arguments
+from mft_plugin.registry import default_registry
+from mft_plugin.strategies.mitigations.replay import composed_order
+from mft_plugin.trainer import MFTTrainer
+
+
+def replay_config(base_config: dict[str, Any], corpora: dict[str, Path], **overrides: Any) -> dict[str, Any]:
+    replay = {"name": "replay", "ratio": 0.5, "datasets": [{"path": str(corpora["general_train"])}]}
+    replay.update(overrides.pop("replay", {}))
+    return {**base_config, "sequence_len": 32, "mitigations": [replay], **overrides}
+
+
+def composed_dataset(config_dict: dict[str, Any], tmp_path: Path) -> tuple[Any, Dataset, RunContext]:
+    config = validate_config(config_dict)
+    context = RunContext(config=config, tokenizer=load_tokenizer(config), output_dir=tmp_path)
+    train_blocks, _ = build_datasets(config, context)
+    (replay,) = build_strategies(config, default_registry())[1]
+    return config, replay.prepare_data(train_blocks, context), context
+
+
+def replay_counts(flags: list[int], micro_batch_size: int) -> list[int]:
+    return [sum(flags[i : i + micro_batch_size]) for i in range(0, len(flags), micro_batch_size)]
+
+
+# --- the layout -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("num_new", "num_general", "k", "mbs"), [(10, 50, 2, 4), (9, 3, 3, 4), (7, 100, 1, 8), (5, 5, 4, 4)])
+def test_composed_order_has_k_new_rows_in_every_micro_batch(num_new: int, num_general: int, k: int, mbs: int) -> None:
+    order = composed_order(num_new, num_general, k, mbs, seed=0)
+    assert len(order) % mbs == 0
+    batches = [order[i : i + mbs] for i in range(0, len(order), mbs)]
+    assert all(sum(row < num_new for row in batch) == k for batch in batches)
+    assert set(range(num_new)) <= set(order)  # every specialized row once per epoch (a few topped up)
+    assert all(num_new <= row < num_new + num_general for row in order if row >= num_new)
+    assert composed_order(num_new, num_general, k, mbs, seed=0) == order
+    assert composed_order(num_new, num_general, k, mbs, seed=1) != order
+
+
+@pytest.mark.parametrize(("ratio", "mbs"), [(0.3, 4), (0.5, 1), (0.1, 4)])
+def test_ratio_must_give_a_whole_number_of_new_rows(
+    base_config: dict[str, Any], corpora: dict[str, Path], ratio: float, mbs: int
+) -> None:
+    config = replay_config(base_config, corpora, micro_batch_size=mbs, replay={"ratio": ratio})
+    with pytest.raises(ConfigError, match=rf"mitigations\.replay\.ratio: {ratio} x micro_batch_size {mbs}"):
+        validate_config(config)
+
+
+def test_prepared_data_has_the_exact_proportion_and_every_new_block(
+    base_config: dict[str, Any], corpora: dict[str, Path], tmp_path: Path
+) -> None:
+    config_dict = replay_config(base_config, corpora, replay={"ratio": 0.75})  # 3 new + 1 general of 4
+    config, mixed, context = composed_dataset(config_dict, tmp_path)
+    train_blocks, _ = build_datasets(config, context)
+    assert set(replay_counts(mixed[REPLAY_COLUMN], 4)) == {1}
+    assert mixed[FT_LOSS_COLUMN] == mixed[REPLAY_COLUMN]  # replay_loss: ft (the default)
+    new_rows = [row for row, flag in zip(mixed["input_ids"], mixed[REPLAY_COLUMN], strict=True) if not flag]
+    assert {tuple(row) for row in new_rows} == {tuple(row) for row in train_blocks["input_ids"]}
+    assert composed_dataset(config_dict, tmp_path)[1]["input_ids"] == mixed["input_ids"]  # deterministic
+
+
+def test_replay_loss_objective_flags_no_row_for_the_ft_loss(
+    base_config: dict[str, Any], corpora: dict[str, Path], tmp_path: Path
+) -> None:
+    _, mixed, _ = composed_dataset(replay_config(base_config, corpora, replay={"replay_loss": "objective"}), tmp_path)
+    assert sum(mixed[REPLAY_COLUMN]) == len(mixed) // 2 and sum(mixed[FT_LOSS_COLUMN]) == 0
+
+
+def test_short_general_data_is_cycled_and_logged(
+    base_config: dict[str, Any], corpora: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tiny_general = tmp_path / "general.jsonl"
+    tiny_general.write_text('{"text": "It is a truth universally acknowledged."}\n')
+    config_dict = replay_config(base_config, corpora, replay={"datasets": [{"path": str(tiny_general)}]})
+    with caplog.at_level(logging.WARNING):
+        _, mixed, _ = composed_dataset(config_dict, tmp_path)
+    assert "cycling them" in caplog.text
+    assert set(replay_counts(mixed[REPLAY_COLUMN], 4)) == {2}
+
+
+# --- through the Trainer ----------------------------------------------------------------------
+
+
+def replay_trainer(config_dict: dict[str, Any], tmp_path: Path) -> MFTTrainer:
+    config, mixed, context = composed_dataset(config_dict, tmp_path)
+    objective, mitigations = build_strategies(config, default_registry())
+    return MFTTrainer(
+        model=load_model(config),
+        args=training_arguments(config, len(mixed), evaluate=False),
+        train_dataset=mixed,
+        data_collator=PaddingCollator(context.tokenizer.pad_token_id),
+        objective=objective,
+        teacher=None,
+        mitigations=mitigations,
+    )
+
+
+def test_trainer_dataloader_keeps_the_proportion_in_every_batch_and_epoch(
+    base_config: dict[str, Any], corpora: dict[str, Path], tmp_path: Path
+) -> None:
+    trainer = replay_trainer(replay_config(base_config, corpora, gradient_accumulation_steps=2), tmp_path)
+    loader = trainer.get_train_dataloader()
+    orders = []
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        batches = list(loader)
+        assert [int(b[REPLAY_COLUMN].sum()) for b in batches] == [2] * len(batches)
+        orders.append([b["input_ids"][:, :4].tolist() for b in batches])
+    assert orders[0] != orders[1]  # whole micro-batches are reshuffled each epoch
+    assert sorted(map(str, orders[0])) == sorted(map(str, orders[1]))  # ... and kept whole
+
+
+def test_each_of_two_ranks_gets_the_proportion(base_config: dict[str, Any], corpora: dict[str, Path], tmp_path: Path) -> None:
+    """What ``accelerator.prepare`` does to the Trainer's sampler under 2 processes (rank r: batches r, r + 2, ...)."""
+    trainer = replay_trainer(replay_config(base_config, corpora, replay={"ratio": 0.25}), tmp_path)  # 1 new + 3 general
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, MicroBatchSampler)
+    seen = []
+    for rank in range(2):
+        loader = DataLoader(trainer.train_dataset, batch_size=4, sampler=sampler, collate_fn=trainer.data_collator)
+        shard = prepare_data_loader(loader, num_processes=2, process_index=rank, put_on_device=False)
+        flags = [batch[REPLAY_COLUMN].tolist() for batch in shard]
+        assert all(sum(f) == 3 for f in flags) and len(flags) >= len(trainer.train_dataset) // 8
+        seen += [batch["input_ids"].tolist() for batch in shard]
+    assert len({str(batch) for batch in seen}) == len(trainer.train_dataset) // 4  # between them, every batch
+
+
+def test_replay_rows_train_on_plain_nll_and_the_teacher_sees_only_new_rows() -> None:
+    torch.manual_seed(0)
+    student, teacher_logits = torch.randn(4, 6, 11), torch.randn(4, 6, 11)
+    input_ids = torch.randint(0, 11, (4, 6))
+    labels = shift_for_causal_lm(input_ids)
+    ft_rows = torch.tensor([0, 1, 0, 1])
+    seen: list[torch.Tensor] = []
+
+    class Teacher:
+        def logits(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+            seen.append(ids)
+            return teacher_logits[ft_rows == 0]
+
+    mft = get_objective("mft", tau=0.25)
+    losses = row_token_losses(mft, Teacher(), student, input_ids, torch.ones_like(input_ids), labels, ft_rows)
+    assert torch.equal(seen[0], input_ids[[0, 2]])
+    expected_new = mft.token_losses(student[[0, 2]], teacher_logits[[0, 2]], labels[[0, 2]])
+    torch.testing.assert_close(losses[[0, 2]], expected_new)
+    torch.testing.assert_close(losses[[1, 3]], nll_token_losses(student[[1, 3]], labels[[1, 3]]))
+
+
+def test_a_replay_run_trains(corpora: dict[str, Path], two_step_config: dict[str, Any]) -> None:
+    from mft_plugin import run
+
+    config = validate_config(replay_config(two_step_config, corpora))
+    metrics = run(config)
+    assert metrics["train_loss"] > 0 and Path(config.output_dir, "model.safetensors").exists()

@@ -1,0 +1,157 @@
+"""The teacher-output cache: what it stores, that a full-vocabulary cache reproduces the online teacher
+exactly, that the correction weight is exact at any top_k, and that a sweep reuses one cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import TrainingArguments
+
+from mft_plugin import get_objective, run
+from mft_plugin.chunked_loss import ChunkedLoss, TeacherHead, output_head
+from mft_plugin.config_errors import validate_config
+from mft_plugin.data import PaddingCollator
+from mft_plugin.losses import masked_mean, safe_labels, shift_for_causal_lm
+from mft_plugin.teacher import FrozenCopyTeacher
+from mft_plugin.teacher_cache import (
+    META_FILE,
+    ROW_COLUMN,
+    CachedTeacherChunks,
+    TeacherCache,
+    cache_key,
+    cached_teacher,
+    write_cache,
+)
+from tests.test_chunked_loss import VOCAB, gradients, tiny_llama
+
+COLLATOR = PaddingCollator(pad_token_id=0)
+
+
+def blocks(seed: int = 0, rows: int = 5) -> Dataset:
+    """Token blocks of unequal lengths (the last one is padded in a batch)."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = [9] * (rows - 1) + [6]
+    return Dataset.from_dict({"input_ids": [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in lengths]})
+
+
+def build(folder: Path, teacher: FrozenCopyTeacher, data: Dataset, top_k: int) -> TeacherCache:
+    write_cache(teacher, data, COLLATOR, folder, top_k)
+    return TeacherCache(folder)
+
+
+def training_batch(data: Dataset, rows: list[int]) -> dict[str, torch.Tensor]:
+    return COLLATOR([{**data[i], ROW_COLUMN: i} for i in rows])
+
+
+def test_a_cached_chunk_is_the_top_k_plus_the_rest_spread_evenly() -> None:
+    p_teacher = torch.softmax(torch.randn(3, 10, generator=torch.Generator().manual_seed(0)), dim=1)
+    top = p_teacher.topk(4, dim=1)
+    cached = CachedTeacherChunks(
+        p_label=p_teacher[:, 0], p_max=top.values[:, 0], rest=1 - top.values.sum(1), top_probs=top.values, top_ids=top.indices
+    )
+    out = torch.empty(3, 10)
+    stats = cached.chunk(slice(0, 3), torch.zeros(3, dtype=torch.long), out)
+    torch.testing.assert_close(out.sum(1), torch.ones(3))
+    torch.testing.assert_close(out.gather(1, top.indices), top.values)
+    others = torch.ones_like(out, dtype=torch.bool).scatter_(1, top.indices, False)
+    torch.testing.assert_close(out[others].view(3, 6), ((1 - top.values.sum(1)) / 6).unsqueeze(1).expand(3, 6))
+    assert torch.equal(stats.p_label, p_teacher[:, 0]) and torch.equal(stats.p_max, p_teacher.amax(1))  # exact, not p~
+
+
+def test_stored_label_and_max_probabilities_are_exact_at_any_top_k(tmp_path: Path) -> None:
+    teacher, data = FrozenCopyTeacher(tiny_llama(1)), blocks()
+    cache = build(tmp_path / "cache", teacher, data, top_k=3)
+    batch = training_batch(data, [4, 0, 2])
+    labels = safe_labels(shift_for_causal_lm(batch["labels"])).flatten()
+    online, stored = teacher.targets(batch), cache.targets(batch)
+    p_online = torch.empty(labels.shape[0], VOCAB)
+    exact = online.chunk(slice(None), labels, p_online)
+    valid = shift_for_causal_lm(batch["labels"]).flatten() != -100
+    torch.testing.assert_close(stored.p_label[valid], exact.p_label[valid], rtol=0, atol=0)
+    torch.testing.assert_close(stored.p_max[valid], exact.p_max[valid], rtol=0, atol=0)
+    torch.testing.assert_close(stored.top_probs[valid], p_online.topk(3, dim=1).values[valid], rtol=0, atol=0)
+    assert cache.meta["top_k"] == 3 and stored.top_ids.dtype == torch.long
+
+
+def test_a_full_vocabulary_cache_trains_exactly_like_the_online_teacher(tmp_path: Path) -> None:
+    teacher, data = FrozenCopyTeacher(tiny_llama(1)), blocks()
+    cache = build(tmp_path / "cache", teacher, data, top_k=VOCAB)
+    batch, mft = training_batch(data, [3, 4, 1]), get_objective("mft")
+    labels = shift_for_causal_lm(batch["labels"])
+    results = []
+    for source in (teacher, cache):
+        student = tiny_llama(0)
+        losses = ChunkedLoss(mft, output_head(student), chunk_size=7)(student, source, batch, labels)
+        masked_mean(losses, labels).backward()
+        results.append((losses.detach(), gradients(student)))
+    (online, online_grads), (cached, cached_grads) = results
+    torch.testing.assert_close(cached, online, rtol=1e-5, atol=1e-6)
+    for name, grad in online_grads.items():
+        torch.testing.assert_close(cached_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_small_cache_changes_the_loss_only_through_the_distillation_term(tmp_path: Path) -> None:
+    """Guard that the test above can fail: top_k = 2 of 37 tokens gives another (close) loss."""
+    teacher, data = FrozenCopyTeacher(tiny_llama(1)), blocks()
+    batch, mft = training_batch(data, [0, 1]), get_objective("mft")
+    labels = shift_for_causal_lm(batch["labels"])
+    student = tiny_llama(0)
+    loss = lambda source: masked_mean(ChunkedLoss(mft, output_head(student))(student, source, batch, labels), labels)  # noqa: E731
+    online, cached = loss(teacher).item(), loss(build(tmp_path / "cache", teacher, data, top_k=2)).item()
+    assert online != cached and cached == pytest.approx(online, rel=0.05)
+
+
+def test_rows_are_read_back_for_the_blocks_of_the_batch_whatever_their_order(tmp_path: Path) -> None:
+    teacher, data = FrozenCopyTeacher(tiny_llama(1)), blocks()
+    cache = build(tmp_path / "cache", teacher, data, top_k=4)
+    one_by_one = [cache.targets(training_batch(data, [i])).p_label for i in (2, 0)]
+    together = cache.targets(training_batch(data, [2, 0])).p_label
+    torch.testing.assert_close(together, torch.cat(one_by_one))
+
+
+def cache_config(base_config: dict[str, Any], tmp_path: Path, **cache: Any) -> Any:
+    return validate_config({**base_config, "teacher_cache": {"path": str(tmp_path / "caches"), **cache}})
+
+
+def test_a_second_run_on_the_same_base_and_data_reuses_the_cache(base_config: dict[str, Any], tmp_path: Path) -> None:
+    config, data = cache_config(base_config, tmp_path, top_k=8), blocks()
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to=[])
+    built: list[int] = []
+
+    def make_teacher() -> FrozenCopyTeacher:
+        built.append(1)
+        return FrozenCopyTeacher(tiny_llama(1))
+
+    first, indexed = cached_teacher(config, data, make_teacher, COLLATOR, args)
+    second, _ = cached_teacher(config, data, make_teacher, COLLATOR, args)
+    assert len(built) == 1 and first.folder == second.folder and (first.folder / META_FILE).exists()
+    assert indexed[ROW_COLUMN] == list(range(len(data)))
+    assert [p.name for p in first.folder.parent.iterdir()] == [first.folder.name]  # no temporary left behind
+
+
+def test_the_key_changes_with_top_k_data_and_teacher_precision(base_config: dict[str, Any], tmp_path: Path) -> None:
+    key = cache_key(cache_config(base_config, tmp_path, top_k=8), blocks())
+    assert key == cache_key(cache_config(base_config, tmp_path, top_k=8), blocks())
+    assert key != cache_key(cache_config(base_config, tmp_path, top_k=16), blocks())
+    assert key != cache_key(cache_config(base_config, tmp_path, top_k=8), blocks(seed=1))
+    cheap = validate_config({**base_config, "teacher": {"dtype": "bfloat16"}, "teacher_cache": {"top_k": 8}})
+    assert key != cache_key(cheap, blocks())
+
+
+@pytest.mark.slow
+def test_runs_with_a_full_cache_and_online_train_alike_and_share_one_cache(
+    two_step_config: dict[str, Any], tmp_path: Path
+) -> None:
+    vocab = json.loads((Path(two_step_config["base_model"]) / "config.json").read_text())["vocab_size"]
+    cache = {"top_k": vocab, "path": str(tmp_path / "caches")}
+    online = run(validate_config({**two_step_config, "output_dir": str(tmp_path / "online")}))
+    cached = [run(validate_config({**two_step_config, "output_dir": str(tmp_path / name), "teacher_cache": cache}))
+              for name in ("first", "second")]
+    assert cached[0]["train_loss"] == pytest.approx(online["train_loss"], rel=1e-5)
+    assert cached[1]["train_loss"] == cached[0]["train_loss"]
+    assert len(list((tmp_path / "caches").iterdir())) == 1
