@@ -25,22 +25,22 @@ from mft_plugin.config_errors import read_yaml, validate_config
 QUICKSTART = REPO / "yaml_examples" / "quickstart.yml"
 
 
+def folder_bytes(folder: Path) -> int:
+    return sum(file.stat().st_size for file in folder.rglob("*") if file.is_file())
+
+
 def run_variant(data: dict[str, Any], top_k: int | None, work: Path, max_steps: int | None) -> dict[str, Any]:
     """The quickstart's final metrics, with a teacher cache of ``top_k`` (None: the online teacher)."""
     name = "online" if top_k is None else f"cache-k{top_k}"
-    config = {**data, "output_dir": str(work / name), "overwrite_output_dir": True}
-    for key in ("base_model",):
-        config[key] = str(REPO / config[key])
-    config["datasets"] = [{**d, "path": str(REPO / d["path"])} for d in data["datasets"]]
-    config["test_datasets"] = [{**d, "path": str(REPO / d["path"])} for d in data["test_datasets"]]
-    config["general_eval_datasets"] = [{**d, "path": str(REPO / d["path"])} for d in data["general_eval_datasets"]]
+    config = {**data, "base_model": str(REPO / data["base_model"]), "output_dir": str(work / name)}
+    for key in ("datasets", "test_datasets", "general_eval_datasets"):
+        config[key] = [{**spec, "path": str(REPO / spec["path"])} for spec in data[key]]
     if max_steps:
         config.update(max_steps=max_steps, eval_steps=max_steps // 2, save_steps=max_steps // 2)
     if top_k is not None:
-        config["teacher_cache"] = {"top_k": top_k, "path": str(work / "caches")}
+        config["teacher_cache"] = {"top_k": top_k, "path": str(work / name / "teacher_cache")}
     metrics = run(validate_config(config))
-    cache_bytes = sum(f.stat().st_size for f in (work / "caches").rglob(f"*") if f.is_file()) if top_k else 0
-    return {**metrics, "cache_bytes": cache_bytes}
+    return {**metrics, "cache_bytes": folder_bytes(work / name / "teacher_cache") if top_k else 0}
 
 
 def main() -> None:
@@ -50,11 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     data, _ = read_yaml(QUICKSTART)
     work = Path(tempfile.mkdtemp(prefix="mft-bench-cache-"))
-    results = {None: run_variant(data, None, work, args.max_steps)}
-    for top_k in args.top_k:
-        previous = sum(f.stat().st_size for f in (work / "caches").rglob("*") if f.is_file()) if (work / "caches").exists() else 0
-        results[top_k] = run_variant(data, top_k, work, args.max_steps)
-        results[top_k]["cache_bytes"] -= previous
+    results = {k: run_variant(data, k, work, args.max_steps) for k in [None, *args.top_k]}
     online = results[None]
     rows = [
         ["online" if k is None else f"cache, k = {k}", f"{r['eval_S']:.4f}", f"{r['eval_DG']:.4f}", f"{r['eval_DG/S']:.4f}",
@@ -63,10 +59,10 @@ def main() -> None:
     ]  # fmt: skip
     steps = args.max_steps or data["max_steps"]
     sections = [
-        f"yaml_examples/quickstart.yml ({steps} steps, seq {data['sequence_len']}, batch {data['micro_batch_size']}, "
+        (f"yaml_examples/quickstart.yml ({steps} steps, seq {data['sequence_len']}, batch {data['micro_batch_size']}, "
         f"tau {data['objective']['tau']}) on the shipped reference model; S, DG, DG/S of the best checkpoint (by "
         "specialized perplexity), as `mft-run` reports them. Vocabulary 4096: k = 256 keeps 6 % of it. "
-        "Train time includes building the cache (once per k).",
+        "Train time includes building the cache (once per k)."),
         markdown_table(["teacher", "S", "DG", "DG/S", "DG/S - online", "train s", "cache MiB"], rows),
     ]
     write_results("cache_quality", "Teacher cache: quality cost (bench/bench_cache_quality.py)", sections)

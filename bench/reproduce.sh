@@ -6,8 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
-(mft-run sweep bench/miniature/legal.yml) &
-(for part in code tau replay lora dora; do mft-run sweep "bench/miniature/$part.yml"; done) &
+(for part in legal ablation tau; do mft-run sweep "bench/miniature/$part.yml"; done) &
+(for part in code replay lora dora; do mft-run sweep "bench/miniature/$part.yml"; done) &
 wait
-mft-run report outputs/miniature/legal outputs/miniature/code outputs/miniature/tau \
+mft-run report outputs/miniature/legal outputs/miniature/ablation outputs/miniature/code outputs/miniature/tau \
   outputs/miniature/replay outputs/miniature/lora outputs/miniature/dora --out docs/miniature

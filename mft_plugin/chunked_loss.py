@@ -32,9 +32,9 @@ if TYPE_CHECKING:
     from mft_plugin.config import MFTConfigBase
 
 # A chunk's float32 ``[chunk, V]`` buffers hold max(CHUNK_BUDGET_BYTES, MIN_CHUNK_ROWS x V x 4) bytes in
-# all, whatever the objective: so the chunked MFT loss has the peak memory of the fused plain
-# cross-entropy (one buffer, three times the rows). The floor keeps >= 128 rows per MFT chunk, for
-# the update dW += g^T h reads and writes all of dW [V, H] once per chunk.
+# all (at most the batch's tokens' worth), whatever the objective: so the chunked MFT loss has the
+# peak memory of the fused plain cross-entropy (one buffer, three times the rows). The floor keeps
+# >= 128 rows per MFT chunk, for the update dW += g^T h reads and writes all of dW [V, H] per chunk.
 CHUNK_BUDGET_BYTES = 32 << 20
 MIN_CHUNK_ROWS = 384
 # Config keys of models whose forward changes the logits after the head (softcapping, scaling):
@@ -150,7 +150,8 @@ class _FusedCorrectedCrossEntropy(torch.autograd.Function):
         want_hidden, want_weight = ctx.needs_input_grad[:2]
         accumulate = torch.promote_types(hidden.dtype, torch.float32)
         head = weight.to(problem.compute_dtype)
-        buffers = _Buffers(chunk_size, weight.shape[0], accumulate, hidden.device, problem.teacher is not None)
+        rows_per_chunk = min(chunk_size, hidden.shape[0])
+        buffers = _Buffers(rows_per_chunk, weight.shape[0], accumulate, hidden.device, problem.teacher is not None)
         token_losses = hidden.new_zeros(hidden.shape[0], dtype=accumulate)
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = None
@@ -202,9 +203,10 @@ def _uniform_scale(grad_tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tens
 
 
 def default_chunk_size(tokens: int, vocab: int, with_teacher: bool) -> int:
-    """Tokens per chunk, so that the chunk's buffers fit the budget (see ``CHUNK_BUDGET_BYTES``)."""
-    buffer_rows = max(CHUNK_BUDGET_BYTES // (4 * vocab), MIN_CHUNK_ROWS)
-    return max(1, min(tokens, buffer_rows // (3 if with_teacher else 1)))
+    """Tokens per chunk, so that the chunk's buffers fit the budget (see ``CHUNK_BUDGET_BYTES``):
+    with a teacher, three buffers of a third of the rows plain cross-entropy's single one has."""
+    buffer_rows = min(tokens, max(CHUNK_BUDGET_BYTES // (4 * vocab), MIN_CHUNK_ROWS))
+    return max(1, -(-buffer_rows // (3 if with_teacher else 1)))
 
 
 def chunked_token_losses(

@@ -131,14 +131,15 @@ class FSDPConfig(StrictModel):
     reshard_after_forward: bool = True
     state_dict_type: Literal["FULL_STATE_DICT", "SHARDED_STATE_DICT"] = "FULL_STATE_DICT"
     auto_wrap_policy: Literal["TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP"] = "TRANSFORMER_BASED_WRAP"
-    transformer_layer_cls_to_wrap: str | None = Field(None, description="e.g. LlamaDecoderLayer (default: the model's own)")
+    transformer_layer_cls_to_wrap: str | None = Field(None, description="e.g. LlamaDecoderLayer (default: the model's)")
     min_num_params: int | None = Field(None, ge=1, description="module size for SIZE_BASED_WRAP")
 
     @field_validator("fsdp_version")
     @classmethod
     def _fsdp2_only(cls, version: int) -> int:
         if version != 2:
-            raise PydanticCustomError("fsdp_version", "only FSDP2 is supported (FSDP1 is deprecated in transformers 5); use 2")
+            message = "only FSDP2 is supported (FSDP1 is deprecated in transformers 5); use 2"
+            raise PydanticCustomError("fsdp_version", message)
         return version
 
     def trainer_config(self) -> dict[str, Any]:

@@ -36,16 +36,6 @@ def accelerate_command(config_path: str, overrides: Sequence[str], num_processes
     ]  # fmt: skip
 
 
-def launch(config: MFTConfigBase, config_path: str, overrides: Sequence[str], num_processes: int) -> int:
-    """Run the training on ``num_processes`` local processes; the return code of the launch."""
-    try:
-        check_engine_available(config)
-    except EngineUnavailableError as error:
-        print(error, file=sys.stderr)
-        return 2
-    return subprocess.call(accelerate_command(config_path, overrides, num_processes))
-
-
 class EngineUnavailableError(RuntimeError):
     """The YAML asks for an engine that this machine cannot run."""
 
@@ -69,6 +59,16 @@ def check_engine_available(config: MFTConfigBase) -> None:
             f"deepspeed: {config.deepspeed}: DeepSpeed needs GPUs (accelerate sets up no DeepSpeed process "
             "group for CPU processes); remove deepspeed to train with DDP on CPU"
         )
+
+
+def launch(config: MFTConfigBase, config_path: str, overrides: Sequence[str], num_processes: int) -> int:
+    """Run the training on ``num_processes`` local processes; the return code of the launch."""
+    try:
+        check_engine_available(config)
+    except EngineUnavailableError as error:
+        print(error, file=sys.stderr)
+        return 2
+    return subprocess.call(accelerate_command(config_path, overrides, num_processes))
 
 
 def has_accelerator() -> bool:

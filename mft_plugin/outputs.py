@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mft_plugin.config import MFTConfigBase
+from mft_plugin.launch import is_main_process
 
 BASE_PPL_FILE = "base_perplexity.json"
 METRICS_FILE = "metrics.json"  # written last and atomically: a run with it is finished
@@ -34,7 +35,8 @@ def prepare_output_dir(config: MFTConfigBase, create: bool = True) -> Path:
         )
     if not create:
         return output_dir
-    if has_checkpoints and config.overwrite_output_dir and not config.resume_from_checkpoint:
+    starting_over = has_checkpoints and config.overwrite_output_dir and not config.resume_from_checkpoint
+    if starting_over and is_main_process():  # one rank deletes: several at once trip over each other
         for checkpoint in output_dir.glob("checkpoint-*"):
             shutil.rmtree(checkpoint)
     output_dir.mkdir(parents=True, exist_ok=True)

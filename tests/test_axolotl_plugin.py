@@ -4,9 +4,10 @@ Axolotl pins its own transformers/peft/accelerate/datasets, so it is not install
 pinned stack (CI); the ``needs_axolotl`` tests run in an environment of its own (README:
 "Axolotl plugin"). What proves MFT ran inside Axolotl: at the first step the student is the
 teacher, so the MFT gradient is the FT gradient with each token's scaled by its label weight
-w; for a near-uniform (random) teacher w = alpha ~ tau everywhere, so the first gradient norm
-of ``mft`` is ~tau times that of ``ft``, with the teacher frozen copy (full finetuning) and
-with the shared base (Axolotl's ``adapter: lora``) alike.
+w. A random teacher is wrong nearly everywhere and near-uniform, where w = alpha =
+(d + tau) / (1 + d) with d = p^T_max - p^T_label small: w is tau or a little more, so the first
+gradient norm of ``mft`` is tau to ~1.5 tau times that of ``ft`` (1 would be plain finetuning),
+with the teacher a frozen copy (full finetuning) and the shared base (Axolotl's ``adapter: lora``) alike.
 """
 
 from __future__ import annotations
@@ -23,12 +24,22 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from mft_plugin.axolotl.bridge import args_model, run_context, selected_strategies, trainer_class, unsupported
+from mft_plugin.axolotl.bridge import (
+    args_model,
+    run_context,
+    selected_strategies,
+    trainer_class,
+    unsupported,
+)
 from mft_plugin.registry import default_registry
 from mft_plugin.teacher import FrozenCopyTeacher
 from tests.tiny import REPO, write_yaml
 
 TAU = 0.25
+
+
+def assert_scaled_by_tau(mft_grad_norm: float, ft_grad_norm: float) -> None:
+    assert 0.9 * TAU < mft_grad_norm / ft_grad_norm < 1.5 * TAU
 needs_axolotl = pytest.mark.skipif(importlib.util.find_spec("axolotl") is None, reason="Axolotl is not installed")
 
 
@@ -65,6 +76,7 @@ def test_what_axolotl_owns_is_refused_with_the_key_to_use_instead(corpora: dict[
     assert "'lora' acts at the prepare_model stage" in problems[2] and "adapter: lora" in problems[2]
     assert "'replay' acts at the prepare_data stage" in problems[3] and "datasets:" in problems[3]
     assert unsupported({"sample_packing": False}, mitigations[2:]) == []  # ewc acts on the loss: fine
+    assert "ewc works with DDP only" in unsupported({"fsdp_config": {"fsdp_version": 2}}, mitigations[2:])[0]
 
 
 def test_run_context_reads_the_keys_both_schemas_share(tiny_model: Path) -> None:
@@ -75,14 +87,20 @@ def test_run_context_reads_the_keys_both_schemas_share(tiny_model: Path) -> None
     assert (context.config.base_model, context.config.sequence_len, context.config.seed) == (str(tiny_model), 96, 7)
     assert context.output_dir == Path("out")
     assert "datasets" not in context.config.model_fields_set  # Axolotl's dataset entries are not ours
+    assert not context.config.fsdp_enabled
 
 
 def _first_grad_norm(objective_name: str, tiny_model: Path, corpora: dict[str, Path], tmp_path: Path) -> float:
     """One step of ``trainer_class`` over a plain Trainer; the logged gradient norm."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        Trainer,
+        TrainingArguments,
+    )
 
-    from mft_plugin.data import PaddingCollator, load_all_documents, pack_documents
     from mft_plugin.config import DatasetConfig
+    from mft_plugin.data import PaddingCollator, load_all_documents, pack_documents
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     blocks = pack_documents(load_all_documents([DatasetConfig(path=str(corpora["spec_train"]))]), tokenizer, 64)
@@ -112,8 +130,7 @@ def _first_grad_norm(objective_name: str, tiny_model: Path, corpora: dict[str, P
 def test_mft_trainer_class_on_a_base_trainer_scales_the_first_gradient_by_tau(
     tiny_model: Path, corpora: dict[str, Path], tmp_path: Path
 ) -> None:
-    ratio = _first_grad_norm("mft", tiny_model, corpora, tmp_path) / _first_grad_norm("ft", tiny_model, corpora, tmp_path)
-    assert ratio == pytest.approx(TAU, abs=0.03)
+    assert_scaled_by_tau(_first_grad_norm("mft", tiny_model, corpora, tmp_path), _first_grad_norm("ft", tiny_model, corpora, tmp_path))
 
 
 # --- with Axolotl -----------------------------------------------------------------------------
@@ -141,7 +158,7 @@ def _axolotl_train(config: dict[str, Any], folder: Path) -> subprocess.Completed
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "AXOLOTL_DO_NOT_TRACK": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [os.path.join(bin_dir, "axolotl"), "train", str(path)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
 
 
@@ -188,7 +205,7 @@ def test_axolotl_train_runs_mft_with_a_frozen_teacher(axolotl_config: dict[str, 
     mft = _logged_steps(_axolotl_train(_with_plugin(axolotl_config, tmp_path, "mft", objective={"name": "mft", "tau": TAU}), tmp_path))
     assert len(plain) == len(ft) == len(mft) == 3
     assert ft == plain  # the plugin's trainer with objective ft is Axolotl's own training
-    assert mft[0]["grad_norm"] / ft[0]["grad_norm"] == pytest.approx(TAU, abs=0.03)
+    assert_scaled_by_tau(mft[0]["grad_norm"], ft[0]["grad_norm"])
 
 
 @needs_axolotl
@@ -198,7 +215,7 @@ def test_axolotl_train_runs_mft_on_axolotls_lora_with_the_shared_base(axolotl_co
     lora |= {"lora_mlp_kernel": False, "lora_qkv_kernel": False, "lora_o_kernel": False}  # triton kernels need CUDA
     ft = _logged_steps(_axolotl_train(_with_plugin(axolotl_config, tmp_path, "ft", objective="ft", **lora), tmp_path))
     mft = _logged_steps(_axolotl_train(_with_plugin(axolotl_config, tmp_path, "mft", objective="mft", **lora), tmp_path))
-    assert mft[0]["grad_norm"] / ft[0]["grad_norm"] == pytest.approx(TAU, abs=0.03)
+    assert_scaled_by_tau(mft[0]["grad_norm"], ft[0]["grad_norm"])
 
 
 @needs_axolotl

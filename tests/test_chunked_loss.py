@@ -161,10 +161,11 @@ def test_teacher_objectives_refuse_a_missing_teacher() -> None:
 
 def test_default_chunk_holds_the_same_bytes_with_or_without_a_teacher() -> None:
     """Chunked MFT's [chunk, V] buffers (three) weigh what fused cross-entropy's (one) do."""
-    for vocab in (4096, 32768, 131072):
-        alone, with_teacher = default_chunk_size(10**6, vocab, False), default_chunk_size(10**6, vocab, True)
-        assert 3 * with_teacher <= alone < 3 * (with_teacher + 1) and with_teacher >= 128
-    assert default_chunk_size(10, 32768, True) == 10
+    for tokens, vocab in [(10**6, 4096), (10**6, 32768), (10**6, 131072), (1024, 4096), (100, 32768)]:
+        alone, with_teacher = default_chunk_size(tokens, vocab, False), default_chunk_size(tokens, vocab, True)
+        assert alone <= 3 * with_teacher < alone + 3
+        assert with_teacher >= min(128, tokens / 3)
+    assert default_chunk_size(10, 32768, True) == 4 and default_chunk_size(10, 32768, False) == 10
 
 
 # ---------------------------------------------------------------- on a model: the trainer's fused path

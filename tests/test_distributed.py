@@ -30,7 +30,11 @@ from accelerate.commands.launch import launch_command_parser
 
 from mft_plugin.config import FSDPConfig
 from mft_plugin.config_errors import ConfigError, load_config, validate_config
-from mft_plugin.launch import EngineUnavailableError, accelerate_command, engine_arguments
+from mft_plugin.launch import (
+    EngineUnavailableError,
+    accelerate_command,
+    engine_arguments,
+)
 from tests.tiny import REPO, write_yaml
 
 TOLERANCE = 1e-5  # float32 round-off of a different reduction order; training moves weights ~1e-3
@@ -135,6 +139,20 @@ def test_gpu_engine_is_refused_before_any_process_starts(
     assert "fsdp: FSDP needs GPUs" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("rank", "deletes"), [("0", True), ("1", False)])
+def test_only_rank_0_deletes_old_checkpoints(
+    base_config: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rank: str, deletes: bool
+) -> None:
+    """Every rank prepares output_dir; two deleting one checkpoint at once trip over each other."""
+    from mft_plugin.outputs import prepare_output_dir
+
+    checkpoint = tmp_path / "out" / "checkpoint-1"
+    checkpoint.mkdir(parents=True)
+    monkeypatch.setenv("RANK", rank)
+    prepare_output_dir(validate_config({**base_config, "output_dir": str(tmp_path / "out"), "overwrite_output_dir": True}))
+    assert checkpoint.exists() != deletes
+
+
 # --- 2 processes against 1 -------------------------------------------------------------------
 
 
@@ -143,7 +161,7 @@ def _run_two_processes(config: dict[str, Any], folder: Path) -> subprocess.Compl
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per process on 2 CPU cores
     result = subprocess.run(
         [sys.executable, "-m", "mft_plugin.cli", str(path), "--num-processes", "2"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result
@@ -199,6 +217,12 @@ def test_two_processes_full_finetuning_equal_one_process_with_the_same_global_ba
 
 
 @pytest.mark.slow
+def test_two_processes_with_the_teacher_cache_equal_one_process(base_config: dict[str, Any], tmp_path: Path) -> None:
+    # The main process builds the cache of every block; each rank reads the rows of its own blocks.
+    _compare_runs(base_config, tmp_path, {"teacher_cache": {"top_k": 16}})
+
+
+@pytest.mark.slow
 def test_two_processes_lora_equal_one_process(base_config: dict[str, Any], tmp_path: Path) -> None:
     # The teacher is the shared base under disable_adapter(), called through the DDP-wrapped student.
     _compare_runs(base_config, tmp_path, {"mitigations": [{"name": "lora", "r": 4}]})
@@ -232,7 +256,7 @@ def _run_worker(check: str, tiny_model: Path, out: Path, python: str = sys.execu
     command = [python, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
     result = subprocess.run(
         [*command, "-m", "tests.test_distributed", check, str(tiny_model), str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-6000:]
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]

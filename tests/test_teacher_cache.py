@@ -13,7 +13,7 @@ from datasets import Dataset
 from transformers import TrainingArguments
 
 from mft_plugin import get_objective, run
-from mft_plugin.chunked_loss import ChunkedLoss, TeacherHead, output_head
+from mft_plugin.chunked_loss import ChunkedLoss, output_head
 from mft_plugin.config_errors import validate_config
 from mft_plugin.data import PaddingCollator
 from mft_plugin.losses import masked_mean, safe_labels, shift_for_causal_lm

@@ -15,6 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
 from mft_plugin.config import MFTConfigBase, strategies_model
 from mft_plugin.context import RunContext
+from mft_plugin.recipe import build_strategies
 from mft_plugin.registry import Registry
 from mft_plugin.strategy import Mitigation, Objective
 from mft_plugin.teacher import build_teacher
@@ -36,8 +37,6 @@ def args_model(registry: Registry) -> type[BaseModel]:
 
 def selected_strategies(cfg: Mapping[str, Any], registry: Registry) -> tuple[Objective, list[Mitigation]]:
     """The objective and mitigations an Axolotl config selects (default objective: mft)."""
-    from mft_plugin.recipe import build_strategies
-
     given = {key: cfg[key] for key in ("objective", "mitigations") if cfg.get(key) is not None}
     return build_strategies(args_model(registry).model_validate(given), registry)  # type: ignore[arg-type]
 
@@ -53,24 +52,28 @@ def unsupported(cfg: Mapping[str, Any], mitigations: Sequence[Mitigation]) -> li
             "but packed samples need their position_ids; set sample_packing: false"
         )
     for mitigation in mitigations:
-        for stage, instead in STAGES_AXOLOTL_OWNS.items():
-            if getattr(type(mitigation), stage) is not getattr(Mitigation, stage):
-                problems.append(f"mitigations: {mitigation.name!r} acts at the {stage} stage: {instead}")
+        own = type(mitigation)
+        stages = [stage for stage in STAGES_AXOLOTL_OWNS if getattr(own, stage) is not getattr(Mitigation, stage)]
+        for stage in stages:
+            problems.append(f"mitigations: {mitigation.name!r} acts at the {stage} stage: {STAGES_AXOLOTL_OWNS[stage]}")
+        if not stages:  # what it says of the rest of the config, as mft-run asks it
+            problems += own.config_problems(mitigation.params, config_view(cfg))
     return problems
 
 
-def run_context(cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase) -> RunContext:
-    """The context a mitigation's ``on_train_begin`` gets (e.g. EWC packs its Fisher data with it).
+def config_view(cfg: Mapping[str, Any]) -> MFTConfigBase:
+    """Axolotl's config as ours: its values of the keys both schemas share (Axolotl validated them).
 
-    Its config holds Axolotl's values of the keys both schemas share (Axolotl validated them);
-    the keys Axolotl shapes differently are left out.
+    The keys Axolotl shapes differently are left out, but whether it shards with FSDP is kept.
     """
-    shared = {
-        key: cfg[key]
-        for key in MFTConfigBase.model_fields
-        if key not in AXOLOTL_SHAPED_KEYS and cfg.get(key) is not None
-    }
-    config = MFTConfigBase.model_construct(**shared)
+    keys = [key for key in MFTConfigBase.model_fields if key not in AXOLOTL_SHAPED_KEYS]
+    shared = {key: cfg[key] for key in keys if cfg.get(key) is not None}
+    return MFTConfigBase.model_construct(**shared, fsdp=bool(cfg.get("fsdp") or cfg.get("fsdp_config")))
+
+
+def run_context(cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase) -> RunContext:
+    """The context a mitigation's ``on_train_begin`` gets (e.g. EWC packs its Fisher data with it)."""
+    config = config_view(cfg)
     return RunContext(config=config, tokenizer=tokenizer, output_dir=Path(config.output_dir))
 
 

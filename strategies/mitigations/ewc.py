@@ -129,6 +129,15 @@ class EWCMitigation(Mitigation):
         super().__init__(*args, **kwargs)
         self.terms: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]] = []  # (theta, F, theta*)
 
+    @classmethod
+    def config_problems(cls, params: StrategyParams, config: Any) -> list[str]:
+        """The penalty holds the parameters as ``on_train_begin`` sees them, before the Trainer's
+        engine wraps the model: FSDP2 replaces them with sharded ones, ZeRO-3 empties them."""
+        if config.fsdp_enabled or config.deepspeed:
+            reason = "its penalty would miss the parameters that fsdp/deepspeed shard"
+            return [f"mitigations: ewc works with DDP only ({reason}); remove fsdp/fsdp_config/deepspeed"]
+        return []
+
     def on_train_begin(self, model: torch.nn.Module, context: RunContext) -> None:
         params = trainable_parameters(model)
         anchors = {name: p.detach().float().clone() for name, p in params.items()}

@@ -61,10 +61,9 @@ def shuffled_stream(size: int, count: int, seed: int) -> list[int]:
 def composed_order(num_new: int, num_general: int, k: int, micro_batch_size: int, seed: int) -> list[int]:
     """Row order over ``new + general`` (general rows offset by ``num_new``): micro-batches of k
     new rows then ``micro_batch_size - k`` general ones, covering every new row once."""
-    batches = math.ceil(num_new / k)
+    batches, replay = math.ceil(num_new / k), micro_batch_size - k
     new = shuffled_stream(num_new, batches * k, seed)
-    general = shuffled_stream(num_general, batches * (micro_batch_size - k), seed + 1)
-    replay = micro_batch_size - k
+    general = shuffled_stream(num_general, batches * replay, seed + 1)
     order: list[int] = []
     for b in range(batches):
         order += new[b * k : (b + 1) * k] + [num_new + i for i in general[b * replay : (b + 1) * replay]]
