@@ -17,10 +17,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pydantic import Field
+
+from mft_plugin.strategy import StrategyParams
+
 if TYPE_CHECKING:
     import torch
 
     from mft_plugin.losses import TeacherStats
+
+
+class CorrectionParams(StrategyParams):
+    """The parameter of the corrective objectives (``mft``, ``singly_corrective``)."""
+
+    tau: float = Field(0.25, ge=0.0, le=1.0, description="target margin / probability gain of the label")
 
 
 def alpha_weight(stats: TeacherStats, tau: float) -> torch.Tensor:

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pydantic import Field
-
-from mft_plugin.strategies.objectives._targets import alpha_weight, beta_weight
-from mft_plugin.strategy import Objective, StrategyParams
+from mft_plugin.strategies.objectives._targets import CorrectionParams, alpha_weight, beta_weight
+from mft_plugin.strategy import Objective
 
 if TYPE_CHECKING:
     import torch
@@ -24,13 +22,9 @@ if TYPE_CHECKING:
     from mft_plugin.losses import TeacherStats
 
 
-class MinifinetuningParams(StrategyParams):
-    tau: float = Field(0.25, ge=0.0, le=1.0, description="target margin / probability gain of the label")
-
-
 class MinifinetuningObjective(Objective):
     name = "mft"
-    Params = MinifinetuningParams
+    Params = CorrectionParams
 
     def label_weight(self, stats: TeacherStats) -> torch.Tensor:
         tau = self.params.tau

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pydantic import Field
-
-from mft_plugin.strategies.objectives._targets import alpha_weight
-from mft_plugin.strategy import Objective, StrategyParams
+from mft_plugin.strategies.objectives._targets import CorrectionParams, alpha_weight
+from mft_plugin.strategy import Objective
 
 if TYPE_CHECKING:
     import torch
@@ -19,13 +17,9 @@ if TYPE_CHECKING:
     from mft_plugin.losses import TeacherStats
 
 
-class SinglyCorrectiveParams(StrategyParams):
-    tau: float = Field(0.25, ge=0.0, le=1.0, description="target margin of the label over the teacher's argmax")
-
-
 class SinglyCorrectiveObjective(Objective):
     name = "singly_corrective"
-    Params = SinglyCorrectiveParams
+    Params = CorrectionParams
 
     def label_weight(self, stats: TeacherStats) -> torch.Tensor:
         return stats.where_right(if_right=0.0, if_wrong=alpha_weight(stats, self.params.tau))
