@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ class Shape:
     batch: int
     seq: int
     heads: int = 4
+    dtype: str = "float32"  # of the weights
 
     def config(self) -> LlamaConfig:
         return LlamaConfig(
@@ -69,9 +71,10 @@ class Shape:
 
 
 def load(shape: Shape, quantized: bool = False) -> torch.nn.Module:
-    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    dtype = getattr(torch, shape.dtype)
+    kwargs: dict[str, Any] = {"dtype": dtype}
     if quantized:
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(shape.saved(), **kwargs)
     keep_4bit_layout_on_cpu(model)
     return model
@@ -209,9 +212,9 @@ def main() -> None:
     larger = Shape("larger 29M (V 32k)", 512, 4, 32768, batch=2, seq=256, heads=8)
     shapes = [shipped, larger]
     if args.gpu_paper_size:
-        shapes = [Shape("paper-size 283M (V 128k)", 1024, 12, 128256, batch=8, seq=1024, heads=16)]
+        shapes = [Shape("paper-size 283M (V 128k)", 1024, 12, 128256, batch=8, seq=1024, heads=16, dtype="bfloat16")]
     sections = [
-        (f"Medians of {args.repeats} interleaved steps; random tokens; float32 weights; AdamW over the trainable "
+        (f"Medians of {args.repeats} interleaved steps; random tokens; {shapes[0].dtype} weights; AdamW over the trainable "
         "parameters. Peak memory: the variant's live tensors after a first step (weights, teacher, gradients, "
         "optimizer states) plus the extra bytes its step allocates at its peak (bench/_harness.py). "
         "The teacher cache holds the top 64 probabilities per token."),
@@ -221,6 +224,7 @@ def main() -> None:
                       args.repeats),
     ]  # fmt: skip
     write_results("step", "Training-step time and memory (bench/bench_step.py)", sections)
+    shutil.rmtree(WORK, ignore_errors=True)
 
 
 if __name__ == "__main__":

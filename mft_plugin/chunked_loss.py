@@ -47,9 +47,12 @@ class UnfusableError(ValueError):
 
 
 class TeacherChunks(Protocol):
-    def chunk(self, rows: slice, labels: torch.Tensor, out: torch.Tensor) -> TeacherStats:
+    def chunk(
+        self, rows: slice, labels: torch.Tensor, out: torch.Tensor, log_p_student: torch.Tensor | None
+    ) -> TeacherStats:
         """Write p^T of the tokens ``rows`` into ``out`` ``[n, V]`` (float32+) and return its stats;
-        ``labels`` ``[n]`` are those tokens' labels, ignored ones replaced by 0."""
+        ``labels`` ``[n]`` are those tokens' labels, ignored ones replaced by 0; ``log_p_student``
+        ``[n, V]`` is the student's log p^S there (the teacher cache shapes its tail after it)."""
 
 
 def stats_of(p_teacher: torch.Tensor, labels: torch.Tensor) -> TeacherStats:
@@ -71,7 +74,9 @@ class TeacherLogits:
 
     logits: torch.Tensor
 
-    def chunk(self, rows: slice, labels: torch.Tensor, out: torch.Tensor) -> TeacherStats:
+    def chunk(
+        self, rows: slice, labels: torch.Tensor, out: torch.Tensor, log_p_student: torch.Tensor | None = None
+    ) -> TeacherStats:
         p_teacher = torch.softmax(out.copy_(self.logits[rows]), dim=1, out=out)
         return stats_of(p_teacher, labels)
 
@@ -84,7 +89,9 @@ class TeacherHead:
     hidden: torch.Tensor
     weight: torch.Tensor
 
-    def chunk(self, rows: slice, labels: torch.Tensor, out: torch.Tensor) -> TeacherStats:
+    def chunk(
+        self, rows: slice, labels: torch.Tensor, out: torch.Tensor, log_p_student: torch.Tensor | None = None
+    ) -> TeacherStats:
         p_teacher = torch.softmax(matmul_into(out, self.hidden[rows], self.weight.T), dim=1, out=out)
         return stats_of(p_teacher, labels)
 
@@ -120,7 +127,7 @@ def _chunk_losses(
         return nll, torch.ones_like(nll), None
     n = labels.shape[0]
     p_teacher = buffers.teacher[:n]
-    w = problem.objective.label_weight(problem.teacher.chunk(rows, labels, p_teacher)).to(nll.dtype)
+    w = problem.objective.label_weight(problem.teacher.chunk(rows, labels, p_teacher, log_p_student)).to(nll.dtype)
     if problem.nll_rows is not None:
         w = w.masked_fill(problem.nll_rows[rows], 1.0)
     distill = -torch.mul(p_teacher, log_p_student, out=buffers.product[:n]).sum(dim=1)  # CE(p^T, p^S)

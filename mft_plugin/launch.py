@@ -21,7 +21,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from mft_plugin.config import FSDPConfig, MFTConfigBase
+from mft_plugin.config import MFTConfigBase
+from mft_plugin.engine_config import FSDPConfig
 
 
 def accelerate_command(config_path: str, overrides: Sequence[str], num_processes: int) -> list[str]:

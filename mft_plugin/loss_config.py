@@ -18,15 +18,16 @@ class TeacherCacheConfig(BaseModel):
     """``teacher_cache:``: the teacher's outputs computed once per training block and read from disk.
 
     Per token: the exact p^T_l and p^T_max (so the correction weight is exact) and the ``top_k``
-    largest probabilities with their indices; the remaining mass is spread evenly over the other
-    tokens, so that the distillation target stays a distribution.
+    largest probabilities with their indices; the remaining mass is spread over the other tokens in
+    the student's own proportions, so that the distillation target stays a distribution.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     top_k: int = Field(64, ge=1, description="teacher probabilities kept per token (capped at the vocabulary size)")
     path: str | None = Field(
-        None, description="folder of caches, one per base model and data (default: output_dir/teacher_cache); share it across a sweep"
+        None,
+        description="folder of caches, one per base model and data (default: output_dir/teacher_cache); share it across a sweep",
     )
 
 

@@ -7,7 +7,8 @@ teacher once over the training blocks before training and keeps, per token,
 - p^T_l and p^T_max exactly, so the correction weight w (alpha, beta; Sec. 2) is exact
   (the argmax is the first top-k index);
 - the ``top_k`` largest probabilities and their indices, and the remaining mass, which the
-  distillation target spreads evenly over the other tokens: p~^T stays a distribution.
+  distillation target spreads over the other tokens as the student's own p^S does there:
+  p~^T stays a distribution, and its tail is the teacher's own at the start of training.
 
 During training no teacher model is held in memory at all. The cache lives in
 ``{path}/{key}``, where the key hashes the base model's files, the teacher's precision, ``top_k``
@@ -26,7 +27,6 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -63,11 +63,17 @@ class CachedTeacherChunks:
     top_probs: torch.Tensor
     top_ids: torch.Tensor
 
-    def chunk(self, rows: slice, labels: torch.Tensor, out: torch.Tensor) -> TeacherStats:
-        """p~^T into ``out`` ``[n, V]``: the top-k probabilities, the rest spread over the other tokens."""
-        others = max(out.shape[1] - self.top_ids.shape[1], 1)
-        out.copy_((self.rest[rows] / others).unsqueeze(1).expand_as(out))
-        out.scatter_(1, self.top_ids[rows], self.top_probs[rows].to(out.dtype))
+    def chunk(self, rows: slice, labels: torch.Tensor, out: torch.Tensor, log_p_student: torch.Tensor) -> TeacherStats:
+        """p~^T into ``out`` ``[n, V]``: the top-k probabilities, and the rest of the mass over the other
+        tokens in the proportions of the student's own p^S there (a constant target, like all of p~^T).
+
+        The student starts as the teacher (self-distillation), so this tail is exactly the teacher's at
+        the start; it then only asks the tail to keep its total mass, not to take any given shape.
+        """
+        top_ids = self.top_ids[rows]
+        tail = torch.exp(log_p_student, out=out).scatter_(1, top_ids, 0.0)  # p^S outside the top k
+        tail.mul_((self.rest[rows] / tail.sum(dim=1).clamp(min=torch.finfo(out.dtype).tiny)).unsqueeze(1))
+        out.scatter_(1, top_ids, self.top_probs[rows].to(out.dtype))
         return TeacherStats(p_label=self.p_label[rows], p_max=self.p_max[rows])
 
 
@@ -128,7 +134,7 @@ def _write_batch(arrays: dict[str, np.ndarray], start: int, head: TeacherHead, l
     for first in range(0, flat.shape[0], chunk):
         rows = slice(first, first + chunk)
         p_teacher = buffer[: flat[rows].shape[0]]
-        stats = head.chunk(rows, flat[rows], p_teacher)
+        stats = head.chunk(rows, flat[rows], p_teacher, None)
         top = p_teacher.topk(k, dim=1)
         out["p_label"].append(stats.p_label)
         out["p_max"].append(stats.p_max)
@@ -150,10 +156,9 @@ def write_cache(
     temporary = folder.with_name(f".{folder.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     temporary.mkdir(parents=True)
     try:
+        shapes = {False: (len(blocks), width), True: (len(blocks), width, k)}
         arrays = {
-            name: np.lib.format.open_memmap(
-                temporary / f"{name}.npy", mode="w+", dtype=dtype, shape=(len(blocks), width, k) if ranked else (len(blocks), width)
-            )
+            name: np.lib.format.open_memmap(temporary / f"{name}.npy", mode="w+", dtype=dtype, shape=shapes[ranked])
             for name, (dtype, ranked) in FIELDS.items()
         }
         for start in range(0, len(blocks), BUILD_BATCH_ROWS):
@@ -192,8 +197,3 @@ def cached_teacher(
             del teacher  # the teacher model is not held during training
     return TeacherCache(folder), blocks.add_column(ROW_COLUMN, list(range(len(blocks))))
 
-
-def describe(cache: TeacherCache) -> dict[str, Any]:
-    """Size of the cache on disk, for logs and benchmarks."""
-    size = sum(file.stat().st_size for file in cache.folder.iterdir())
-    return {**cache.meta, "bytes": size, "folder": str(cache.folder)}

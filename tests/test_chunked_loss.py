@@ -23,6 +23,7 @@ from mft_plugin.chunked_loss import (
     UnfusableError,
     chunked_token_losses,
     default_chunk_size,
+    head_inputs,
     is_label_weight_objective,
     output_head,
     select_loss_impl,
@@ -58,7 +59,8 @@ def naive(problem: dict[str, torch.Tensor], name: str, tau: float | None) -> tup
     weight = problem["weight"].clone().requires_grad_()
     teacher_logits = (problem["teacher_hidden"] @ problem["teacher_weight"].T)[None]
     chosen = objective(name, tau)
-    losses = chosen.token_losses((hidden @ weight.T)[None], teacher_logits if chosen.needs_teacher else None, problem["labels"][None])
+    teacher_logits = teacher_logits if chosen.needs_teacher else None
+    losses = chosen.token_losses((hidden @ weight.T)[None], teacher_logits, problem["labels"][None])
     masked_mean(losses, problem["labels"][None]).backward()
     return losses[0].detach(), hidden.grad, weight.grad
 
@@ -185,7 +187,8 @@ def batch(seed: int = 0) -> dict[str, torch.Tensor]:
     input_ids = torch.randint(0, VOCAB, (3, 9), generator=generator)
     attention_mask = torch.ones_like(input_ids)
     attention_mask[2, 6:] = 0  # a padded row
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": input_ids.masked_fill(attention_mask == 0, IGNORE)}
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 def gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -224,6 +227,22 @@ def test_fused_path_matches_plain_path_with_the_shared_base_teacher_of_lora() ->
     lora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)  # adapters != base
     student = get_peft_model(tiny_llama(0), lora)
     assert_fused_matches_plain(student, SharedBaseTeacher(student))
+
+
+def test_under_bf16_autocast_the_chunks_use_the_heads_bf16_logits() -> None:
+    """Mixed precision (``bf16: true``): the plain head makes bf16 logits, so must the chunks."""
+    student, teacher, mft, inputs = tiny_llama(0), FrozenCopyTeacher(tiny_llama(1)), get_objective("mft"), batch()
+    labels = shift_for_causal_lm(inputs["labels"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = student(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        plain = row_token_losses(mft, teacher, logits, inputs["input_ids"], inputs["attention_mask"], labels)
+        fused = ChunkedLoss(mft, output_head(student), chunk_size=5)(student, teacher, inputs, labels)
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(fused, plain, rtol=2e-2, atol=2e-2)
+    for autocast, dtype in [(True, torch.bfloat16), (False, torch.float32)]:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), head_inputs(output_head(student)) as captured:
+            student(input_ids=inputs["input_ids"])
+        assert captured.compute_dtype == dtype
 
 
 def test_a_head_that_is_not_a_plain_linear_cannot_be_fused() -> None:

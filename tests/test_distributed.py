@@ -28,8 +28,8 @@ import pytest
 import torch
 from accelerate.commands.launch import launch_command_parser
 
-from mft_plugin.config import FSDPConfig
 from mft_plugin.config_errors import ConfigError, load_config, validate_config
+from mft_plugin.engine_config import FSDPConfig
 from mft_plugin.launch import (
     EngineUnavailableError,
     accelerate_command,

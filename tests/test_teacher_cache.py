@@ -48,19 +48,30 @@ def training_batch(data: Dataset, rows: list[int]) -> dict[str, torch.Tensor]:
     return COLLATOR([{**data[i], ROW_COLUMN: i} for i in rows])
 
 
-def test_a_cached_chunk_is_the_top_k_plus_the_rest_spread_evenly() -> None:
-    p_teacher = torch.softmax(torch.randn(3, 10, generator=torch.Generator().manual_seed(0)), dim=1)
+def test_a_cached_chunk_is_the_top_k_plus_the_rest_in_the_students_proportions() -> None:
+    generator = torch.Generator().manual_seed(0)
+    p_teacher = torch.softmax(torch.randn(3, 10, generator=generator), dim=1)
+    log_p_student = torch.log_softmax(torch.randn(3, 10, generator=generator), dim=1)
     top = p_teacher.topk(4, dim=1)
-    cached = CachedTeacherChunks(
-        p_label=p_teacher[:, 0], p_max=top.values[:, 0], rest=1 - top.values.sum(1), top_probs=top.values, top_ids=top.indices
-    )
+    rest = 1 - top.values.sum(1)
+    cached = CachedTeacherChunks(p_teacher[:, 0], top.values[:, 0], rest, top.values, top.indices)
     out = torch.empty(3, 10)
-    stats = cached.chunk(slice(0, 3), torch.zeros(3, dtype=torch.long), out)
+    stats = cached.chunk(slice(0, 3), torch.zeros(3, dtype=torch.long), out, log_p_student)
     torch.testing.assert_close(out.sum(1), torch.ones(3))
     torch.testing.assert_close(out.gather(1, top.indices), top.values)
-    others = torch.ones_like(out, dtype=torch.bool).scatter_(1, top.indices, False)
-    torch.testing.assert_close(out[others].view(3, 6), ((1 - top.values.sum(1)) / 6).unsqueeze(1).expand(3, 6))
+    tail = log_p_student.exp().scatter(1, top.indices, 0.0)
+    torch.testing.assert_close(out.scatter(1, top.indices, 0.0), tail * (rest / tail.sum(1)).unsqueeze(1))
     assert torch.equal(stats.p_label, p_teacher[:, 0]) and torch.equal(stats.p_max, p_teacher.amax(1))  # exact, not p~
+
+
+def test_with_the_student_equal_to_the_teacher_a_cached_chunk_is_the_teacher_exactly() -> None:
+    """Self-distillation starts from the teacher: then the cached target is p^T itself, at any k."""
+    p_teacher = torch.softmax(torch.randn(2, 12, generator=torch.Generator().manual_seed(1)), dim=1)
+    top = p_teacher.topk(3, dim=1)
+    cached = CachedTeacherChunks(p_teacher[:, 0], top.values[:, 0], 1 - top.values.sum(1), top.values, top.indices)
+    out = torch.empty(2, 12)
+    cached.chunk(slice(0, 2), torch.zeros(2, dtype=torch.long), out, p_teacher.log())
+    torch.testing.assert_close(out, p_teacher)
 
 
 def test_stored_label_and_max_probabilities_are_exact_at_any_top_k(tmp_path: Path) -> None:
@@ -70,7 +81,7 @@ def test_stored_label_and_max_probabilities_are_exact_at_any_top_k(tmp_path: Pat
     labels = safe_labels(shift_for_causal_lm(batch["labels"])).flatten()
     online, stored = teacher.targets(batch), cache.targets(batch)
     p_online = torch.empty(labels.shape[0], VOCAB)
-    exact = online.chunk(slice(None), labels, p_online)
+    exact = online.chunk(slice(None), labels, p_online, None)
     valid = shift_for_causal_lm(batch["labels"]).flatten() != -100
     torch.testing.assert_close(stored.p_label[valid], exact.p_label[valid], rtol=0, atol=0)
     torch.testing.assert_close(stored.p_max[valid], exact.p_max[valid], rtol=0, atol=0)
@@ -101,8 +112,10 @@ def test_a_small_cache_changes_the_loss_only_through_the_distillation_term(tmp_p
     batch, mft = training_batch(data, [0, 1]), get_objective("mft")
     labels = shift_for_causal_lm(batch["labels"])
     student = tiny_llama(0)
-    loss = lambda source: masked_mean(ChunkedLoss(mft, output_head(student))(student, source, batch, labels), labels)  # noqa: E731
-    online, cached = loss(teacher).item(), loss(build(tmp_path / "cache", teacher, data, top_k=2)).item()
+    fused = ChunkedLoss(mft, output_head(student))
+    online = masked_mean(fused(student, teacher, batch, labels), labels).item()
+    small_cache = build(tmp_path / "cache", teacher, data, top_k=2)
+    cached = masked_mean(fused(student, small_cache, batch, labels), labels).item()
     assert online != cached and cached == pytest.approx(online, rel=0.05)
 
 
