@@ -23,7 +23,7 @@ from mft_plugin.chunked_loss import select_loss_impl
 from mft_plugin.config import MFTConfigBase
 from mft_plugin.context import RunContext
 from mft_plugin.data import PaddingCollator, load_all_documents, pack_documents, split_documents
-from mft_plugin.evaluation import GENERAL, SPEC, paper_metrics
+from mft_plugin.evaluation import GENERAL, SPEC
 from mft_plugin.interrupts import StopOnSignal, TrainingInterrupted
 from mft_plugin.launch import engine_arguments
 from mft_plugin.loading import load_frozen_teacher, load_model, load_tokenizer, save_merged_model
@@ -154,8 +154,10 @@ def run(config: MFTConfigBase, registry: Registry | None = None) -> dict[str, An
         budget=Budget.from_config(config),  # stops training, and bounds the choice of the final checkpoint
         chunked_loss=chunked_loss,
     )
-    trainer.base_perplexities = load_base_perplexities(output_dir, config) or trainer.perplexities(base=True)
-    save_base_perplexities(output_dir, config, trainer.base_perplexities)
+    cached_base = load_base_perplexities(output_dir, config)
+    trainer.base_perplexities = cached_base or trainer.perplexities(base=True)
+    if cached_base is None:  # measured just now: cache it for resumed runs and sweep siblings
+        save_base_perplexities(output_dir, config, trainer.base_perplexities)
     for mitigation in mitigations:
         mitigation.on_train_begin(trainer.model, context)
     plugin_manager.hook.mft_run_start(config=config, output_dir=str(output_dir))
@@ -198,9 +200,7 @@ def _final_metrics(trainer: MFTTrainer, train_metrics: dict[str, float]) -> dict
     metrics[SKIPPED_KEY] = skipped_steps(trainer.state.log_history)
     best = best_evaluation(trainer.state.log_history, trainer.state.best_model_checkpoint)
     if best is None and trainer.eval_sets:  # no evaluation, or none within the budget: the final model's
-        current = trainer.perplexities()
-        best = {f"eval_{k}_ppl": v for k, v in current.items()}
-        best.update({f"eval_{k}": v for k, v in paper_metrics(trainer.base_perplexities, current).items()})
+        best = trainer.paper_evaluation()
     metrics.update(best or {})
     evaluations = [entry for entry in trainer.state.log_history if SPEC_METRIC in entry]
     stopped_early = trainer.state.global_step < trainer.state.max_steps

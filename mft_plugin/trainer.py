@@ -129,6 +129,13 @@ class MFTTrainer(Trainer):
         past the degeneralization budget: the final model is the best one *within* it (``mft_plugin.budget``)."""
         return self.budget.admits(metrics) and super()._determine_best_metric(metrics, trial)
 
+    def paper_evaluation(self, prefix: str = "eval") -> dict[str, float]:
+        """The current model's perplexities and its S, DG, DG/S against the base (paper Sec. 3.1)."""
+        current = self.perplexities()
+        metrics = {f"{prefix}_{name}_ppl": value for name, value in current.items()}
+        metrics.update({f"{prefix}_{k}": v for k, v in paper_metrics(self.base_perplexities, current).items()})
+        return metrics
+
     def evaluate(
         self,
         eval_dataset: Dataset | dict[str, Dataset] | None = None,
@@ -136,11 +143,7 @@ class MFTTrainer(Trainer):
         metric_key_prefix: str = "eval",
     ) -> dict[str, float]:
         """Perplexities on the specialized and general sets, plus S, DG and DG/S against the base."""
-        current = self.perplexities()
-        metrics = {f"{metric_key_prefix}_{name}_ppl": value for name, value in current.items()}
-        metrics.update(
-            {f"{metric_key_prefix}_{k}": v for k, v in paper_metrics(self.base_perplexities, current).items()}
-        )
+        metrics = self.paper_evaluation(metric_key_prefix)
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
