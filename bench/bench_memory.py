@@ -71,8 +71,13 @@ def run_config(base_model: str, name: str, args: argparse.Namespace, output_dir:
 
 
 def measure_child(config: dict[str, Any]) -> None:
-    """In the child process: train; print the peak memory since the model began to load, and the
-    tensor bytes held during the second step (weights, gradients, optimizer states, the teacher)."""
+    """In the child process: train, then print what :func:`measure` measured as one JSON line."""
+    print(json.dumps(measure(config)))
+
+
+def measure(config: dict[str, Any]) -> dict[str, Any]:
+    """Train as ``config`` says, in this process; the peak memory since the model began to load, and
+    the tensor bytes held during the second step (weights, gradients, optimizer states, the teacher)."""
     import torch
 
     from mft_plugin import recipe
@@ -101,7 +106,7 @@ def measure_child(config: dict[str, Any]) -> None:
     recipe.run(validate_config(config))
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else _status_kib("VmHWM") * 1024
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(json.dumps({"peak": peak - measured["start"], "held": measured["held"], "device": device}))
+    return {"peak": peak - measured["start"], "held": measured["held"], "device": device}
 
 
 def live_tensor_bytes() -> int:

@@ -10,12 +10,14 @@ On a machine without a GPU the Trainer only joins the processes into one gloo gr
 to use the CPU; :func:`engine_arguments` tells it, so ``torchrun``/``accelerate launch`` of 2
 CPU processes trains one model with DDP instead of two independent copies. (``accelerate
 launch --cpu`` starts a single process unless an MPI hostfile is given: use ``--multi_gpu`` or
-torchrun on CPU too.)
+torchrun on CPU too.) DeepSpeed runs on CPU processes as well, on its CPU accelerator over gloo,
+which is how CI tests ZeRO-2/3; FSDP does not (accelerate applies it to GPU processes only).
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -42,23 +44,15 @@ class EngineUnavailableError(RuntimeError):
 
 
 def check_engine_available(config: MFTConfigBase) -> None:
-    """FSDP and DeepSpeed need GPUs: accelerate 1.15 applies neither to CPU processes.
+    """FSDP needs GPUs: accelerate 1.15 applies it to GPU processes only.
 
     Without this check an FSDP run on CPU would silently train as plain DDP (accelerate drops
-    the FSDP plugin for CPU processes), and a DeepSpeed one would fail deep in DeepSpeed's
-    batch-size check (accelerate sets up no process group for it on CPU).
+    the FSDP plugin for CPU processes).
     """
-    if has_accelerator():
-        return
-    if config.fsdp_enabled:
+    if config.fsdp_enabled and not has_accelerator():
         raise EngineUnavailableError(
             "fsdp: FSDP needs GPUs (accelerate applies it only to GPU processes; on CPU the run would "
-            "silently be plain DDP); remove fsdp/fsdp_config to train with DDP on CPU"
-        )
-    if config.deepspeed is not None:
-        raise EngineUnavailableError(
-            f"deepspeed: {config.deepspeed}: DeepSpeed needs GPUs (accelerate sets up no DeepSpeed process "
-            "group for CPU processes); remove deepspeed to train with DDP on CPU"
+            "silently be plain DDP); remove fsdp/fsdp_config to train with DDP (or use deepspeed) on CPU"
         )
 
 
@@ -84,15 +78,48 @@ def engine_arguments(config: MFTConfigBase) -> dict[str, Any]:
     """``TrainingArguments`` keys for the engine the YAML asks for (DDP when it asks for none).
 
     ``use_cpu`` on a machine without an accelerator is what makes the Trainer join launched
-    processes into one gloo group (otherwise each would train alone).
+    processes into one gloo group (otherwise each would train alone). DeepSpeed on such a machine
+    is set up here (:func:`join_deepspeed_cpu_group`) and handed to the Trainer as a configured state.
     """
     check_engine_available(config)
-    arguments: dict[str, Any] = {"use_cpu": not has_accelerator()}
+    on_gpus = has_accelerator()
+    arguments: dict[str, Any] = {"use_cpu": not on_gpus}
     if config.fsdp_enabled:
         arguments.update(fsdp=True, fsdp_config=(config.fsdp_config or FSDPConfig()).trainer_config())
     if config.deepspeed is not None:
-        arguments["deepspeed"] = config.deepspeed
+        arguments.update(deepspeed=config.deepspeed, use_cpu=False)
+        if not on_gpus:
+            join_deepspeed_cpu_group()
+            arguments["accelerator_config"] = {"use_configured_state": True}
     return arguments
+
+
+def join_deepspeed_cpu_group() -> None:
+    """Join this process to a DeepSpeed run on CPU processes (DeepSpeed's CPU accelerator, gloo).
+
+    ``TrainingArguments`` starts DeepSpeed's process group with the accelerator's backend, and
+    without a GPU it names none: every process would then count itself as the only one and fail
+    DeepSpeed's batch-size check. Accelerate's state is therefore made here, with gloo, before the
+    ``TrainingArguments``, which adopt it (``accelerator_config.use_configured_state``). A single
+    process not started by a launcher is a group of one.
+    """
+    from accelerate import PartialState
+
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+        os.environ.setdefault(name, value)
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # read by PartialState: join through deepspeed.comm
+    try:
+        PartialState(backend="gloo")
+    finally:
+        del os.environ["ACCELERATE_USE_DEEPSPEED"]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a process group of one."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def is_main_process() -> bool:

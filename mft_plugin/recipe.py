@@ -154,10 +154,9 @@ def run(config: MFTConfigBase, registry: Registry | None = None) -> dict[str, An
         budget=Budget.from_config(config),  # stops training, and bounds the choice of the final checkpoint
         chunked_loss=chunked_loss,
     )
-    cached_base = load_base_perplexities(output_dir, config)
-    trainer.base_perplexities = cached_base or trainer.perplexities(base=True)
-    if cached_base is None:  # measured just now: cache it for resumed runs and sweep siblings
-        save_base_perplexities(output_dir, config, trainer.base_perplexities)
+    trainer.set_base_perplexities(  # measured once; cached for resumed runs and sweep siblings
+        load_base_perplexities(output_dir, config), lambda measured: save_base_perplexities(output_dir, config, measured)
+    )
     for mitigation in mitigations:
         mitigation.on_train_begin(trainer.model, context)
     plugin_manager.hook.mft_run_start(config=config, output_dir=str(output_dir))

@@ -7,13 +7,14 @@ Everything else (optimizer, schedule, gradient accumulation, mixed precision, ch
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from mft_plugin.budget import Budget, BudgetStop
 from mft_plugin.checkpoints import finish_checkpoint
@@ -124,6 +125,24 @@ class MFTTrainer(Trainer):
                 for name, dataset in self.eval_sets.items()
             }
 
+    def set_base_perplexities(
+        self, cached: dict[str, float] | None, on_measured: Callable[[dict[str, float]], None]
+    ) -> None:
+        """The unfinetuned model's perplexities, against which S and DG are measured (paper Sec. 3.1).
+
+        ``cached`` ones if given; otherwise measured now, before training, then passed to
+        ``on_measured``. Under DeepSpeed ZeRO-3 the student's weights are partitioned from
+        ``from_pretrained`` on and only the engine that ``train()`` builds can run them, so they
+        are measured when training begins, before its first step.
+        """
+        if cached is not None:
+            self.base_perplexities = cached
+        elif is_deepspeed_zero3_enabled():
+            self.add_callback(_BaseAtTrainBegin(self, on_measured))
+        else:
+            self.base_perplexities = self.perplexities(base=True)
+            on_measured(self.base_perplexities)
+
     def _determine_best_metric(self, metrics: dict[str, float], trial: Any) -> bool:
         """The Trainer's best-checkpoint bookkeeping (least ``eval_spec_ppl``), blind to evaluations
         past the degeneralization budget: the final model is the best one *within* it (``mft_plugin.budget``)."""
@@ -147,3 +166,26 @@ class MFTTrainer(Trainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+
+class _BaseAtTrainBegin(TrainerCallback):
+    """Measures the base perplexities once the ZeRO-3 engine exists (``MFTTrainer.set_base_perplexities``)."""
+
+    def __init__(self, trainer: MFTTrainer, on_measured: Callable[[dict[str, float]], None]) -> None:
+        self.trainer = trainer
+        self.on_measured = on_measured
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.trainer.base_perplexities:
+            return
+        if state.global_step > 0 and not has_adapters(self.trainer.model):
+            raise RuntimeError(
+                f"resume_from_checkpoint: under DeepSpeed ZeRO-3 the base model's perplexities are measured "
+                f"when training starts, and this run resumes at step {state.global_step} with its weights "
+                f"finetuned already and no base perplexities cached in {args.output_dir}; resume in the "
+                "output_dir of the run that made the checkpoint (it cached them)"
+            )
+        self.trainer.base_perplexities = self.trainer.perplexities(base=True)
+        self.on_measured(self.trainer.base_perplexities)

@@ -15,10 +15,8 @@ MODEL_DIR OUT_DIR`` this module is also the per-rank worker of the teacher-shard
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +32,7 @@ from mft_plugin.launch import (
     EngineUnavailableError,
     accelerate_command,
     engine_arguments,
+    free_port,
 )
 from tests.tiny import REPO, write_yaml
 
@@ -99,13 +98,21 @@ def test_engine_arguments_on_gpus(base_config: dict[str, Any], with_gpu: None) -
     assert engine_arguments(validate_config({**base_config, "deepspeed": zero3}))["deepspeed"] == zero3
 
 
-def test_cpu_processes_join_one_gloo_group_and_refuse_gpu_engines(base_config: dict[str, Any], without_gpu: None) -> None:
+def test_cpu_processes_join_one_gloo_group_and_refuse_fsdp(base_config: dict[str, Any], without_gpu: None) -> None:
     assert engine_arguments(validate_config(base_config)) == {"use_cpu": True}
     with pytest.raises(EngineUnavailableError, match="fsdp: FSDP needs GPUs"):
         engine_arguments(validate_config({**base_config, "fsdp": True}))
+
+
+def test_deepspeed_on_cpu_processes_is_handed_to_the_trainer_as_a_configured_state(
+    base_config: dict[str, Any], without_gpu: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    joined: list[bool] = []  # the real join starts a process group: run in the 2-process tests below
+    monkeypatch.setattr("mft_plugin.launch.join_deepspeed_cpu_group", lambda: joined.append(True))
     zero2 = str(REPO / "yaml_examples/deepspeed/zero2.json")
-    with pytest.raises(EngineUnavailableError, match="deepspeed: .* DeepSpeed needs GPUs"):
-        engine_arguments(validate_config({**base_config, "deepspeed": zero2}))
+    arguments = engine_arguments(validate_config({**base_config, "deepspeed": zero2}))
+    assert arguments == {"use_cpu": False, "deepspeed": zero2, "accelerator_config": {"use_configured_state": True}}
+    assert joined == [True]
 
 
 # --- the launch wrapper ----------------------------------------------------------------------
@@ -178,7 +185,12 @@ def _weights(output_dir: str) -> dict[str, torch.Tensor]:
 
     files = sorted(Path(output_dir).glob("*.safetensors"))
     assert files, f"no weights saved in {output_dir}"
-    return {name: tensor for file in files for name, tensor in load_file(file).items()}
+    weights = {name: tensor for file in files for name, tensor in load_file(file).items()}
+    # DeepSpeed's consolidated state dict keeps the tied head (the tiny model ties it): the same tensor
+    tied_head = weights.pop("lm_head.weight", None)
+    if tied_head is not None:
+        assert torch.equal(tied_head, weights["model.embed_tokens.weight"])
+    return weights
 
 
 def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -186,10 +198,15 @@ def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> f
     return max((a[name].float() - b[name].float()).abs().max().item() for name in a)
 
 
-def _compare_runs(base_config: dict[str, Any], tmp_path: Path, extra: dict[str, Any]) -> None:
-    """2 ranks x micro batch 2 == 1 process x micro batch 2 x accumulation 2; != accumulation 1."""
+def _compare_runs(
+    base_config: dict[str, Any], tmp_path: Path, extra: dict[str, Any], engine: dict[str, Any] | None = None
+) -> None:
+    """2 ranks x micro batch 2 == 1 process x micro batch 2 x accumulation 2; != accumulation 1.
+
+    ``engine``: keys of the 2-process run alone (``deepspeed``); the 1-process runs are plain.
+    """
     common = {**base_config, **extra, "micro_batch_size": 2, "max_steps": 3, "eval_steps": 3}
-    two = {**common, "output_dir": str(tmp_path / "two")}
+    two = {**common, **(engine or {}), "output_dir": str(tmp_path / "two")}
     one = {**common, "gradient_accumulation_steps": 2, "output_dir": str(tmp_path / "one")}
     half = {**common, "output_dir": str(tmp_path / "half")}  # what each rank alone would do
 
@@ -242,18 +259,76 @@ def test_two_processes_replay_and_ewc_equal_one_process(
     _compare_runs(base_config, tmp_path, {"mitigations": mitigations})
 
 
+# DeepSpeed on 2 CPU processes (its CPU accelerator over gloo): ZeRO-2 partitions gradients and
+# Adam states, ZeRO-3 the weights too, the frozen teacher's included; the base perplexities are
+# measured once the ZeRO-3 engine exists. Same global batch, same weights as one plain process.
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_full_finetuning_equals_one_process(base_config: dict[str, Any], tmp_path: Path, stage: int) -> None:
+    engine = {"deepspeed": str(REPO / f"yaml_examples/deepspeed/zero{stage}.json")}
+    _compare_runs(base_config, tmp_path, {}, engine)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_lora_equals_one_process(base_config: dict[str, Any], tmp_path: Path) -> None:
+    # The partitioned base is the teacher under disable_adapter(), run by the training engine's hooks.
+    engine = {"deepspeed": str(REPO / "yaml_examples/deepspeed/zero3.json")}
+    _compare_runs(base_config, tmp_path, {"mitigations": [{"name": "lora", "r": 4}]}, engine)
+
+
+def test_under_zero3_the_base_is_measured_at_train_begin_and_a_resume_without_it_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from types import SimpleNamespace
+
+    from mft_plugin.trainer import MFTTrainer
+
+    monkeypatch.setattr("mft_plugin.trainer.is_deepspeed_zero3_enabled", lambda: True)
+    callbacks: list[Any] = []
+    trainer = SimpleNamespace(
+        base_perplexities={}, model=torch.nn.Linear(2, 2), add_callback=callbacks.append,
+        perplexities=lambda base: {"spec": 9.0} if base else pytest.fail("the current model measured as base"),
+    )  # fmt: skip
+    saved: list[dict[str, float]] = []
+    MFTTrainer.set_base_perplexities(trainer, None, saved.append)  # type: ignore[arg-type]
+    assert trainer.base_perplexities == {} and saved == []  # no engine yet: nothing can run the weights
+    (at_train_begin,) = callbacks
+    args = SimpleNamespace(output_dir="out")
+    with pytest.raises(RuntimeError, match="resume_from_checkpoint: under DeepSpeed ZeRO-3 .* step 2"):
+        at_train_begin.on_train_begin(args, SimpleNamespace(global_step=2), None)  # finetuned weights already
+    at_train_begin.on_train_begin(args, SimpleNamespace(global_step=0), None)
+    assert trainer.base_perplexities == {"spec": 9.0} and saved == [{"spec": 9.0}]
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_run_resumes_from_its_checkpoint(base_config: dict[str, Any], tmp_path: Path) -> None:
+    """A ZeRO-3 run killed after its step-2 checkpoint ends where the uninterrupted run does."""
+    import shutil
+
+    from mft_plugin.outputs import BASE_PPL_FILE
+
+    zero3 = str(REPO / "yaml_examples/deepspeed/zero3.json")
+    common = {**base_config, "deepspeed": zero3, "micro_batch_size": 2, "max_steps": 4, "save_steps": 2, "eval_steps": 2}
+    _run_two_processes({**common, "output_dir": str(tmp_path / "whole")}, tmp_path)
+    killed = tmp_path / "killed"  # what a kill during step 3 leaves: the step-2 checkpoint and the base cache
+    shutil.copytree(tmp_path / "whole" / "checkpoint-2", killed / "checkpoint-2")
+    shutil.copy(tmp_path / "whole" / BASE_PPL_FILE, killed / BASE_PPL_FILE)
+    _run_two_processes({**common, "output_dir": str(killed), "resume_from_checkpoint": True}, tmp_path)
+
+    assert _max_difference(_weights(str(killed)), _weights(str(tmp_path / "whole"))) < TOLERANCE
+    resumed, whole = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("killed", "whole"))
+    assert resumed["eval_spec_ppl"] == pytest.approx(whole["eval_spec_ppl"], rel=TOLERANCE)
+    assert resumed["base_spec_ppl"] == whole["base_spec_ppl"]
+
+
 # --- the frozen teacher sharded like the student ---------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _run_worker(check: str, tiny_model: Path, out: Path, python: str = sys.executable) -> list[dict[str, Any]]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    command = [python, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    command = [python, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     result = subprocess.run(
         [*command, "-m", "tests.test_distributed", check, str(tiny_model), str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False,
@@ -274,7 +349,6 @@ def test_fsdp2_shards_the_frozen_teacher_with_the_students_wrap_policy(tiny_mode
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed (optional)")
 def test_zero3_partitions_the_frozen_teacher(tiny_model: Path, tmp_path: Path) -> None:
     _assert_sharded_in_half(_run_worker("zero3_teacher", tiny_model, tmp_path))
 
