@@ -17,7 +17,7 @@ Under ZeRO-3, DeepSpeed 0.19 keeps a float32 master copy of each rank's weight p
 (``fp32_partitioned_groups_flat``) beside the partition itself even when the weights are float32
 (ZeRO-2 does not): hence the second 4Ψ/N. With bf16 weights on GPUs it is the usual 16Ψ/N.
 
-    OMP_NUM_THREADS=1 python bench/bench_ranks.py              # 26M-parameter random Llama
+    OMP_NUM_THREADS=1 python bench/bench_ranks.py              # 27M-parameter random Llama
 FSDP2 is not measured: accelerate applies it to GPU processes only.
 """
 
@@ -74,9 +74,8 @@ def run_mode(processes: int, config: dict[str, Any], out_dir: Path) -> list[dict
 
 
 def parameter_count(model_dir: str) -> int:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
