@@ -47,19 +47,21 @@ def base_key(config: MFTConfigBase) -> str:
     """Hash of what the base perplexities depend on: the base model and the evaluation data.
 
     The files themselves are hashed (:func:`fingerprint`), not only their names: a model folder or a
-    data file replaced in place makes the cache stale.
+    data file replaced in place makes the cache stale. The training data, ``val_set_size`` and
+    ``seed`` count only when the specialized evaluation set is split off the training data; with
+    ``test_datasets`` they do not, so the runs of a seed sweep share one measurement.
     """
-    specs = [*config.datasets, *(config.test_datasets or []), *(config.general_eval_datasets or [])]
+    split_off_training_data = not config.test_datasets
+    eval_specs = list(config.datasets if split_off_training_data else config.test_datasets)
+    specs = [*eval_specs, *(config.general_eval_datasets or [])]
     data_files = [f for d in specs for f in ([d.data_files] if isinstance(d.data_files, str) else d.data_files or [])]
     sources = [config.base_model, config.tokenizer_config or config.base_model, *(d.path for d in specs), *data_files]
     relevant = {
         "base_model": config.base_model,
         "tokenizer": config.tokenizer_config,
         "sequence_len": config.sequence_len,
-        "datasets": [d.model_dump() for d in config.datasets],
-        "test_datasets": [d.model_dump() for d in config.test_datasets or []],
-        "val_set_size": config.val_set_size,
-        "seed": config.seed,
+        "spec": [d.model_dump() for d in eval_specs],
+        "split": {"val_set_size": config.val_set_size, "seed": config.seed} if split_off_training_data else None,
         "general": [d.model_dump() for d in config.general_eval_datasets or []],
     }
     return fingerprint(*sources, settings=relevant)

@@ -354,7 +354,13 @@ def test_base_perplexity_cache_is_rebuilt_when_stale_or_truncated(
     assert load_base_perplexities(tmp_path, config) is None
 
     save_base_perplexities(tmp_path, config, {"spec": 12.5})
-    assert load_base_perplexities(tmp_path, validate_config({**base_config, "seed": 1})) is None  # other settings
+    assert load_base_perplexities(tmp_path, validate_config({**base_config, "sequence_len": 32})) is None  # other blocks
+    # with test_datasets the seed and the training data do not touch the evaluation sets: shared
+    other_training = {**base_config, "seed": 1, "datasets": [{"path": str(corpora["general_val"])}]}
+    assert load_base_perplexities(tmp_path, validate_config(other_training)) == {"spec": 12.5}
+    split = {key: value for key, value in base_config.items() if key != "test_datasets"}
+    save_base_perplexities(tmp_path, validate_config({**split, "val_set_size": 0.1}), {"spec": 12.5})
+    assert load_base_perplexities(tmp_path, validate_config({**split, "val_set_size": 0.1, "seed": 1})) is None  # other split
     copied = tmp_path / "val.jsonl"
     copied.write_text(Path(corpora["spec_val"]).read_text())
     moved = validate_config({**base_config, "test_datasets": [{"path": str(copied)}]})
