@@ -56,15 +56,20 @@ def build_random_llama(folder: Path, hidden: int, layers: int) -> Path:
     return folder
 
 
-def run_config(base_model: str, name: str, args: argparse.Namespace, output_dir: Path) -> dict[str, Any]:
-    objective, mitigations, teacher = RUNS[name]
-    config = {
+def training_config(base_model: str, args: argparse.Namespace, output_dir: Path, **keys: Any) -> dict[str, Any]:
+    """A few steps on the legal corpus, sized by ``args``; ``keys`` name the strategies and engine."""
+    return {
         "base_model": base_model,
         "datasets": [{"path": str(REPO / "data" / "legal" / "train.jsonl")}],
         "sequence_len": args.sequence_len, "micro_batch_size": args.micro_batch_size, "max_steps": args.steps,
         "save_steps": args.steps, "logging_steps": args.steps, "learning_rate": 1e-4, "output_dir": str(output_dir),
-        "overwrite_output_dir": True, "objective": objective, "mitigations": mitigations, "seed": 0,
+        "overwrite_output_dir": True, "seed": 0, **keys,
     }  # fmt: skip
+
+
+def run_config(base_model: str, name: str, args: argparse.Namespace, output_dir: Path) -> dict[str, Any]:
+    objective, mitigations, teacher = RUNS[name]
+    config = training_config(base_model, args, output_dir, objective=objective, mitigations=mitigations)
     if teacher:
         config["teacher"] = teacher
     return config

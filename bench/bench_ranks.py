@@ -32,9 +32,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench_memory import build_random_llama, measure
-
-from mft_plugin.launch import free_port
+from accelerate.utils.other import get_free_port
+from bench_memory import build_random_llama, measure, training_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEEPSPEED = REPO / "yaml_examples" / "deepspeed"
@@ -44,15 +43,7 @@ MODES = {  # name -> (processes, engine keys, predicted state bytes per paramete
     "ZeRO-2, 2 ranks": (2, {"deepspeed": str(DEEPSPEED / "zero2.json")}, 4 + 12 / 2 + 4),
     "ZeRO-3, 2 ranks": (2, {"deepspeed": str(DEEPSPEED / "zero3.json")}, (4 + 4 + 4 + 8 + 4) / 2),
 }
-
-
-def run_config(base_model: str, engine: dict[str, Any], args: argparse.Namespace, output_dir: Path) -> dict[str, Any]:
-    return {
-        "base_model": base_model, "datasets": [{"path": str(REPO / "data" / "legal" / "train.jsonl")}],
-        "sequence_len": args.sequence_len, "micro_batch_size": args.micro_batch_size, "max_steps": args.steps,
-        "save_steps": args.steps, "logging_steps": args.steps, "learning_rate": 1e-4, "output_dir": str(output_dir),
-        "overwrite_output_dir": True, "objective": {"name": "mft", "tau": 0.25}, "seed": 0, **engine,
-    }  # fmt: skip
+MFT = {"name": "mft", "tau": 0.25}
 
 
 def measure_rank(config: dict[str, Any], out_dir: Path) -> None:
@@ -65,7 +56,7 @@ def run_mode(processes: int, config: dict[str, Any], out_dir: Path) -> list[dict
     """Launch ``processes`` ranks (torchrun) on ``config``; each rank's measurements."""
     out_dir.mkdir(parents=True, exist_ok=True)
     launcher = [sys.executable] if processes == 1 else [sys.executable, "-m", "torch.distributed.run",
-                                                        "--nproc_per_node", str(processes), "--master_port", str(free_port())]  # fmt: skip
+                                                        "--nproc_per_node", str(processes), "--master_port", str(get_free_port())]  # fmt: skip
     command = [*launcher, __file__, "--rank-of", json.dumps(config), str(out_dir)]
     child = subprocess.run(command, capture_output=True, text=True, cwd=REPO, check=False)
     if child.returncode:
@@ -100,7 +91,7 @@ def main() -> None:
         print("| mode | tensors held per rank, MiB | predicted states, MiB | held / predicted | peak per rank, MiB |")
         print("| --- | --- | --- | --- | --- |")
         for name, (processes, engine, bytes_per_parameter) in MODES.items():
-            config = run_config(base_model, engine, args, Path(tmp) / "out")
+            config = training_config(base_model, args, Path(tmp) / "out", objective=MFT, **engine)
             ranks = run_mode(processes, config, Path(tmp) / name.replace(" ", "_").replace(",", ""))
             held, peak = max(r["held"] for r in ranks), max(r["peak"] for r in ranks)
             predicted = bytes_per_parameter * psi

@@ -17,7 +17,6 @@ which is how CI tests ZeRO-2/3; FSDP does not (accelerate applies it to GPU proc
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -104,22 +103,16 @@ def join_deepspeed_cpu_group() -> None:
     process not started by a launcher is a group of one.
     """
     from accelerate import PartialState
+    from accelerate.utils.other import get_free_port
 
     for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
         os.environ.setdefault(name, value)
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    os.environ.setdefault("MASTER_PORT", str(get_free_port()))
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # read by PartialState: join through deepspeed.comm
     try:
         PartialState(backend="gloo")
     finally:
         del os.environ["ACCELERATE_USE_DEEPSPEED"]
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on now, for a process group of one."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def is_main_process() -> bool:

@@ -178,8 +178,6 @@ class _BaseAtTrainBegin(TrainerCallback):
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if self.trainer.base_perplexities:
-            return
         if state.global_step > 0 and not has_adapters(self.trainer.model):
             raise RuntimeError(
                 f"resume_from_checkpoint: under DeepSpeed ZeRO-3 the base model's perplexities are measured "

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import torch
 from accelerate.commands.launch import launch_command_parser
+from accelerate.utils.other import get_free_port
 
 from mft_plugin.config_errors import ConfigError, load_config, validate_config
 from mft_plugin.engine_config import FSDPConfig
@@ -32,7 +33,6 @@ from mft_plugin.launch import (
     EngineUnavailableError,
     accelerate_command,
     engine_arguments,
-    free_port,
 )
 from tests.tiny import REPO, write_yaml
 
@@ -328,7 +328,7 @@ def test_deepspeed_zero3_run_resumes_from_its_checkpoint(base_config: dict[str, 
 
 def _run_worker(check: str, tiny_model: Path, out: Path, python: str = sys.executable) -> list[dict[str, Any]]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    command = [python, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    command = [python, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(get_free_port())]
     result = subprocess.run(
         [*command, "-m", "tests.test_distributed", check, str(tiny_model), str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False,
