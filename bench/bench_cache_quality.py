@@ -21,7 +21,7 @@ import numpy as np
 from _harness import REPO, markdown_table, mib, write_results
 
 from mft_plugin import run
-from mft_plugin.config_errors import read_yaml, validate_config
+from mft_plugin.config.errors import read_yaml, validate_config
 
 QUICKSTART = REPO / "yaml_examples" / "quickstart.yml"
 

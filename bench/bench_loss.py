@@ -6,7 +6,7 @@ loss forward and backward (dloss/dh, dloss/dW):
 
 - naive CE:    logits = h W^T, then ``ft``'s token losses, autograd backward;
 - fused CE:    ``chunked_token_losses`` with ``ft`` (no teacher): Liger-style fused linear CE;
-- naive MFT:   student and teacher logits [N, V], then ``mft``'s token losses (mft_plugin.losses);
+- naive MFT:   student and teacher logits [N, V], then ``mft``'s token losses (mft_plugin.loss.corrected);
 - chunked MFT: ``chunked_token_losses`` with ``mft`` and the teacher's hidden states and head.
 
 Goals (issue 6): chunked MFT peak extra memory <= 1.2 x fused CE's and <= 25 % of naive MFT's, and
@@ -25,8 +25,10 @@ import torch
 from _harness import device, interleaved_medians, markdown_table, mib, peak_extra_bytes, write_results
 
 from mft_plugin import get_objective
-from mft_plugin.chunked_loss import TeacherHead, chunked_token_losses, default_chunk_size
-from mft_plugin.losses import masked_mean
+from mft_plugin.loss.chunked import chunked_token_losses
+from mft_plugin.models.heads import default_chunk_size
+from mft_plugin.teacher.views import TeacherHead
+from mft_plugin.loss.corrected import masked_mean
 
 IMPLEMENTATIONS = ["naive CE", "fused CE", "naive MFT", "chunked MFT"]
 

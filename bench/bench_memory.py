@@ -85,8 +85,8 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
     the tensor bytes held during the second step (weights, gradients, optimizer states, the teacher)."""
     import torch
 
-    from mft_plugin import recipe
-    from mft_plugin.config_errors import validate_config
+    from mft_plugin.train import recipe
+    from mft_plugin.config.errors import validate_config
 
     measured: dict[str, int] = {}
     load_model = recipe.load_model
@@ -134,14 +134,14 @@ def teacher_fidelity(base_model: str, sequence_len: int) -> dict[str, tuple[floa
     """Per cheap teacher: mean KL(p^T_float32 || p^T_cheap) in nats/token and argmax agreement."""
     import torch
 
-    from mft_plugin.config_errors import validate_config
-    from mft_plugin.context import RunContext
-    from mft_plugin.loading import load_frozen_teacher, load_model, load_tokenizer
+    from mft_plugin.config.errors import validate_config
+    from mft_plugin.train.context import RecipeContext
+    from mft_plugin.models.loading import load_frozen_teacher, load_model, load_tokenizer
 
     base = {"base_model": base_model, "datasets": [{"path": str(REPO / "data" / "legal" / "validation.jsonl")}]}
     config = validate_config({**base, "sequence_len": sequence_len})
     tokenizer = load_tokenizer(config)
-    blocks = RunContext(config, tokenizer, Path(".")).packed_blocks(config.datasets).select(range(8))
+    blocks = RecipeContext(config, tokenizer, Path(".")).packed_blocks(config.datasets).select(range(8))
     input_ids = torch.tensor([block for block in blocks["input_ids"] if len(block) == sequence_len][:4])
     with torch.no_grad():
         exact = load_model(config).eval()(input_ids=input_ids).logits.log_softmax(-1)

@@ -30,12 +30,14 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 from mft_plugin import get_objective
-from mft_plugin.chunked_loss import ChunkedLoss, output_head
-from mft_plugin.data import PaddingCollator
-from mft_plugin.loading import keep_4bit_layout_on_cpu
-from mft_plugin.teacher import FrozenCopyTeacher, SharedBaseTeacher
-from mft_plugin.teacher_cache import ROW_COLUMN, TeacherCache, write_cache
-from mft_plugin.trainer import MFTTrainer
+from mft_plugin.loss.chunked import ChunkedLoss
+from mft_plugin.models.heads import output_head
+from mft_plugin.data.batches import PaddingCollator
+from mft_plugin.models.loading import keep_4bit_layout_on_cpu
+from mft_plugin.teacher.sources import FrozenCopyTeacher, SharedBaseTeacher
+from mft_plugin.data.batches import ROW_COLUMN
+from mft_plugin.teacher.cache import TeacherCache, write_cache
+from mft_plugin.train.trainer import MFTTrainer
 
 SHIPPED = REPO / "models" / "mft-tiny-llama"
 WORK = Path(tempfile.mkdtemp(prefix="mft-bench-step-"))

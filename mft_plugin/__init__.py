@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from mft_plugin.config_errors import ConfigError, load_config
+    from mft_plugin.config.errors import ConfigError, load_config
     from mft_plugin.registry import Registry
     from mft_plugin.strategy import Mitigation, Objective
 
@@ -36,14 +36,14 @@ def run(config: Any, registry: Registry | None = None) -> dict[str, Any]:
 
     Pass the ``registry`` given to :func:`load_config` when it was not the default one.
     """
-    from mft_plugin.recipe import run as run_recipe
+    from mft_plugin.train.recipe import run as run_recipe
 
     return run_recipe(config, registry)
 
 
 def __getattr__(name: str) -> Any:
     if name in ("ConfigError", "load_config"):
-        from mft_plugin import config_errors
+        from mft_plugin.config import errors as config_errors
 
         return getattr(config_errors, name)
     if name in ("Mitigation", "Objective"):

@@ -58,11 +58,11 @@ def main(argv: Sequence[str] | None = None, registry: Registry | None = None) ->
 
         return sweep.main(argv[1:], registry)
     if argv[:1] == ["report"]:
-        from mft_plugin import report
+        from mft_plugin.report import tables as report
 
         return report.main(argv[1:])
     args = build_parser().parse_args(argv)
-    from mft_plugin.config_errors import ConfigError, load_config
+    from mft_plugin.config.errors import ConfigError, load_config
     from mft_plugin.registry import default_registry
 
     registry = registry or default_registry()
@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None, registry: Registry | None = None) ->
         print(error, file=sys.stderr)
         return 2
     try:
-        from mft_plugin.preflight import preflight
+        from mft_plugin.train.preflight import preflight
 
         preflight(config)
     except ConfigError as error:
@@ -91,13 +91,13 @@ def main(argv: Sequence[str] | None = None, registry: Registry | None = None) ->
     if config.sweep:
         print(f"{args.config}: sweep: a grid of runs; train it with `mft-run sweep {args.config}`", file=sys.stderr)
         return 2
-    from mft_plugin.launch import is_main_process, launch
+    from mft_plugin.train.launch import is_main_process, launch
 
     if args.num_processes > 1:
         return launch(config, args.config, args.overrides, args.num_processes)
-    from mft_plugin.interrupts import TrainingInterrupted
-    from mft_plugin.recipe import run  # heavy imports only when training
-    from mft_plugin.safety import NonFiniteError
+    from mft_plugin.train.signals import TrainingInterrupted
+    from mft_plugin.train.recipe import run
+    from mft_plugin.train.safety import NonFiniteError
 
     try:
         metrics = run(config, registry)

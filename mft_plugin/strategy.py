@@ -8,22 +8,67 @@ YAML picked.
 
 This module (and every strategy module) imports no torch at import time: the registry imports the
 strategies to validate a YAML, and ``mft-run`` must report a typo before torch is loaded. The loss
-code (:mod:`mft_plugin.losses`) is imported when a loss is first computed.
+code (:mod:`mft_plugin.loss.corrected`) is imported when a loss is first computed. What a
+mitigation's stages receive is declared here too (:class:`RunContext`), so that this contract
+depends on no stage of the run.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
     import torch
     from datasets import Dataset
-    from transformers import PreTrainedModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from mft_plugin.context import RunContext
-    from mft_plugin.losses import TeacherStats
+
+class RunContext(Protocol):
+    """What the core hands to a mitigation's stages (``mft_plugin.train.context.RecipeContext``).
+
+    ``config`` is the validated config (``mft_plugin.config.schema.MFTConfigBase``); the rows a
+    stage adds may carry the routing columns declared in ``mft_plugin.data.batches.ROUTING_COLUMNS``.
+    """
+
+    config: Any
+    tokenizer: PreTrainedTokenizerBase
+    output_dir: Path
+
+    def packed_blocks(self, specs: Sequence[Any]) -> Dataset:
+        """Extra data (``datasets:``-style entries) tokenized and packed exactly like the training data."""
+
+
+@dataclass(frozen=True)
+class TeacherStats:
+    """What a correction weight may depend on, per token (all ``[batch, seq]``, float32).
+
+    ``p_label`` is p^T_l, ``p_max`` is max_v p^T_v. ``teacher_right`` is True where the label is
+    *a* maximizer of p^T (``p_label >= p_max``): on a tie the teacher counts as right, so the
+    rule does not depend on which tied index ``torch.argmax`` happens to return, and a label that
+    already shares the top spot is reinforced by beta rather than "corrected" by alpha.
+    """
+
+    p_label: torch.Tensor
+    p_max: torch.Tensor
+
+    @property
+    def teacher_right(self) -> torch.Tensor:
+        return self.p_label >= self.p_max
+
+    def where_right(self, if_right: torch.Tensor | float, if_wrong: torch.Tensor | float) -> torch.Tensor:
+        """Per-token weight ``[batch, seq]``: ``if_right`` where the teacher is right, else ``if_wrong``.
+
+        The one place the paper's right/wrong dichotomy (Sections 2 and 4) picks between weights.
+        """
+        import torch  # the contract imports no torch until a loss is computed
+
+        like = {"dtype": self.p_label.dtype, "device": self.p_label.device}
+        return torch.where(self.teacher_right, torch.as_tensor(if_right, **like), torch.as_tensor(if_wrong, **like))
 
 
 class StrategyParams(BaseModel):
@@ -56,7 +101,7 @@ class Objective(Strategy):
     """A training objective of the family CE(p^C, p^S), p^C = (1 - w) p^T + w 1_l (paper Sec. 2).
 
     Subclasses state their label weight ``w`` in :meth:`label_weight`; the expansion of the
-    cross-entropy lives once in :mod:`mft_plugin.losses`. An objective outside this family may
+    cross-entropy lives once in :mod:`mft_plugin.loss.corrected`. An objective outside this family may
     override :meth:`token_losses` instead.
     """
 
@@ -77,13 +122,14 @@ class Objective(Strategy):
         ``student_logits``/``teacher_logits``: ``[batch, seq, vocab]``; ``labels``: ``[batch, seq]``,
         already aligned with the logits (the caller does the causal shift).
         """
-        from mft_plugin import losses
+        from mft_plugin.loss import corrected as losses
 
         if teacher_logits is None:
             if self.needs_teacher:
                 raise ValueError(f"objective {self.name!r} needs teacher logits")
             return losses.nll_token_losses(student_logits, labels)
-        weight = self.label_weight(losses.teacher_stats(teacher_logits, labels))
+        p_label, p_max = losses.label_and_max_probabilities(teacher_logits, labels)
+        weight = self.label_weight(TeacherStats(p_label=p_label, p_max=p_max))
         return losses.corrected_token_losses(student_logits, teacher_logits, labels, weight)
 
     def loss(
@@ -93,7 +139,7 @@ class Objective(Strategy):
         labels: torch.Tensor,
     ) -> torch.Tensor:
         """Mean per-token loss over the labels that are not -100 (0 if there are none)."""
-        from mft_plugin import losses
+        from mft_plugin.loss import corrected as losses
 
         return losses.masked_mean(self.token_losses(student_logits, teacher_logits, labels), labels)
 
@@ -102,7 +148,7 @@ class Mitigation(Strategy):
     """A forgetting mitigation that acts on the data, the model, or the loss.
 
     The core calls the stages in a fixed order (data, then model, then loss; see
-    ``mft_plugin.recipe``); a mitigation overrides only the stages it acts on.
+    ``mft_plugin.train.recipe``); a mitigation overrides only the stages it acts on.
     ``exclusive_group`` names a family of which one run may select at most one member
     (e.g. ``"adapter"`` for lora/dora/ia3).
     """

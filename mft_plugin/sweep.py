@@ -3,7 +3,7 @@
 A sweep is one validated base config plus a grid ``{dotted key: [values]}``: the config's ``sweep:``
 block, and ``--grid KEY=[v1, v2]`` on the command line. Every point of the grid's Cartesian product
 is the base config with those keys overridden exactly as ``--set`` would
-(:func:`mft_plugin.config_errors.apply_override`), trained in its own folder
+(:func:`mft_plugin.config.errors.apply_override`), trained in its own folder
 ``<output_dir>/<key=value,...>``. Every run is validated before the first one trains.
 
 A run is finished when its ``metrics.json`` exists (the recipe writes it last, atomically). Starting
@@ -11,9 +11,9 @@ a sweep again skips the finished runs, resumes an interrupted one from its newes
 checkpoint (as ``resume_from_checkpoint: true`` would) and trains the rest; a finished run whose saved config
 differs from the planned one is an error, so results of other settings are never mixed in. A run
 reuses the base perplexities a sibling already measured on the same base and data (the cache of
-:mod:`mft_plugin.outputs`, keyed by a hash of both).
+:mod:`mft_plugin.train.outputs`, keyed by a hash of both).
 
-The runs train one after another in this process (:func:`mft_plugin.recipe.run`): each builds its own
+The runs train one after another in this process (:func:`mft_plugin.train.recipe.run`): each builds its own
 ``TrainingArguments`` (which resets accelerate's process state), Trainer, model and seed, so the only
 thing left over from one run to the next is an open wandb run, which is finished between runs. Staying
 in one process saves the imports of every run and lets a registry given to the sweep reach each run.
@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from mft_plugin.config import MFTConfigBase
-from mft_plugin.config_errors import (
+from mft_plugin.config.schema import MFTConfigBase
+from mft_plugin.config.errors import (
     ConfigError,
     apply_override,
     load_config,
@@ -44,18 +44,14 @@ from mft_plugin.config_errors import (
     read_yaml,
     validate_config,
 )
-from mft_plugin.outputs import (
-    METRICS_FILE,
-    atomic_write_text,
-    load_base_perplexities,
-    save_base_perplexities,
-)
+from mft_plugin.files import atomic_write_text
+from mft_plugin.report.results import SWEEP_FILE
+from mft_plugin.train.outputs import load_base_perplexities, METRICS_FILE, save_base_perplexities
 
 if TYPE_CHECKING:
     from mft_plugin.registry import Registry
 
 logger = logging.getLogger(__name__)
-SWEEP_FILE = "sweep.json"  # the runs in grid order, for `mft-run report`
 _UNSAFE = re.compile(r"[^\w.+=-]")  # kept out of folder names
 RESUME = "resume_from_checkpoint"
 
@@ -206,8 +202,8 @@ def run_sweep(sweep: Sweep, registry: Registry | None = None) -> dict[str, Excep
     A failing run does not stop the others; a signal (``TrainingInterrupted``) or Ctrl-C stops the
     sweep: starting it again resumes where it stopped.
     """
-    from mft_plugin import recipe
-    from mft_plugin.interrupts import TrainingInterrupted
+    from mft_plugin.train import recipe
+    from mft_plugin.train.signals import TrainingInterrupted
 
     runs = sweep.runs
     check_finished(sweep, registry)
@@ -247,8 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def preflight_runs(sweep: Sweep) -> None:
-    """``mft-run``'s checks before any weights load (:mod:`mft_plugin.preflight`), for every run to train."""
-    from mft_plugin.preflight import preflight
+    """``mft-run``'s checks before any weights load (:mod:`mft_plugin.train.preflight`), for every run to train."""
+    from mft_plugin.train.preflight import preflight
 
     problems = []
     for run in sweep.runs:
@@ -264,7 +260,7 @@ def preflight_runs(sweep: Sweep) -> None:
 
 def main(argv: Sequence[str], registry: Registry | None = None) -> int:
     """``mft-run sweep``: 0 when every run finished, 1 when some failed, 2 for a bad config."""
-    from mft_plugin.interrupts import TrainingInterrupted
+    from mft_plugin.train.signals import TrainingInterrupted
 
     args = build_parser().parse_args(argv)
     try:
@@ -282,7 +278,7 @@ def main(argv: Sequence[str], registry: Registry | None = None) -> int:
     except TrainingInterrupted as stopped:  # a checkpoint was saved: the same command resumes
         print(stopped, file=sys.stderr)
         return stopped.exit_code
-    from mft_plugin import report
+    from mft_plugin.report import tables as report
 
     if any(run.finished for run in sweep.runs):
         report.main([str(sweep.folder)])

@@ -34,7 +34,8 @@ from mft_plugin.axolotl.bridge import (
     unsupported,
 )
 from mft_plugin.registry import default_registry
-from mft_plugin.teacher import FrozenCopyTeacher
+from mft_plugin.teacher.sources import FrozenCopyTeacher
+from mft_plugin.train.engine import Engine
 from tests.tiny import REPO, write_yaml
 
 TAU = 0.25
@@ -101,8 +102,9 @@ def _first_grad_norm(objective_name: str, tiny_model: Path, corpora: dict[str, P
         TrainingArguments,
     )
 
-    from mft_plugin.config import DatasetConfig
-    from mft_plugin.data import PaddingCollator, load_all_documents, pack_documents
+    from mft_plugin.config.schema import DatasetConfig
+    from mft_plugin.data.batches import PaddingCollator
+    from mft_plugin.data.documents import load_all_documents, pack_documents
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     blocks = pack_documents(load_all_documents([DatasetConfig(path=str(corpora["spec_train"]))]), tokenizer, 64)
@@ -113,7 +115,7 @@ def _first_grad_norm(objective_name: str, tiny_model: Path, corpora: dict[str, P
         loaded.append(student)
         return AutoModelForCausalLM.from_pretrained(tiny_model)
 
-    cls = trainer_class(Trainer, objective, [], load_copy)
+    cls = trainer_class(Trainer, objective, [], load_copy, Engine())
     args = TrainingArguments(
         output_dir=str(tmp_path / objective_name), max_steps=1, per_device_train_batch_size=4, logging_steps=1,
         learning_rate=1e-3, report_to=[], save_strategy="no", remove_unused_columns=False, use_cpu=True, seed=0,

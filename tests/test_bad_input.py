@@ -18,8 +18,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from mft_plugin.cli import main
-from mft_plugin.outputs import prepare_output_dir
-from mft_plugin.config_errors import validate_config
+from mft_plugin.train.outputs import prepare_output_dir
+from mft_plugin.config.errors import validate_config
 from tests.tiny import write_yaml
 
 

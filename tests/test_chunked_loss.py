@@ -16,23 +16,16 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mft_plugin import get_objective
-from mft_plugin.chunked_loss import (
-    ChunkedLoss,
-    TeacherHead,
-    TeacherLogits,
-    UnfusableError,
-    chunked_token_losses,
-    default_chunk_size,
-    head_inputs,
-    is_label_weight_objective,
-    output_head,
-    select_loss_impl,
-)
-from mft_plugin.composed_batches import row_token_losses
-from mft_plugin.config_errors import ConfigError, validate_config
-from mft_plugin.losses import masked_mean, nll_token_losses, shift_for_causal_lm
+from mft_plugin.loss.chunked import ChunkedLoss, chunked_token_losses, is_label_weight_objective, select_loss_impl
+from mft_plugin.models.heads import UnfusableError, default_chunk_size, head_inputs, output_head
+from mft_plugin.teacher.views import TeacherHead, TeacherLogits
+from mft_plugin.data.batches import FT_LOSS_COLUMN
+from mft_plugin.loss.plain import plain_token_losses
+from mft_plugin.config.errors import ConfigError, validate_config
+from mft_plugin.data.labels import shift_for_causal_lm
+from mft_plugin.loss.corrected import masked_mean, nll_token_losses
 from mft_plugin.strategy import Objective
-from mft_plugin.teacher import FrozenCopyTeacher, SharedBaseTeacher
+from mft_plugin.teacher.sources import FrozenCopyTeacher, SharedBaseTeacher
 from tests.test_objectives import CASES, IGNORE, objective
 
 TOKENS, HIDDEN, VOCAB = 23, 8, 37  # prime sizes: chunks never divide them evenly
@@ -197,13 +190,15 @@ def gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def assert_fused_matches_plain(student: torch.nn.Module, teacher: Any, ft_rows: torch.Tensor | None = None) -> None:
     inputs, mft = batch(), get_objective("mft", tau=0.25)
+    if ft_rows is not None:
+        inputs[FT_LOSS_COLUMN] = ft_rows
     labels = shift_for_causal_lm(inputs["labels"])
     logits = student(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-    plain = row_token_losses(mft, teacher, logits, inputs["input_ids"], inputs["attention_mask"], labels, ft_rows)
+    plain = plain_token_losses(mft, teacher, logits, inputs, labels)
     masked_mean(plain, labels).backward()
     expected = gradients(student)
     student.zero_grad()
-    fused = ChunkedLoss(mft, output_head(student), chunk_size=5)(student, teacher, inputs, labels, ft_rows)
+    fused = ChunkedLoss(mft, output_head(student), chunk_size=5)(student, teacher, inputs, labels)
     masked_mean(fused, labels).backward()
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
     got = gradients(student)
@@ -235,7 +230,7 @@ def test_under_bf16_autocast_the_chunks_use_the_heads_bf16_logits() -> None:
     labels = shift_for_causal_lm(inputs["labels"])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = student(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-        plain = row_token_losses(mft, teacher, logits, inputs["input_ids"], inputs["attention_mask"], labels)
+        plain = plain_token_losses(mft, teacher, logits, inputs, labels)
         fused = ChunkedLoss(mft, output_head(student), chunk_size=5)(student, teacher, inputs, labels)
     assert logits.dtype == torch.bfloat16
     torch.testing.assert_close(fused, plain, rtol=2e-2, atol=2e-2)

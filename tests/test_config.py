@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mft_plugin.config_errors import ConfigError, load_config
+from mft_plugin.config.errors import ConfigError, load_config
 
 NO_MODEL = "/nonexistent/model-folder"
 

@@ -27,13 +27,10 @@ import torch
 from accelerate.commands.launch import launch_command_parser
 from accelerate.utils.other import get_free_port
 
-from mft_plugin.config_errors import ConfigError, load_config, validate_config
-from mft_plugin.engine_config import FSDPConfig
-from mft_plugin.launch import (
-    EngineUnavailableError,
-    accelerate_command,
-    engine_arguments,
-)
+from mft_plugin.config.errors import ConfigError, load_config, validate_config
+from mft_plugin.config.engines import FSDPConfig
+from mft_plugin.train.engine import Engine, EngineUnavailableError
+from mft_plugin.train.launch import accelerate_command
 from tests.tiny import REPO, write_yaml
 
 TOLERANCE = 1e-5  # float32 round-off of a different reduction order; training moves weights ~1e-3
@@ -80,37 +77,41 @@ def test_deepspeed_config_must_be_json(base_config: dict[str, Any], tmp_path: Pa
 
 @pytest.fixture
 def with_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("mft_plugin.launch.has_accelerator", lambda: True)
+    monkeypatch.setattr("mft_plugin.train.engine.has_accelerator", lambda: True)
 
 
 @pytest.fixture
 def without_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("mft_plugin.launch.has_accelerator", lambda: False)
+    monkeypatch.setattr("mft_plugin.train.engine.has_accelerator", lambda: False)
+
+
+def trainer_arguments(config: dict[str, Any]) -> dict[str, Any]:
+    return Engine.from_config(validate_config(config)).trainer_arguments()
 
 
 def test_engine_arguments_on_gpus(base_config: dict[str, Any], with_gpu: None) -> None:
-    assert engine_arguments(validate_config(base_config)) == {"use_cpu": False}  # DDP: the Trainer's default
-    fsdp = engine_arguments(validate_config({**base_config, "fsdp_config": {"offload_params": True}}))
+    assert trainer_arguments(base_config) == {"use_cpu": False}  # DDP: the Trainer's default
+    fsdp = trainer_arguments({**base_config, "fsdp_config": {"offload_params": True}})
     assert fsdp["fsdp"] is True and fsdp["fsdp_config"]["cpu_offload"] is True
-    assert engine_arguments(validate_config({**base_config, "fsdp": True}))["fsdp_config"] == FSDPConfig().trainer_config()
-    assert "fsdp" not in engine_arguments(validate_config({**base_config, "fsdp": False, "fsdp_config": {}}))
+    assert trainer_arguments({**base_config, "fsdp": True})["fsdp_config"] == FSDPConfig().trainer_config()
+    assert "fsdp" not in trainer_arguments({**base_config, "fsdp": False, "fsdp_config": {}})
     zero3 = str(REPO / "yaml_examples/deepspeed/zero3.json")
-    assert engine_arguments(validate_config({**base_config, "deepspeed": zero3}))["deepspeed"] == zero3
+    assert trainer_arguments({**base_config, "deepspeed": zero3})["deepspeed"] == zero3
 
 
 def test_cpu_processes_join_one_gloo_group_and_refuse_fsdp(base_config: dict[str, Any], without_gpu: None) -> None:
-    assert engine_arguments(validate_config(base_config)) == {"use_cpu": True}
+    assert trainer_arguments(base_config) == {"use_cpu": True}
     with pytest.raises(EngineUnavailableError, match="fsdp: FSDP needs GPUs"):
-        engine_arguments(validate_config({**base_config, "fsdp": True}))
+        trainer_arguments({**base_config, "fsdp": True})
 
 
 def test_deepspeed_on_cpu_processes_is_handed_to_the_trainer_as_a_configured_state(
     base_config: dict[str, Any], without_gpu: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     joined: list[bool] = []  # the real join starts a process group: run in the 2-process tests below
-    monkeypatch.setattr("mft_plugin.launch.join_deepspeed_cpu_group", lambda: joined.append(True))
+    monkeypatch.setattr("mft_plugin.train.engine.join_deepspeed_cpu_group", lambda: joined.append(True))
     zero2 = str(REPO / "yaml_examples/deepspeed/zero2.json")
-    arguments = engine_arguments(validate_config({**base_config, "deepspeed": zero2}))
+    arguments = trainer_arguments({**base_config, "deepspeed": zero2})
     assert arguments == {"use_cpu": False, "deepspeed": zero2, "accelerator_config": {"use_configured_state": True}}
     assert joined == [True]
 
@@ -151,7 +152,7 @@ def test_only_rank_0_deletes_old_checkpoints(
     base_config: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rank: str, deletes: bool
 ) -> None:
     """Every rank prepares output_dir; two deleting one checkpoint at once trip over each other."""
-    from mft_plugin.outputs import prepare_output_dir
+    from mft_plugin.train.outputs import prepare_output_dir
 
     checkpoint = tmp_path / "out" / "checkpoint-1"
     checkpoint.mkdir(parents=True)
@@ -283,12 +284,12 @@ def test_under_zero3_the_base_is_measured_at_train_begin_and_a_resume_without_it
 ) -> None:
     from types import SimpleNamespace
 
-    from mft_plugin.trainer import MFTTrainer
+    from mft_plugin.train.trainer import MFTTrainer
 
-    monkeypatch.setattr("mft_plugin.trainer.is_deepspeed_zero3_enabled", lambda: True)
+    monkeypatch.setattr("mft_plugin.train.engine.is_deepspeed_zero3_enabled", lambda: True)
     callbacks: list[Any] = []
     trainer = SimpleNamespace(
-        base_perplexities={}, model=torch.nn.Linear(2, 2), add_callback=callbacks.append,
+        base_perplexities={}, model=torch.nn.Linear(2, 2), add_callback=callbacks.append, engine=Engine("deepspeed"),
         perplexities=lambda base: {"spec": 9.0} if base else pytest.fail("the current model measured as base"),
     )  # fmt: skip
     saved: list[dict[str, float]] = []
@@ -307,7 +308,7 @@ def test_deepspeed_zero3_run_resumes_from_its_checkpoint(base_config: dict[str, 
     """A ZeRO-3 run killed after its step-2 checkpoint ends where the uninterrupted run does."""
     import shutil
 
-    from mft_plugin.outputs import BASE_PPL_FILE
+    from mft_plugin.train.outputs import BASE_PPL_FILE
 
     zero3 = str(REPO / "yaml_examples/deepspeed/zero3.json")
     common = {**base_config, "deepspeed": zero3, "micro_batch_size": 2, "max_steps": 4, "save_steps": 2, "eval_steps": 2}
@@ -354,7 +355,7 @@ def test_zero3_partitions_the_frozen_teacher(tiny_model: Path, tmp_path: Path) -
 
 
 def _stand_in_accelerator(state: Any, distributed_type: Any) -> Any:
-    """What ``place_teacher`` reads of an Accelerator; accelerate 1.15 sets FSDP/DeepSpeed up only on GPUs."""
+    """What ``Engine.place_teacher`` reads of an Accelerator; accelerate 1.15 sets FSDP/DeepSpeed up only on GPUs."""
     from types import SimpleNamespace
 
     return SimpleNamespace(
@@ -370,16 +371,17 @@ def _teacher_check(check: str, model_dir: str) -> dict[str, Any]:
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
     from transformers import AutoModelForCausalLM
 
-    from mft_plugin.teacher import FrozenCopyTeacher, place_teacher
+    from mft_plugin.teacher.sources import FrozenCopyTeacher
+    from mft_plugin.train.engine import Engine
 
     whole = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     parameters = sum(p.numel() for p in whole.parameters())
     input_ids = torch.randint(0, whole.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
-    expected = FrozenCopyTeacher(copy.deepcopy(whole)).logits(input_ids, None)
+    expected = FrozenCopyTeacher(copy.deepcopy(whole)).logits({"input_ids": input_ids})
     if check == "fsdp_teacher":
         dist.init_process_group("gloo")
         state = SimpleNamespace(fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2))
-        teacher = place_teacher(FrozenCopyTeacher(whole), _stand_in_accelerator(state, DistributedType.FSDP))
+        teacher = Engine("fsdp").place_teacher(FrozenCopyTeacher(whole), _stand_in_accelerator(state, DistributedType.FSDP))
         local = sum(p.to_local().numel() for p in teacher.model.parameters())
     else:
         import deepspeed
@@ -395,9 +397,10 @@ def _teacher_check(check: str, model_dir: str) -> dict[str, Any]:
         zero3 = HfDeepSpeedConfig(config)  # noqa: F841  (alive: from_pretrained loads partitioned)
         partitioned = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         state = SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=config))
-        teacher = place_teacher(FrozenCopyTeacher(partitioned), _stand_in_accelerator(state, DistributedType.DEEPSPEED))
+        accelerator = _stand_in_accelerator(state, DistributedType.DEEPSPEED)
+        teacher = Engine("deepspeed").place_teacher(FrozenCopyTeacher(partitioned), accelerator)
         local = sum(p.ds_tensor.numel() for p in partitioned.parameters())
-    difference = (teacher.logits(input_ids, None) - expected).abs().max().item()
+    difference = (teacher.logits({"input_ids": input_ids}) - expected).abs().max().item()
     return {"parameters": parameters, "local_parameters": local, "max_logit_difference": difference}
 
 

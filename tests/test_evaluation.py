@@ -21,13 +21,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 from mft_plugin import get_objective
-from mft_plugin.budget import MAX_DEGENERALIZATION, TARGET_SPECIALIZATION, Budget
-from mft_plugin.config import DatasetConfig
-from mft_plugin.config_errors import ConfigError, validate_config
-from mft_plugin.data import PaddingCollator, load_all_documents, pack_documents
-from mft_plugin.evaluation import GENERAL, SPEC, perplexity
-from mft_plugin.recipe import run
-from mft_plugin.trainer import MFTTrainer
+from mft_plugin.train.budget import Budget, MAX_DEGENERALIZATION, TARGET_SPECIALIZATION
+from mft_plugin.config.schema import DatasetConfig
+from mft_plugin.config.errors import ConfigError, validate_config
+from mft_plugin.data.batches import PaddingCollator
+from mft_plugin.data.documents import load_all_documents, pack_documents
+from mft_plugin.eval.metrics import GENERAL, perplexity, SPEC
+from mft_plugin.train.recipe import run
+from mft_plugin.train.trainer import MFTTrainer
 
 REL = 1e-4  # a batched float32 forward against one row at a time
 

@@ -14,7 +14,7 @@ from datasets import Dataset
 from safetensors import safe_open
 
 from mft_plugin import run
-from mft_plugin.config_errors import validate_config
+from mft_plugin.config.errors import validate_config
 from mft_plugin.strategies.mitigations import ewc
 from mft_plugin.strategies.mitigations.ewc import EWCMitigation, estimate_fisher
 

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from mft_plugin import run
-from mft_plugin.config_errors import load_config, validate_config
+from mft_plugin.config.errors import load_config, validate_config
 from tests.tiny import DATA, REFERENCE_MODEL, REPO
 
 PAPER_ROWS = ["ft", "mft", "replay", "replay_mft", "lora", "lora_mft", "dora", "dora_mft", "ia3", "ia3_mft", "ewc", "qlora_mft"]

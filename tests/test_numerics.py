@@ -20,18 +20,20 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 from mft_plugin import get_objective
 from mft_plugin.cli import main
-from mft_plugin.config_errors import load_config
-from mft_plugin.data import PaddingCollator, pack_documents
+from mft_plugin.config.errors import load_config
+from mft_plugin.data.batches import PaddingCollator
+from mft_plugin.data.documents import pack_documents
 from mft_plugin.hookspecs import hookimpl
-from mft_plugin.losses import nll_token_losses, shift_for_causal_lm
-from mft_plugin.recipe import run
+from mft_plugin.data.labels import shift_for_causal_lm
+from mft_plugin.loss.corrected import nll_token_losses
+from mft_plugin.train.recipe import run
 from mft_plugin.registry import Registry, collect_strategies, make_plugin_manager
-from mft_plugin.safety import NonFiniteError, describe_nonfinite_loss
+from mft_plugin.train.safety import NonFiniteError, describe_nonfinite_loss
 from mft_plugin.strategies import objectives as builtin_objectives
 from mft_plugin.strategies.objectives.mft import MinifinetuningObjective
 from mft_plugin.strategy import Mitigation, Objective, StrategyParams
-from mft_plugin.teacher import FrozenCopyTeacher
-from mft_plugin.trainer import MFTTrainer
+from mft_plugin.teacher.sources import FrozenCopyTeacher
+from mft_plugin.train.trainer import MFTTrainer
 from tests.tiny import write_yaml
 
 OBJECTIVES = ["ft", "distill_ft", "singly_corrective", "mft"]
@@ -205,7 +207,8 @@ class CertainTeacher:
     def to(self, device: Any) -> CertainTeacher:
         return self
 
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def logits(self, batch: dict[str, torch.Tensor], rows: torch.Tensor | None = None) -> torch.Tensor:
+        input_ids = batch["input_ids"] if rows is None else batch["input_ids"][rows]
         labels = shift_for_causal_lm(input_ids).clamp(min=0)
         logits = torch.zeros(*input_ids.shape, self.vocab_size)
         return logits.scatter(-1, labels.unsqueeze(-1), 1e4).to(self.dtype)
@@ -289,8 +292,8 @@ def test_a_corpus_shorter_than_one_block_trains(
 
 
 def load_dataset_texts(path: Path) -> Any:
-    from mft_plugin.config import DatasetConfig
-    from mft_plugin.data import load_documents
+    from mft_plugin.config.schema import DatasetConfig
+    from mft_plugin.data.documents import load_documents
 
     return load_documents(DatasetConfig(path=str(path)))
 

@@ -12,12 +12,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from mft_plugin import run
-from mft_plugin.config_errors import ConfigError, validate_config
-from mft_plugin.context import RunContext
-from mft_plugin.loading import load_frozen_teacher, load_model, load_tokenizer
-from mft_plugin.recipe import build_strategies
+from mft_plugin.config.errors import ConfigError, validate_config
+from mft_plugin.train.context import RecipeContext
+from mft_plugin.models.loading import load_frozen_teacher, load_model, load_tokenizer
+from mft_plugin.train.recipe import build_strategies
 from mft_plugin.registry import default_registry
-from mft_plugin.teacher import FrozenCopyTeacher, SharedBaseTeacher, build_teacher
+from mft_plugin.teacher.sources import FrozenCopyTeacher, SharedBaseTeacher, build_teacher
 
 QUANTIZED = {"plain": {}, "8bit": {"load_in_8bit": True}, "4bit": {"load_in_4bit": True, "bnb_4bit_use_double_quant": True}}
 
@@ -92,10 +92,10 @@ def test_peft_config_keeps_peft_option_names(name: str, peft_type: str, dora: bo
 # --- the teacher is the base ------------------------------------------------------------------
 
 
-def adapted_student(config_dict: dict[str, Any], tmp_path: Path) -> tuple[Any, torch.nn.Module, RunContext]:
+def adapted_student(config_dict: dict[str, Any], tmp_path: Path) -> tuple[Any, torch.nn.Module, RecipeContext]:
     """The student as the recipe builds it (load, then model stage), adapters moved off zero."""
     config = validate_config(config_dict)
-    context = RunContext(config=config, tokenizer=load_tokenizer(config), output_dir=tmp_path)
+    context = RecipeContext(config=config, tokenizer=load_tokenizer(config), output_dir=tmp_path)
     model = load_model(config)
     for mitigation in build_strategies(config, default_registry())[1]:
         model = mitigation.prepare_model(model, context)
@@ -121,7 +121,7 @@ def test_teacher_logits_equal_the_untouched_base(base_config: dict[str, Any], tm
         student.eval()
         adapted = student(input_ids=input_ids).logits
     student.train()
-    assert torch.equal(teacher.logits(input_ids, None), expected)
+    assert torch.equal(teacher.logits({"input_ids": input_ids}), expected)
     assert not torch.allclose(adapted, expected)  # the adapter is live, and disabled for the teacher
     assert student.training  # the teacher's eval mode does not leak
 
@@ -152,7 +152,7 @@ def test_no_second_base_copy_with_an_adapter(base_config: dict[str, Any], tmp_pa
 def test_a_lora_mft_run_never_loads_a_teacher_copy(
     two_step_config: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("mft_plugin.recipe.load_frozen_teacher", lambda config: pytest.fail("a second copy was loaded"))
+    monkeypatch.setattr("mft_plugin.train.recipe.load_frozen_teacher", lambda config: pytest.fail("a second copy was loaded"))
     config = validate_config({**two_step_config, "mitigations": ["lora"]})
     assert run(config)["train_loss"] > 0
 
@@ -210,7 +210,7 @@ def test_full_finetuning_with_a_cheap_teacher(
     input_ids = torch.randint(0, 1000, (2, 12))
     with torch.no_grad():
         exact = load_model(config)(input_ids=input_ids).logits.log_softmax(-1)
-    cheap = frozen.logits(input_ids, None).float().log_softmax(-1)
+    cheap = frozen.logits({"input_ids": input_ids}).float().log_softmax(-1)
     kl = torch.nn.functional.kl_div(cheap, exact, log_target=True, reduction="none").sum(-1).mean()
     assert not torch.equal(cheap, exact) and kl < 0.01  # p^T is the base's up to quantization/rounding
     assert run(validate_config({**two_step_config, "teacher": teacher}))["train_loss"] > 0

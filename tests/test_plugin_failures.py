@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from mft_plugin.config_errors import ConfigError, load_config
-from mft_plugin.recipe import run
+from mft_plugin.config.errors import ConfigError, load_config
+from mft_plugin.train.recipe import run
 from mft_plugin.registry import (
     ENTRY_POINT_GROUP,
     Registry,

@@ -18,7 +18,7 @@ import pluggy
 import pytest
 from pydantic import BaseModel, Field
 
-from mft_plugin.config_errors import ConfigError, load_config
+from mft_plugin.config.errors import ConfigError, load_config
 from mft_plugin.hookspecs import hookimpl
 from mft_plugin.registry import (
     ENTRY_POINT_GROUP,

@@ -13,16 +13,18 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 
 from mft_plugin import get_objective
-from mft_plugin.composed_batches import FT_LOSS_COLUMN, REPLAY_COLUMN, MicroBatchSampler, row_token_losses
-from mft_plugin.config_errors import ConfigError, validate_config
-from mft_plugin.context import RunContext
-from mft_plugin.data import PaddingCollator
-from mft_plugin.loading import load_model, load_tokenizer
-from mft_plugin.losses import nll_token_losses, shift_for_causal_lm
-from mft_plugin.recipe import build_datasets, build_strategies, training_arguments
+from mft_plugin.data.batches import MicroBatchSampler, FT_LOSS_COLUMN, REPLAY_COLUMN
+from mft_plugin.loss.plain import plain_token_losses
+from mft_plugin.config.errors import ConfigError, validate_config
+from mft_plugin.train.context import RecipeContext
+from mft_plugin.data.batches import PaddingCollator
+from mft_plugin.models.loading import load_model, load_tokenizer
+from mft_plugin.data.labels import shift_for_causal_lm
+from mft_plugin.loss.corrected import nll_token_losses
+from mft_plugin.train.recipe import build_datasets, build_strategies, training_arguments
 from mft_plugin.registry import default_registry
 from mft_plugin.strategies.mitigations.replay import composed_order
-from mft_plugin.trainer import MFTTrainer
+from mft_plugin.train.trainer import MFTTrainer
 
 
 def replay_config(base_config: dict[str, Any], corpora: dict[str, Path], **overrides: Any) -> dict[str, Any]:
@@ -31,9 +33,9 @@ def replay_config(base_config: dict[str, Any], corpora: dict[str, Path], **overr
     return {**base_config, "sequence_len": 32, "mitigations": [replay], **overrides}
 
 
-def composed_dataset(config_dict: dict[str, Any], tmp_path: Path) -> tuple[Any, Dataset, RunContext]:
+def composed_dataset(config_dict: dict[str, Any], tmp_path: Path) -> tuple[Any, Dataset, RecipeContext]:
     config = validate_config(config_dict)
-    context = RunContext(config=config, tokenizer=load_tokenizer(config), output_dir=tmp_path)
+    context = RecipeContext(config=config, tokenizer=load_tokenizer(config), output_dir=tmp_path)
     train_blocks, _ = build_datasets(config, context)
     (replay,) = build_strategies(config, default_registry())[1]
     return config, replay.prepare_data(train_blocks, context), context
@@ -155,12 +157,13 @@ def test_replay_rows_train_on_plain_nll_and_the_teacher_sees_only_new_rows() -> 
     seen: list[torch.Tensor] = []
 
     class Teacher:
-        def logits(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-            seen.append(ids)
+        def logits(self, batch: dict[str, torch.Tensor], rows: torch.Tensor | None = None) -> torch.Tensor:
+            seen.append(batch["input_ids"][rows])
             return teacher_logits[ft_rows == 0]
 
     mft = get_objective("mft", tau=0.25)
-    losses = row_token_losses(mft, Teacher(), student, input_ids, torch.ones_like(input_ids), labels, ft_rows)
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), FT_LOSS_COLUMN: ft_rows}
+    losses = plain_token_losses(mft, Teacher(), student, batch, labels)
     assert torch.equal(seen[0], input_ids[[0, 2]])
     expected_new = mft.token_losses(student[[0, 2]], teacher_logits[[0, 2]], labels[[0, 2]])
     torch.testing.assert_close(losses[[0, 2]], expected_new)

@@ -18,18 +18,11 @@ import pytest
 import yaml
 
 from mft_plugin.cli import main
-from mft_plugin.outputs import METRICS_FILE
-from mft_plugin.plots import CURVES, DG_OVER_S, DG_VS_S, plot_report
-from mft_plugin.report import (
-    RESULTS_CSV,
-    RESULTS_MD,
-    find_runs,
-    flatten,
-    group_runs,
-    load_run,
-    mean_and_spread,
-)
-from mft_plugin.sweep import SWEEP_FILE
+from mft_plugin.train.outputs import METRICS_FILE
+from mft_plugin.report.plots import CURVES, DG_OVER_S, DG_VS_S, plot_report
+from mft_plugin.report.results import find_runs, flatten, group_runs, load_run, mean_and_spread
+from mft_plugin.report.tables import RESULTS_CSV, RESULTS_MD
+from mft_plugin.report.results import SWEEP_FILE
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

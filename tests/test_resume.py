@@ -21,14 +21,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mft_plugin.checkpoints import MANIFEST, CheckpointError, is_complete, resume_target
+from mft_plugin.train.checkpoints import CheckpointError, is_complete, MANIFEST, resume_target
 from mft_plugin.cli import main
-from mft_plugin.config_errors import ConfigError, validate_config
-from mft_plugin.interrupts import StopOnSignal, TrainingInterrupted
-from mft_plugin.outputs import atomic_path, atomic_write_text, load_base_perplexities, save_base_perplexities
-from mft_plugin.preflight import preflight
-from mft_plugin.recipe import run
-from mft_plugin.trainer import MFTTrainer
+from mft_plugin.config.errors import ConfigError, validate_config
+from mft_plugin.train.signals import StopOnSignal, TrainingInterrupted
+from mft_plugin.files import atomic_path, atomic_write_text
+from mft_plugin.train.outputs import load_base_perplexities, save_base_perplexities
+from mft_plugin.train.preflight import preflight
+from mft_plugin.train.recipe import run
+from mft_plugin.train.trainer import MFTTrainer
 from tests.tiny import write_yaml
 
 STEPS, SAVE_EVERY = 10, 2
@@ -39,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 # A run whose steps take a while, so that a signal from outside lands in the middle of training.
 SLOW_RUN = """
 import sys, time
-from mft_plugin.trainer import MFTTrainer
+from mft_plugin.train.trainer import MFTTrainer
 step = MFTTrainer.training_step
 def slow_step(self, *args, **kwargs):
     time.sleep(0.4)
@@ -173,7 +174,7 @@ def test_a_kill_before_the_manifest_leaves_the_previous_checkpoint_despite_rotat
     config: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``save_total_limit: 1``: the Trainer alone would delete checkpoint-2 before checkpoint-4 is marked."""
-    from mft_plugin import checkpoints
+    from mft_plugin.train import checkpoints
 
     def die_at_step_4(path: Path, text: str) -> None:
         if json.loads(text)["step"] == 4:
@@ -260,7 +261,7 @@ def test_an_ignored_signal_stays_ignored() -> None:
 TWO_PROCESSES = """
 import signal, sys, torch.distributed as dist
 from transformers import TrainerControl
-from mft_plugin.interrupts import StopOnSignal
+from mft_plugin.train.signals import StopOnSignal
 rank, store = int(sys.argv[1]), sys.argv[2]
 dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
 stop = StopOnSignal()
@@ -284,7 +285,7 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path: 
 
 
 def fake_checkpoint(output_dir: Path, step: int, complete: bool = True) -> Path:
-    from mft_plugin.checkpoints import finish_checkpoint
+    from mft_plugin.train.checkpoints import finish_checkpoint
 
     folder = output_dir / f"checkpoint-{step}"
     folder.mkdir(parents=True)

@@ -1,7 +1,7 @@
 """``mft-run sweep``: a grid of runs from one config, each in its own folder, resumable.
 
 The resume test trains the tiny model for real (2 steps a run); the others replace the training
-(``mft_plugin.recipe.run``) by a stand-in that writes what a finished run writes.
+(``mft_plugin.train.recipe.run``) by a stand-in that writes what a finished run writes.
 """
 
 from __future__ import annotations
@@ -16,19 +16,13 @@ from typing import Any
 import pytest
 import yaml
 
-from mft_plugin import recipe
+from mft_plugin.train import recipe
 from mft_plugin.cli import main
-from mft_plugin.config import MFTConfigBase
-from mft_plugin.config_errors import ConfigError
-from mft_plugin.outputs import BASE_PPL_FILE, METRICS_FILE
-from mft_plugin.sweep import (
-    SWEEP_FILE,
-    SweepError,
-    grid_points,
-    plan_sweep,
-    run_name,
-    run_sweep,
-)
+from mft_plugin.config.schema import MFTConfigBase
+from mft_plugin.config.errors import ConfigError
+from mft_plugin.train.outputs import BASE_PPL_FILE, METRICS_FILE
+from mft_plugin.report.results import SWEEP_FILE
+from mft_plugin.sweep import SweepError, grid_points, plan_sweep, run_name, run_sweep
 from tests.tiny import write_yaml
 
 ABLATION = {"objective": ["ft", "distill_ft", "mft"]}

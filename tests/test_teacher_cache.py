@@ -13,18 +13,20 @@ from datasets import Dataset
 from transformers import TrainingArguments
 
 from mft_plugin import get_objective, run
-from mft_plugin.chunked_loss import ChunkedLoss, output_head
-from mft_plugin.config_errors import validate_config
-from mft_plugin.data import PaddingCollator
-from mft_plugin.losses import masked_mean, safe_labels, shift_for_causal_lm
-from mft_plugin.teacher import FrozenCopyTeacher
-from mft_plugin.teacher_cache import (
-    META_FILE,
-    ROW_COLUMN,
+from mft_plugin.loss.chunked import ChunkedLoss
+from mft_plugin.models.heads import output_head
+from mft_plugin.config.errors import validate_config
+from mft_plugin.data.batches import PaddingCollator
+from mft_plugin.data.labels import safe_labels, shift_for_causal_lm
+from mft_plugin.loss.corrected import masked_mean
+from mft_plugin.teacher.sources import FrozenCopyTeacher
+from mft_plugin.data.batches import ROW_COLUMN
+from mft_plugin.teacher.cache import (
     CachedTeacherChunks,
     TeacherCache,
     cache_key,
     cached_teacher,
+    META_FILE,
     write_cache,
 )
 from tests.test_chunked_loss import VOCAB, gradients, tiny_llama

@@ -13,13 +13,14 @@ from typing import Any
 from pydantic import BaseModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
-from mft_plugin.config import MFTConfigBase, strategies_model
-from mft_plugin.context import RunContext
-from mft_plugin.recipe import build_strategies
+from mft_plugin.config.schema import MFTConfigBase, strategies_model
+from mft_plugin.train.context import RecipeContext
+from mft_plugin.train.engine import Engine
+from mft_plugin.train.recipe import build_strategies
 from mft_plugin.registry import Registry
 from mft_plugin.strategy import Mitigation, Objective
-from mft_plugin.teacher import build_teacher
-from mft_plugin.trainer import MFTTrainer
+from mft_plugin.teacher.sources import build_teacher
+from mft_plugin.train.trainer import MFTTrainer
 
 # Keys both schemas have but shape differently (Axolotl's dataset entries, its FSDP block).
 AXOLOTL_SHAPED_KEYS = {"datasets", "test_datasets", "general_eval_datasets", "fsdp", "fsdp_config"}
@@ -71,10 +72,10 @@ def config_view(cfg: Mapping[str, Any]) -> MFTConfigBase:
     return MFTConfigBase.model_construct(**shared, fsdp=bool(cfg.get("fsdp") or cfg.get("fsdp_config")))
 
 
-def run_context(cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase) -> RunContext:
+def run_context(cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase) -> RecipeContext:
     """The context a mitigation's ``on_train_begin`` gets (e.g. EWC packs its Fisher data with it)."""
     config = config_view(cfg)
-    return RunContext(config=config, tokenizer=tokenizer, output_dir=Path(config.output_dir))
+    return RecipeContext(config=config, tokenizer=tokenizer, output_dir=Path(config.output_dir))
 
 
 def frozen_copy_loader(cfg: Mapping[str, Any]) -> Callable[[PreTrainedModel], PreTrainedModel]:
@@ -94,12 +95,13 @@ def trainer_class(
     objective: Objective,
     mitigations: Sequence[Mitigation],
     load_frozen_copy: Callable[[PreTrainedModel], PreTrainedModel],
+    engine: Engine,
 ) -> type[MFTTrainer]:
     """MFTTrainer's loss on top of Axolotl's trainer class ``base``, keeping Axolotl's evaluation.
 
     Axolotl instantiates the class with its usual arguments; the teacher is built from the
     student it passes (the shared base under an adapter, else a frozen copy), and placed on the
-    student's device, sharded like it under FSDP2/ZeRO-3 (``mft_plugin.teacher.place_teacher``).
+    student's device, sharded like it under FSDP2/ZeRO-3 (:meth:`mft_plugin.train.engine.Engine.place_teacher`).
     """
 
     class AxolotlMFTTrainer(MFTTrainer, base):  # type: ignore[misc, valid-type]
@@ -108,6 +110,8 @@ def trainer_class(
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             student = kwargs["model"]
             teacher = build_teacher(objective.needs_teacher, student, lambda: load_frozen_copy(student))
-            super().__init__(*args, objective=objective, teacher=teacher, mitigations=mitigations, **kwargs)
+            super().__init__(
+                *args, objective=objective, teacher=teacher, mitigations=mitigations, engine=engine, **kwargs
+            )
 
     return AxolotlMFTTrainer

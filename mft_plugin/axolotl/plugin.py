@@ -14,6 +14,7 @@ from axolotl.integrations.base import BasePlugin
 from transformers import Trainer
 
 from mft_plugin.axolotl.bridge import (
+    config_view,
     frozen_copy_loader,
     run_context,
     selected_strategies,
@@ -22,6 +23,7 @@ from mft_plugin.axolotl.bridge import (
 )
 from mft_plugin.registry import default_registry
 from mft_plugin.strategy import Mitigation, Objective
+from mft_plugin.train.engine import Engine
 
 
 class MFTPlugin(BasePlugin):
@@ -44,7 +46,8 @@ class MFTPlugin(BasePlugin):
     def get_trainer_cls(self, cfg: Any) -> type[Trainer]:
         from axolotl.core.trainers.base import AxolotlTrainer
 
-        return trainer_class(AxolotlTrainer, self.objective, self.mitigations, frozen_copy_loader(cfg))
+        engine = Engine.from_config(config_view(cfg))  # the teacher is sharded as Axolotl shards the student
+        return trainer_class(AxolotlTrainer, self.objective, self.mitigations, frozen_copy_loader(cfg), engine)
 
     def post_trainer_create(self, cfg: Any, trainer: Trainer) -> None:
         context = run_context(cfg, trainer.processing_class)

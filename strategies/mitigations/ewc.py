@@ -23,15 +23,15 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from mft_plugin.config import DatasetConfig
-from mft_plugin.launch import is_main_process
+from mft_plugin.config.schema import DatasetConfig
+from mft_plugin.train.launch import is_main_process
 from mft_plugin.strategy import Mitigation, StrategyParams
 
 if TYPE_CHECKING:
     import torch
     from datasets import Dataset
 
-    from mft_plugin.context import RunContext
+    from mft_plugin.train.context import RunContext
 
 logger = logging.getLogger(__name__)
 KEY = "mft_plugin.fisher_key"  # safetensors metadata entry holding the hash
@@ -56,9 +56,10 @@ def estimate_fisher(model: torch.nn.Module, blocks: Dataset, batch_size: int, pa
     """
     import torch
 
-    from mft_plugin.data import PaddingCollator
-    from mft_plugin.losses import masked_mean, nll_token_losses, shift_for_causal_lm
-    from mft_plugin.teacher import eval_mode
+    from mft_plugin.data.batches import PaddingCollator
+    from mft_plugin.data.labels import shift_for_causal_lm
+    from mft_plugin.loss.corrected import masked_mean, nll_token_losses
+    from mft_plugin.models.forms import eval_mode
 
     params = trainable_parameters(model)
     fisher = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
@@ -80,8 +81,8 @@ def estimate_fisher(model: torch.nn.Module, blocks: Dataset, batch_size: int, pa
 
 def fisher_key(params: EWCParams, context: RunContext, anchors: dict[str, torch.Tensor]) -> str:
     """Hash of what the Fisher depends on: starting parameters, base model, data and settings."""
-    from mft_plugin.adapter_config import QuantizationKeys
-    from mft_plugin.outputs import fingerprint
+    from mft_plugin.config.adapters import QuantizationKeys
+    from mft_plugin.files import fingerprint
 
     digest = hashlib.sha256()
     for name, anchor in anchors.items():
@@ -115,7 +116,7 @@ def load_fisher(path: Path, key: str) -> dict[str, torch.Tensor] | None:
 def save_fisher(path: Path, fisher: dict[str, torch.Tensor], key: str) -> None:
     from safetensors.torch import save_file
 
-    from mft_plugin.outputs import atomic_path
+    from mft_plugin.files import atomic_path
 
     with atomic_path(path) as temporary:
         save_file({name: f.contiguous().cpu() for name, f in fisher.items()}, str(temporary), metadata={KEY: key})
@@ -133,7 +134,7 @@ class EWCMitigation(Mitigation):
     def config_problems(cls, params: StrategyParams, config: Any) -> list[str]:
         """The penalty holds the parameters as ``on_train_begin`` sees them, before the Trainer's
         engine wraps the model: FSDP2 replaces them with sharded ones, ZeRO-3 empties them."""
-        if config.fsdp_enabled or config.deepspeed:
+        if config.engine_name != "ddp":
             reason = "its penalty would miss the parameters that fsdp/deepspeed shard"
             return [f"mitigations: ewc works with DDP only ({reason}); remove fsdp/fsdp_config/deepspeed"]
         return []

@@ -3,10 +3,10 @@
 The paper's default (Sec. 3.1, "Baselines") is rank 8 on all attention and MLP projections,
 peft's ``target_modules: all-linear``. DoRA is a flag of LoRA in peft (``use_dora``), so ``dora``
 is ``lora`` with that flag on. The parameters keep peft's own option names (Axolotl's top-level
-``adapter``/``lora_*`` keys are rewritten into these entries, see ``mft_plugin.adapter_config``).
+``adapter``/``lora_*`` keys are rewritten into these entries, see ``mft_plugin.config.adapters``).
 
 With an adapter the teacher is the student's own base: the core runs it under
-``disable_adapter()`` (``mft_plugin.teacher.SharedBaseTeacher``), so no second copy of the
+``disable_adapter()`` (``mft_plugin.teacher.sources.SharedBaseTeacher``), so no second copy of the
 weights exists, quantized (QLoRA) or not. The three share one ``exclusive_group``: a run picks
 at most one of them.
 """
@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from mft_plugin.adapter_config import ADAPTER_GROUP
+from mft_plugin.config.adapters import ADAPTER_GROUP
 from mft_plugin.strategy import Mitigation, StrategyParams
 
 if TYPE_CHECKING:
     from peft import PeftConfig
     from transformers import PreTrainedModel
 
-    from mft_plugin.context import RunContext
+    from mft_plugin.train.context import RunContext
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ Sec. 3.3 and Table 7 vary the share of new data nu (``ratio``); nu = 1 is plain 
 The proportion is exact in every micro-batch, not on average: with k = ratio * micro_batch_size
 new rows per micro-batch (validated to be a whole number), the training set is laid out as
 micro-batches of k specialized rows followed by micro_batch_size - k general rows, and the core
-shuffles whole micro-batches (``mft_plugin.composed_batches``), also per rank and under gradient
+shuffles whole micro-batches (``mft_plugin.data.batches``), also per rank and under gradient
 accumulation. One epoch is one pass over the specialized data (the last micro-batch is topped up
 from the start of the shuffled specialized rows); the general rows are drawn without replacement
 from a seeded shuffle of the general data, and cycled (with a log line) when an epoch needs more.
@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
-from mft_plugin.config import DatasetConfig
+from mft_plugin.config.schema import DatasetConfig
 from mft_plugin.strategy import Mitigation, StrategyParams
 
 if TYPE_CHECKING:
     from datasets import Dataset
 
-    from mft_plugin.context import RunContext
+    from mft_plugin.train.context import RunContext
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class ReplayMitigation(Mitigation):
     def prepare_data(self, train_dataset: Dataset, context: RunContext) -> Dataset:
         from datasets import concatenate_datasets
 
-        from mft_plugin.composed_batches import FT_LOSS_COLUMN, REPLAY_COLUMN
+        from mft_plugin.data.batches import FT_LOSS_COLUMN, REPLAY_COLUMN
 
         config = context.config
         k = new_rows_per_batch(self.params.ratio, config.micro_batch_size)

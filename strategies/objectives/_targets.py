@@ -24,7 +24,7 @@ from mft_plugin.strategy import StrategyParams
 if TYPE_CHECKING:
     import torch
 
-    from mft_plugin.losses import TeacherStats
+    from mft_plugin.strategy import TeacherStats
 
 
 class CorrectionParams(StrategyParams):

@@ -19,7 +19,7 @@ from mft_plugin.strategy import Objective
 if TYPE_CHECKING:
     import torch
 
-    from mft_plugin.losses import TeacherStats
+    from mft_plugin.strategy import TeacherStats
 
 
 class MinifinetuningObjective(Objective):

@@ -30,7 +30,7 @@ class LabelSmoothedFinetuningObjective(Objective):
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor
     ) -> torch.Tensor:
         """(1 - epsilon) NLL_l + epsilon CE(uniform, p^S) per token, ``[batch, seq]``; 0 at ignored labels."""
-        from mft_plugin import losses
+        from mft_plugin.loss import corrected as losses
 
         uniform_ce = -losses.upcast(student_logits).log_softmax(dim=-1).mean(dim=-1)  # [batch, seq]
         epsilon = self.params.epsilon

@@ -1,0 +1,41 @@
+"""The keys that choose how the loss is computed: ``loss_impl`` and ``teacher_cache`` (README "Performance").
+
+Kept beside :mod:`mft_plugin.config.schema` (which holds the fields) and free of torch, like it: a typo
+here is reported before anything is loaded. The implementations are :mod:`mft_plugin.loss.chunked`
+and :mod:`mft_plugin.teacher.cache`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+LossImpl = Literal["auto", "naive", "chunked"]
+
+
+class TeacherCacheConfig(BaseModel):
+    """``teacher_cache:``: the teacher's outputs computed once per training block and read from disk.
+
+    Per token: the exact p^T_l and p^T_max (so the correction weight is exact) and the ``top_k``
+    largest probabilities with their indices; the remaining mass is spread over the other tokens in
+    the student's own proportions, so that the distillation target stays a distribution.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    top_k: int = Field(64, ge=1, description="teacher probabilities kept per token (capped at the vocabulary size)")
+    path: str | None = Field(
+        None,
+        description="folder of caches, one per base model and data (default: output_dir/teacher_cache); share it across a sweep",
+    )
+
+
+def loss_impl_problem(loss_impl: LossImpl, teacher_cache: TeacherCacheConfig | None, sharded: bool) -> str | None:
+    """Why these keys cannot go together, or None. ``sharded``: fsdp or deepspeed is on."""
+    if teacher_cache is not None and loss_impl == "naive":
+        return "teacher_cache needs the chunked loss: set loss_impl: auto or chunked, or remove teacher_cache"
+    if sharded and (loss_impl == "chunked" or teacher_cache is not None):
+        key = "teacher_cache" if teacher_cache is not None else "loss_impl: chunked"
+        return f"{key} cannot be used with fsdp/deepspeed (the LM head weight is sharded); use loss_impl: auto or naive"
+    return None

@@ -1,0 +1,381 @@
+"""The YAML schema: Axolotl's keys where Axolotl has one, plus ``objective`` and ``mitigations``.
+
+Validation is pydantic v2 with ``extra="forbid"`` everywhere (Axolotl drops a misspelled key
+silently; we refuse it with a suggestion). The ``objective``/``mitigations`` unions are built at
+run time from the plugin registry, so a third-party strategy's parameters are validated exactly
+like a built-in's. Every error is reported at once as ``file:line: dotted.key: message``, before
+any model or data is loaded (see :mod:`mft_plugin.config.errors`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from mft_plugin.config.adapters import (
+    ADAPTER_GROUP,
+    QuantizationKeys,
+    TeacherConfig,
+    adapter_from_axolotl_keys,
+    adapter_problems,
+)
+from mft_plugin.config.engines import FSDPConfig
+from mft_plugin.config.loss import LossImpl, TeacherCacheConfig, loss_impl_problem
+from mft_plugin.registry import Kind, Registry, UnknownStrategyError
+from mft_plugin.strategy import StrategyParams
+
+DATA_SUFFIXES = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors; values are frozen once validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _looks_local(path: str) -> bool:
+    return Path(path).suffix in DATA_SUFFIXES or path.startswith((".", "/", "~"))
+
+
+def _check_local_file(path: str) -> None:
+    file = Path(path).expanduser()
+    if not file.exists():
+        raise PydanticCustomError("file_missing", "file or folder not found: {path}", {"path": path})
+    if file.is_file() and file.stat().st_size == 0:
+        raise PydanticCustomError("file_empty", "dataset file is empty: {path}", {"path": path})
+
+
+def _first_record_keys(path: Path) -> set[str] | None:
+    """Keys of the first JSON record of a .jsonl/.json file, read without loading the file."""
+    with path.open("r", encoding="utf-8") as handle:
+        if path.suffix == ".jsonl":
+            for line in handle:
+                if line.strip():
+                    record = json.loads(line)
+                    return set(record) if isinstance(record, dict) else None
+            return None
+        head = handle.read(1 << 20)
+    try:
+        data = json.loads(head)
+    except json.JSONDecodeError:
+        return None  # large or nested json: datasets will check the field at load time
+    first = data[0] if isinstance(data, list) and data else data
+    return set(first) if isinstance(first, dict) else None
+
+
+class DatasetConfig(StrictModel):
+    """One entry of ``datasets:`` (Axolotl's schema; ``type: completion`` is raw text)."""
+
+    path: str = Field(description="local file/folder, or a dataset name on the hub")
+    type: Literal["completion"] = "completion"
+    ds_type: Literal["json", "text", "parquet", "csv"] | None = None
+    data_files: str | list[str] | None = None
+    name: str | None = Field(None, description="hub dataset configuration name")
+    split: str = "train"
+    field: str = Field("text", description="column holding the document text")
+
+    @field_validator("path")
+    @classmethod
+    def _path_exists(cls, path: str) -> str:
+        if _looks_local(path):
+            _check_local_file(path)
+        return path
+
+    @field_validator("data_files")
+    @classmethod
+    def _data_files_exist(cls, data_files: str | list[str] | None) -> str | list[str] | None:
+        for file in [data_files] if isinstance(data_files, str) else data_files or []:
+            if _looks_local(file):
+                _check_local_file(file)
+        return data_files
+
+    @field_validator("field")
+    @classmethod
+    def _field_exists(cls, field: str, info: ValidationInfo) -> str:
+        path = info.data.get("path")  # absent when the path itself failed validation
+        file = Path(path).expanduser() if path else None
+        if file is not None and file.is_file() and file.suffix in (".json", ".jsonl"):
+            keys = _first_record_keys(file)
+            if keys is not None and field not in keys:
+                raise PydanticCustomError(
+                    "missing_field",
+                    "{field} is not a field of {path} (its records have: {keys})",
+                    {"field": repr(field), "path": path, "keys": ", ".join(sorted(keys))},
+                )
+        return field
+
+
+class MFTConfigBase(StrictModel, QuantizationKeys):
+    """Everything but the strategy unions, which :func:`config_model` adds from the registry.
+
+    The base's bitsandbytes keys (``load_in_4bit``, ...) come from :class:`QuantizationKeys`;
+    Axolotl's ``adapter``/``lora_*`` keys are rewritten into a mitigation (``adapter_config``).
+    """
+
+    # model and tokenizer
+    base_model: str = Field(description="hub name or local folder of the model to finetune")
+    tokenizer_config: str | None = Field(None, description="tokenizer location if not base_model's")
+    tokenizer_type: str = Field("AutoTokenizer", description="transformers tokenizer class name")
+    trust_remote_code: bool = False
+    teacher: TeacherConfig | None = Field(None, description="full finetuning: hold the frozen teacher quantized or in a lower dtype")
+    merge_adapter: bool = Field(False, description="also save the adapter merged into the base, as a plain model in output_dir/merged")
+
+    # data
+    datasets: list[DatasetConfig] = Field(min_length=1)
+    test_datasets: list[DatasetConfig] | None = None
+    val_set_size: float = Field(0.0, ge=0.0, description="fraction (<1) or number (>=1) of documents held out")
+    general_eval_datasets: list[DatasetConfig] | None = Field(
+        None, description="general-domain validation data, for degeneralization DG"
+    )
+    sequence_len: int = Field(512, ge=2)
+    dataset_prepared_path: str | None = None
+
+    # optimization
+    micro_batch_size: int = Field(1, ge=1)
+    eval_batch_size: int | None = Field(None, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    num_epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    learning_rate: float = Field(5e-5, gt=0)
+    lr_scheduler: str = Field("cosine", description="a transformers SchedulerType (checked by preflight)")
+    warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    optimizer: str = Field("adamw_torch", description="a transformers OptimizerNames value (checked by preflight)")
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, ge=0.0)
+    bf16: bool = False
+    fp16: bool = False
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    dataloader_num_workers: int = Field(0, ge=0)
+    skip_nonfinite_batches: bool = Field(
+        False, description="skip (and count) optimizer steps with a NaN/inf loss or gradient instead of stopping"
+    )
+
+    # multi-process engines (README "Scaling out"); DDP needs no key, only `accelerate launch`
+    fsdp: bool | None = Field(None, description="FSDP2 on; an fsdp_config block alone turns it on too")
+    fsdp_config: FSDPConfig | None = None
+    deepspeed: str | None = Field(None, description="a DeepSpeed JSON config, e.g. yaml_examples/deepspeed/zero3.json")
+
+    # how the loss is computed (README "Performance"; mft_plugin.config.loss)
+    loss_impl: LossImpl = Field("auto", description="chunked: fused with the LM head; auto: chunked wherever it applies")
+    teacher_cache: TeacherCacheConfig | None = None
+
+    # outputs, logging, checkpoints
+    output_dir: str = "./outputs/mft-run"
+    overwrite_output_dir: bool = False
+    resume_from_checkpoint: bool | str | None = None
+    logging_steps: int = Field(10, ge=1)
+    eval_steps: int | None = Field(None, ge=1)
+    save_steps: int | None = Field(None, ge=1)
+    save_total_limit: int | None = Field(None, ge=1)
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
+    wandb_name: str | None = None
+    use_tensorboard: bool = False
+
+    # the degeneralization budget (paper Sec. 2; mft_plugin.train.budget), fractions as logged
+    max_degeneralization: float | None = Field(
+        None, ge=0.0, description="stop at the first evaluation with DG above this (0.01 = 1 %); keep the best checkpoint within it"
+    )
+    target_specialization: float | None = Field(None, gt=0.0, description="stop at the first evaluation with S at least this")
+    # a grid of runs for `mft-run sweep` (mft_plugin.sweep): dotted key -> the values it takes
+    sweep: dict[str, Annotated[list[Any], Field(min_length=1)]] | None = None
+
+    @field_validator("max_degeneralization", "target_specialization")
+    @classmethod
+    def _budget_is_measured(cls, limit: float | None, info: ValidationInfo) -> float | None:
+        if limit is None:
+            return limit
+        if not (info.data.get("test_datasets") or info.data.get("val_set_size")):
+            message = "{limit} needs a specialized validation set (test_datasets or val_set_size): it is checked at each evaluation"
+            raise PydanticCustomError("budget_unmeasured", message, {"limit": limit})
+        if info.field_name == "max_degeneralization" and not info.data.get("general_eval_datasets"):
+            message = "{limit} needs general_eval_datasets: DG is measured on them"
+            raise PydanticCustomError("budget_unmeasured", message, {"limit": limit})
+        return limit
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MFTConfigBase:
+        if self.bf16 and self.fp16:
+            raise PydanticCustomError("precision", "bf16 and fp16 cannot both be true; choose one")
+        if self.deepspeed and self.fsdp_enabled:
+            raise PydanticCustomError("engine", "deepspeed and fsdp/fsdp_config cannot both be set; choose one engine")
+        if problem := loss_impl_problem(self.loss_impl, self.teacher_cache, self.engine_name != "ddp"):
+            raise PydanticCustomError("loss_impl", problem)
+        return self
+
+    @field_validator("save_steps")
+    @classmethod
+    def _saves_are_evaluated(cls, save_steps: int | None, info: ValidationInfo) -> int | None:
+        """The Trainer keeps the best checkpoint only among evaluated steps; it would refuse after loading."""
+        eval_steps = info.data.get("eval_steps")
+        evaluates = bool(info.data.get("test_datasets")) or info.data.get("val_set_size", 0) > 0
+        if evaluates and save_steps and eval_steps and save_steps % eval_steps:
+            raise PydanticCustomError(
+                "save_steps",
+                "{save} is not a multiple of eval_steps ({eval}), but the best checkpoint is chosen among "
+                "evaluated steps; e.g. save_steps: {fix}",
+                {"save": save_steps, "eval": eval_steps, "fix": eval_steps * max(1, save_steps // eval_steps)},
+            )
+        return save_steps
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _deepspeed_json(cls, path: str | None) -> str | None:
+        if path is not None:
+            _check_local_file(path)
+            try:
+                json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
+            except json.JSONDecodeError as error:
+                raise PydanticCustomError("deepspeed_json", "not a JSON file: {error}", {"error": str(error)})
+        return path
+
+    @property
+    def fsdp_enabled(self) -> bool:
+        """``fsdp: true``, or an ``fsdp_config`` block without ``fsdp: false`` (Axolotl's reading)."""
+        return bool(self.fsdp) or (self.fsdp is None and self.fsdp_config is not None)
+
+    @property
+    def engine_name(self) -> Literal["ddp", "fsdp", "deepspeed"]:
+        """The engine the keys select (``mft_plugin.train.engine.Engine``); ``ddp`` is also one process."""
+        return "deepspeed" if self.deepspeed else "fsdp" if self.fsdp_enabled else "ddp"
+
+
+def _strategy_spec_model(kind: Kind, name: str, params: type[StrategyParams]) -> type[StrategyParams]:
+    """``Params`` plus a ``name: Literal[name]`` selector, the member of the tagged union."""
+    return create_model(
+        f"{name}_{kind}_spec",
+        __base__=params,
+        name=(Literal[name], name),  # type: ignore[valid-type]
+    )
+
+
+def _as_mapping(value: Any) -> Any:
+    """``objective: mft`` is shorthand for ``objective: {name: mft}``."""
+    return {"name": value} if isinstance(value, str) else value
+
+
+def _strategy_union(registry: Registry, kind: Kind) -> Any:
+    members = [
+        _strategy_spec_model(kind, name, registry.entries[kind][name].params_model) for name in registry.names(kind)
+    ]
+    if not members:
+        return Literal["__no_strategy_registered__"]
+    if len(members) == 1:
+        return members[0]
+    return Annotated[Union[tuple(members)], Field(discriminator="name")]  # noqa: UP007
+
+
+def _unknown_name_check(registry: Registry, kind: Kind, default: str | None = None):
+    """A before-validator: bare names to mappings, a missing name to ``default`` (else an error),
+    unknown names to a did-you-mean error."""
+
+    def check(value: Any) -> Any:
+        value = _as_mapping(value)
+        names = ", ".join(registry.names(kind)) or "(none)"
+        if not isinstance(value, dict):
+            message = "{kind} must be a name or a mapping of `name` and parameters; available: {names}"
+            raise PydanticCustomError("strategy_form", message, {"kind": kind, "names": names})
+        if "name" not in value:
+            if default is None:
+                message = "a {kind} needs a `name`; available: {names}"
+                raise PydanticCustomError("missing_name", message, {"kind": kind, "names": names})
+            value = {"name": default, **value}  # e.g. `--set objective.tau=0.5` with no objective key
+        name = str(value["name"])  # a str, so that a list or mapping given as name cannot break the lookup
+        if name not in registry.entries[kind]:
+            try:
+                registry.get(kind, name)
+            except UnknownStrategyError as error:
+                raise PydanticCustomError("unknown_strategy", "{message}", {"message": str(error)}) from None
+        return value
+
+    return check
+
+
+def strategies_model(registry: Registry, base: type[BaseModel], name: str = "MFTStrategies") -> type[Any]:
+    """``base`` plus the ``objective`` and ``mitigations`` keys for the strategies this registry knows.
+
+    The core of :func:`config_model`; the Axolotl plugin builds on a bare model so that Axolotl's
+    own schema gains exactly these two keys (``mft_plugin.axolotl``).
+    """
+    objective = _strategy_union(registry, "objective")
+    mitigation = _strategy_union(registry, "mitigation")
+    default_name = "mft" if "mft" in registry.entries["objective"] else None  # the paper's method
+    check_objective = _unknown_name_check(registry, "objective", default=default_name)
+    check_mitigation = _unknown_name_check(registry, "mitigation")
+
+    def objective_before(cls: type, value: Any) -> Any:
+        return check_objective(value)
+
+    def mitigations_before(cls: type, value: Any) -> Any:
+        if isinstance(value, (str, dict)):
+            value = [value]
+        return [check_mitigation(item) for item in value] if isinstance(value, list) else value
+
+    def mitigations_compatible(cls: type, mitigations: list[Any]) -> list[Any]:
+        seen: dict[str, str] = {}
+        for spec in mitigations:
+            group = registry.entries["mitigation"][spec.name].cls.exclusive_group
+            if group is not None and group in seen:
+                raise PydanticCustomError(
+                    "incompatible_mitigations",
+                    "mitigations {first} and {second} cannot be combined (both are {group} methods; pick one)",
+                    {"first": repr(seen[group]), "second": repr(spec.name), "group": group},
+                )
+            if group is not None:
+                seen[group] = spec.name
+        return mitigations
+
+    default_objective = Field({"name": default_name}, validate_default=True) if default_name else ...
+    return create_model(
+        name,
+        __base__=base,
+        __validators__={
+            "objective_before": field_validator("objective", mode="before")(classmethod(objective_before)),
+            "mitigations_before": field_validator("mitigations", mode="before")(classmethod(mitigations_before)),
+            "mitigations_compatible": field_validator("mitigations")(classmethod(mitigations_compatible)),
+        },
+        objective=(objective, default_objective),
+        mitigations=(list[mitigation], []),  # type: ignore[valid-type]
+    )
+
+
+def config_model(registry: Registry) -> type[MFTConfigBase]:
+    """The full config model for the strategies this registry knows."""
+    adapter_names = {n for n, e in registry.entries["mitigation"].items() if e.cls.exclusive_group == ADAPTER_GROUP}
+
+    def axolotl_adapter_keys(cls: type, data: Any) -> Any:
+        return adapter_from_axolotl_keys(data, adapter_names)
+
+    def mitigations_fit(self: MFTConfigBase) -> MFTConfigBase:
+        """Each mitigation against the rest of the config, and the adapter-dependent keys."""
+        problems = []
+        for spec in self.mitigations:
+            problems += registry.entries["mitigation"][spec.name].cls.config_problems(spec, self)
+        adapter = next((spec.name for spec in self.mitigations if spec.name in adapter_names), None)
+        problems += adapter_problems(self, self.teacher, self.merge_adapter, adapter)
+        if problems:
+            raise PydanticCustomError("mitigations_fit", "{problems}", {"problems": "; ".join(problems)})
+        return self
+
+    return create_model(
+        "MFTConfig",
+        __base__=strategies_model(registry, MFTConfigBase),
+        __validators__={
+            "axolotl_adapter_keys": model_validator(mode="before")(classmethod(axolotl_adapter_keys)),
+            "mitigations_fit": model_validator(mode="after")(mitigations_fit),
+        },
+    )

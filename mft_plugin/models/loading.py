@@ -1,0 +1,93 @@
+"""Loading the tokenizer and the model with ``from_pretrained`` (hub names or local folders).
+
+Quantized loads (bitsandbytes, ``load_in_4bit``/``load_in_8bit``) serve two ends: the base under
+an adapter (QLoRA; the teacher is that same quantized base) and, for full finetuning, a cheap
+frozen teacher (``teacher:``). Also the merge of a trained adapter into a plain model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from mft_plugin.config.adapters import QuantizationKeys, TeacherConfig
+from mft_plugin.config.schema import MFTConfigBase
+
+
+def load_tokenizer(config: MFTConfigBase) -> PreTrainedTokenizerBase:
+    """The tokenizer named by ``tokenizer_config`` (default: ``base_model``), with a pad token."""
+    tokenizer_class = getattr(transformers, config.tokenizer_type, None)
+    if tokenizer_class is None or not hasattr(tokenizer_class, "from_pretrained"):
+        raise ValueError(f"tokenizer_type: {config.tokenizer_type!r} is not a transformers tokenizer class")
+    tokenizer = tokenizer_class.from_pretrained(
+        config.tokenizer_config or config.base_model, trust_remote_code=config.trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out, so any id will do
+    return tokenizer
+
+
+def quantization_config(keys: QuantizationKeys) -> BitsAndBytesConfig | None:
+    """The ``BitsAndBytesConfig`` the keys ask for, or None for full-precision weights."""
+    if keys.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if keys.load_in_4bit:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=keys.bnb_4bit_quant_type,
+            bnb_4bit_compute_dtype=getattr(torch, keys.bnb_4bit_compute_dtype),
+            bnb_4bit_use_double_quant=keys.bnb_4bit_use_double_quant,
+        )
+    return None
+
+
+def load_model(config: MFTConfigBase, **overrides: Any) -> PreTrainedModel:
+    """The base causal LM as the student starts from it: quantized if the top-level keys say so."""
+    # Weights load in float32 even for bf16/fp16 runs: those are mixed-precision compute (autocast).
+    kwargs: dict[str, Any] = {"dtype": torch.float32, "trust_remote_code": config.trust_remote_code}
+    kwargs["quantization_config"] = quantization_config(config)
+    kwargs.update(overrides)
+    model = AutoModelForCausalLM.from_pretrained(config.base_model, **kwargs)
+    keep_4bit_layout_on_cpu(model)
+    return model
+
+
+def load_frozen_teacher(config: MFTConfigBase) -> PreTrainedModel:
+    """Full finetuning's frozen teacher copy, held as ``teacher:`` says (default: like the student).
+
+    A 4-bit teacher stores ~0.5 byte per linear weight instead of 4, a bfloat16 one 2; p^T is then
+    the quantized/rounded model's distribution, not the float32 base's (README "Cheap teacher").
+    """
+    options = config.teacher or TeacherConfig()
+    return load_model(config, dtype=getattr(torch, options.dtype), quantization_config=quantization_config(options))
+
+
+def keep_4bit_layout_on_cpu(model: torch.nn.Module) -> None:
+    """Turn off bitsandbytes' CPU inference repacking of 4-bit weights (bitsandbytes 0.50).
+
+    On a CPU with AVX512-BF16, a 4-bit layer's first forward in eval mode without autograd (the
+    teacher's) repacks its weight *in place* into a layout whose matmul has no backward, and which
+    needs out_features divisible by 32 (the shipped model's 688-wide MLP fails). The student's
+    adapters train through those same layers, so they keep the ordinary, differentiable layout.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def save_merged_model(config: MFTConfigBase, adapter_dir: Path, merged_dir: Path) -> None:
+    """The adapter saved in ``adapter_dir`` merged into the float32 base, saved as a plain model.
+
+    The base is reloaded unquantized, so a QLoRA adapter merges into full-precision weights
+    (merging into 4-bit weights would round the update away).
+    """
+    from peft import PeftModel
+
+    base = load_model(config, quantization_config=None)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(str(merged_dir))
+    load_tokenizer(config).save_pretrained(str(merged_dir))

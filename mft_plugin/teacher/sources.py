@@ -1,0 +1,122 @@
+"""Where p^T comes from online: the unfinetuned model whose predictions anchor the student (paper Sec. 2).
+
+Two ways to hold it, chosen by the core from the student's form, never by the objective:
+
+- with an adapter (peft) the teacher *is* the student's base: the forward runs under
+  ``disable_adapter()``, so no second copy of the (possibly quantized) weights exists;
+- for full finetuning it is a frozen copy loaded once from the same checkpoint.
+
+Either way the teacher runs in eval mode (no dropout) with no autograd graph, on exactly the model
+inputs the student sees (:func:`mft_plugin.data.batches.model_inputs`). The third source, outputs
+read from disk, is :mod:`mft_plugin.teacher.cache`; all three implement :class:`Teacher`. How a
+frozen copy is placed under a sharding engine is the engine's business (:mod:`mft_plugin.train.engine`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Protocol
+
+import torch
+from transformers import PreTrainedModel
+
+from mft_plugin.data.batches import model_inputs
+from mft_plugin.models.forms import eval_mode, has_adapters, is_quantized
+from mft_plugin.models.heads import forward_hidden, output_head
+from mft_plugin.teacher.views import TeacherHead, TeacherView
+
+Batch = Mapping[str, torch.Tensor]
+
+
+class Teacher(Protocol):
+    """The one interface of every teacher source. ``batch`` is the collated batch (model inputs and
+    routing columns); ``rows`` ``[batch]`` bool picks the rows the teacher runs on (None: all)."""
+
+    def targets(self, batch: Batch, rows: torch.Tensor | None = None) -> TeacherView:
+        """p^T of every token of the batch, chunk by chunk, for the fused loss
+        (:mod:`mft_plugin.loss.chunked`); rows not picked get a uniform p^T (the loss weighs them 0)."""
+
+    def logits(self, batch: Batch, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher logits ``[rows, seq, vocab]`` of the picked rows, for the plain loss path."""
+
+    def to(self, device: torch.device | str) -> Teacher:
+        """The teacher on ``device`` (where the student's batches arrive)."""
+
+
+def _picked(batch: Batch, rows: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    inputs = model_inputs(batch)
+    return inputs if rows is None else {key: value[rows] for key, value in inputs.items()}
+
+
+@torch.no_grad()
+def teacher_head(model: torch.nn.Module, batch: Batch, rows: torch.Tensor | None = None) -> TeacherHead:
+    """A teacher model's final hidden states ``[N, H]`` and head weight (its logits never made).
+
+    Rows not in ``rows`` get zero hidden states, i.e. a uniform p^T, which the loss weighs by
+    1 - w = 0 (they train on plain NLL).
+    """
+    head = output_head(model)
+    if rows is None:
+        hidden = forward_hidden(model, head, batch).hidden
+    else:
+        hidden = head.weight.new_zeros((*batch["input_ids"].shape, head.weight.shape[1]))
+        if rows.any():
+            part = forward_hidden(model, head, _picked(batch, rows)).hidden
+            hidden = hidden.to(part.dtype).index_put_((rows,), part)
+    hidden = hidden.flatten(0, -2)
+    return TeacherHead(hidden, head.weight.detach().to(hidden.dtype))
+
+
+class FrozenCopyTeacher:
+    """A separately loaded, frozen copy of the base model (full finetuning)."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model.eval().requires_grad_(False)
+
+    def to(self, device: torch.device | str) -> FrozenCopyTeacher:
+        if not is_quantized(self.model):
+            self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def logits(self, batch: Batch, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(**_picked(batch, rows)).logits
+
+    def targets(self, batch: Batch, rows: torch.Tensor | None = None) -> TeacherHead:
+        return teacher_head(self.model, batch, rows)
+
+
+class SharedBaseTeacher:
+    """The student's own base with its adapters switched off: no second copy of the weights."""
+
+    def __init__(self, peft_model: torch.nn.Module) -> None:
+        self.model = peft_model
+
+    def to(self, device: torch.device | str) -> SharedBaseTeacher:
+        return self  # it lives wherever the student lives
+
+    @contextlib.contextmanager
+    def _as_base(self) -> Iterator[None]:
+        with eval_mode(self.model), self.model.disable_adapter():
+            yield
+
+    @torch.no_grad()
+    def logits(self, batch: Batch, rows: torch.Tensor | None = None) -> torch.Tensor:
+        with self._as_base():
+            return self.model(**_picked(batch, rows)).logits
+
+    def targets(self, batch: Batch, rows: torch.Tensor | None = None) -> TeacherHead:
+        with self._as_base():
+            return teacher_head(self.model, batch, rows)
+
+
+def build_teacher(
+    needs_teacher: bool, student: torch.nn.Module, load_frozen_copy: Callable[[], PreTrainedModel]
+) -> FrozenCopyTeacher | SharedBaseTeacher | None:
+    """The cheapest teacher that gives the base model's exact predictions, or None if not needed."""
+    if not needs_teacher:
+        return None
+    if has_adapters(student):
+        return SharedBaseTeacher(student)
+    return FrozenCopyTeacher(load_frozen_copy())

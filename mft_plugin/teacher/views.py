@@ -1,0 +1,67 @@
+"""What the loss reads of the teacher: p^T chunk by chunk, and the statistics a correction needs.
+
+Every teacher source (:mod:`mft_plugin.teacher.sources`: a frozen copy or the shared base;
+:mod:`mft_plugin.teacher.cache`: outputs read from disk) yields a :class:`TeacherView` for a batch.
+The fused loss (:mod:`mft_plugin.loss.chunked`) asks it for p^T of a few tokens at a time, so the
+teacher's ``[tokens, vocab]`` distribution is never held whole. :class:`TeacherStats` is what a
+correction weight (alpha, beta; paper Sec. 2 and 4) may depend on, part of the strategy contract.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from mft_plugin.strategy import TeacherStats
+
+
+class TeacherView(Protocol):
+    def chunk(
+        self, rows: slice, labels: torch.Tensor, out: torch.Tensor, log_p_student: torch.Tensor | None
+    ) -> TeacherStats:
+        """Write p^T of the tokens ``rows`` into ``out`` ``[n, V]`` (float32+) and return its stats;
+        ``labels`` ``[n]`` are those tokens' labels, ignored ones replaced by 0; ``log_p_student``
+        ``[n, V]`` is the student's log p^S there (the teacher cache shapes its tail after it)."""
+
+
+def stats_of(p_teacher: torch.Tensor, labels: torch.Tensor) -> TeacherStats:
+    """p^T_l and max_v p^T_v of ``p_teacher`` ``[n, V]`` at ``labels`` ``[n]``."""
+    return TeacherStats(p_label=p_teacher.gather(1, labels.unsqueeze(1)).squeeze(1), p_max=p_teacher.amax(dim=1))
+
+
+def matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``out = a @ b``, in ``out``'s memory when the dtypes allow (a fresh big tensor on CPU costs
+    page faults on every chunk), else through ``a.dtype`` (bf16 compute into float32 buffers)."""
+    if a.dtype == out.dtype:
+        return torch.mm(a, b, out=out)
+    return out.copy_(a @ b)
+
+
+@dataclass(frozen=True)
+class TeacherLogits:
+    """An online teacher given as logits ``[N, V]`` (the reference; tests and benchmarks)."""
+
+    logits: torch.Tensor
+
+    def chunk(
+        self, rows: slice, labels: torch.Tensor, out: torch.Tensor, log_p_student: torch.Tensor | None = None
+    ) -> TeacherStats:
+        p_teacher = torch.softmax(out.copy_(self.logits[rows]), dim=1, out=out)
+        return stats_of(p_teacher, labels)
+
+
+@dataclass(frozen=True)
+class TeacherHead:
+    """An online teacher given as its final hidden states ``[N, H]`` and head weight ``[V, H]`` (in the
+    hidden states' dtype): its ``[N, V]`` logits are never materialized, only one chunk at a time."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+
+    def chunk(
+        self, rows: slice, labels: torch.Tensor, out: torch.Tensor, log_p_student: torch.Tensor | None = None
+    ) -> TeacherStats:
+        p_teacher = torch.softmax(matmul_into(out, self.hidden[rows], self.weight.T), dim=1, out=out)
+        return stats_of(p_teacher, labels)

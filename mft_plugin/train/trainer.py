@@ -1,0 +1,190 @@
+"""``MFTTrainer``: a Hugging Face Trainer whose loss is teacher + objective + mitigation penalties.
+
+Everything else (optimizer, schedule, gradient accumulation, mixed precision, checkpoints,
+``accelerate launch`` with DDP/FSDP/DeepSpeed, progress bars, logging) is the Trainer's own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from mft_plugin.data.batches import REPLAY_COLUMN, MicroBatchSampler, model_inputs
+from mft_plugin.data.labels import shift_for_causal_lm
+from mft_plugin.eval.metrics import paper_metrics, perplexity
+from mft_plugin.loss.chunked import ChunkedLoss
+from mft_plugin.loss.corrected import masked_mean
+from mft_plugin.loss.plain import plain_token_losses
+from mft_plugin.models.forms import has_adapters
+from mft_plugin.strategy import Mitigation, Objective
+from mft_plugin.teacher.sources import Teacher
+from mft_plugin.train.budget import Budget, BudgetStop
+from mft_plugin.train.checkpoints import finish_checkpoint
+from mft_plugin.train.engine import Engine
+from mft_plugin.train.safety import SKIPPED_KEY, NonFiniteGuard, skipped_steps
+
+
+class MFTTrainer(Trainer):
+    # compute_loss returns a per-micro-batch mean; the Trainer divides it by the accumulation steps
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        *args: Any,
+        objective: Objective,
+        teacher: Teacher | None,
+        mitigations: Sequence[Mitigation] = (),
+        eval_sets: dict[str, Dataset] | None = None,
+        skip_nonfinite_batches: bool = False,
+        budget: Budget | None = None,
+        chunked_loss: ChunkedLoss | None = None,
+        engine: Engine | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.objective = objective
+        self.chunked_loss = chunked_loss  # None: the plain loss from [batch, seq, vocab] logits
+        self.engine = engine or Engine()
+        self.teacher = self.engine.place_teacher(teacher, self.accelerator)  # sharded like the student where it is
+        self.mitigations = list(mitigations)
+        self.eval_sets = eval_sets or {}
+        self.base_perplexities: dict[str, float] = {}
+        self.nonfinite = NonFiniteGuard(skip=skip_nonfinite_batches)
+        self.budget = budget or Budget()
+        if self.budget.active:
+            self.add_callback(BudgetStop(self.budget))
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        labels = shift_for_causal_lm(inputs["labels"])
+        if self.chunked_loss is not None and not return_outputs:  # fused with the LM head, no logits made
+            outputs, token_losses = None, self.chunked_loss(model, self.teacher, inputs, labels)
+        else:
+            outputs = model(**model_inputs(inputs))
+            token_losses = plain_token_losses(self.objective, self.teacher, outputs.logits, inputs, labels)
+        penalties = {m.name: p for m in self.mitigations if (p := m.penalty(model)) is not None}
+        loss = masked_mean(token_losses, labels) + sum(penalties.values())
+        if model.training:
+            self.nonfinite.check_loss(self.state.global_step + 1, loss, self.objective.name, token_losses, penalties)
+        return (loss, outputs) if return_outputs else loss
+
+    def _get_train_sampler(self, train_dataset: Dataset | None = None) -> torch.utils.data.Sampler | None:
+        """A training set composed micro-batch by micro-batch (it has a replay column) is shuffled
+        in whole micro-batches, so that each keeps its composition (``mft_plugin.data.batches``)."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if REPLAY_COLUMN in getattr(dataset, "column_names", ()):
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return MicroBatchSampler(len(dataset), self.args.per_device_train_batch_size, seed)
+        return super()._get_train_sampler(train_dataset)
+
+    def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
+        """The Trainer's gradient norm, checked before the optimizer step (``mft_plugin.train.safety``)."""
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        step = self.state.global_step + 1
+        if self.nonfinite.check_gradients(step, grad_norm, scaled=self.accelerator.scaler is not None):
+            model.zero_grad(set_to_none=True)  # no gradient: the optimizer leaves every weight as it is
+            self.log({SKIPPED_KEY: skipped_steps(self.state.log_history) + 1})
+        return grad_norm
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        """The Trainer's checkpoint, then its completeness manifest, then the rotation of old ones.
+
+        In that order, a kill at any moment leaves a complete checkpoint to resume from
+        (``mft_plugin.train.checkpoints``); the Trainer itself would rotate before the manifest exists.
+        """
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()  # every rank's files (RNG states, shards) are written
+        if self.args.should_save:
+            run_dir = Path(self._get_output_dir(trial=trial))
+            finish_checkpoint(run_dir, self.state.global_step, limit, self.state.best_model_checkpoint)
+
+    def perplexities(self, base: bool = False) -> dict[str, float]:
+        """Token-level perplexity of the current model on each evaluation set.
+
+        ``base``: of the unfinetuned model (paper Sec. 3.1), which with adapters is the student with them
+        switched off; without adapters, call it before training.
+        """
+        switched_off = self.model.disable_adapter() if base and has_adapters(self.model) else contextlib.nullcontext()
+        with switched_off:
+            return {
+                name: perplexity(self.model, self.get_eval_dataloader(dataset), self.accelerator)
+                for name, dataset in self.eval_sets.items()
+            }
+
+    def set_base_perplexities(
+        self, cached: dict[str, float] | None, on_measured: Callable[[dict[str, float]], None]
+    ) -> None:
+        """The unfinetuned model's perplexities, against which S and DG are measured (paper Sec. 3.1).
+
+        ``cached`` ones if given; otherwise measured now, before training, then passed to
+        ``on_measured``. Under DeepSpeed ZeRO-3 the student's weights are partitioned from
+        ``from_pretrained`` on and only the engine that ``train()`` builds can run them, so they
+        are measured when training begins, before its first step.
+        """
+        if cached is not None:
+            self.base_perplexities = cached
+        elif self.engine.measures_base_in_training:
+            self.add_callback(_BaseAtTrainBegin(self, on_measured))
+        else:
+            self.base_perplexities = self.perplexities(base=True)
+            on_measured(self.base_perplexities)
+
+    def _determine_best_metric(self, metrics: dict[str, float], trial: Any) -> bool:
+        """The Trainer's best-checkpoint bookkeeping (least ``eval_spec_ppl``), blind to evaluations
+        past the degeneralization budget: the final model is the best one *within* it (``mft_plugin.train.budget``)."""
+        return self.budget.admits(metrics) and super()._determine_best_metric(metrics, trial)
+
+    def paper_evaluation(self, prefix: str = "eval") -> dict[str, float]:
+        """The current model's perplexities and its S, DG, DG/S against the base (paper Sec. 3.1)."""
+        current = self.perplexities()
+        metrics = {f"{prefix}_{name}_ppl": value for name, value in current.items()}
+        metrics.update({f"{prefix}_{k}": v for k, v in paper_metrics(self.base_perplexities, current).items()})
+        return metrics
+
+    def evaluate(
+        self,
+        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> dict[str, float]:
+        """Perplexities on the specialized and general sets, plus S, DG and DG/S against the base."""
+        metrics = self.paper_evaluation(metric_key_prefix)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+class _BaseAtTrainBegin(TrainerCallback):
+    """Measures the base perplexities once the ZeRO-3 engine exists (``MFTTrainer.set_base_perplexities``)."""
+
+    def __init__(self, trainer: MFTTrainer, on_measured: Callable[[dict[str, float]], None]) -> None:
+        self.trainer = trainer
+        self.on_measured = on_measured
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if state.global_step > 0 and not has_adapters(self.trainer.model):
+            raise RuntimeError(
+                f"resume_from_checkpoint: under DeepSpeed ZeRO-3 the base model's perplexities are measured "
+                f"when training starts, and this run resumes at step {state.global_step} with its weights "
+                f"finetuned already and no base perplexities cached in {args.output_dir}; resume in the "
+                "output_dir of the run that made the checkpoint (it cached them)"
+            )
+        self.trainer.base_perplexities = self.trainer.perplexities(base=True)
+        self.on_measured(self.trainer.base_perplexities)
