@@ -1,6 +1,7 @@
 """Loading a YAML config and turning validation errors into ``file:line: key: message`` lines.
 
-Only ``yaml.safe_load``/``yaml.compose`` are used: nothing in a config is ever evaluated as code.
+Only PyYAML's ``SafeLoader`` is used (nothing in a config is ever evaluated as code), and its work is
+bounded (:func:`read_yaml`): a hostile file ends in a message, never a hang or a traceback.
 """
 
 from __future__ import annotations
