@@ -437,8 +437,16 @@ def finished_run(base_config_module: dict[str, Any], tmp_path_factory: pytest.Te
     config = {**base_config_module, "output_dir": str(folder / "out"), "save_steps": 2}
     path = write_yaml(folder / "config.yml", config)
     registry = registry_with(("mft-raising-hooks", RaisingHooks()))
-    code = main([str(path)], registry=registry)
-    return {"code": code, "config": config, "path": path, "out": folder / "out", "registry": registry}
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("mft_plugin.registry").addHandler(handler)
+    try:
+        code = main([str(path)], registry=registry)
+    finally:
+        logging.getLogger("mft_plugin.registry").removeHandler(handler)
+    hook_errors = [record.getMessage() for record in records]
+    return {"code": code, "config": config, "path": path, "out": folder / "out", "registry": registry, "hook_errors": hook_errors}
 
 
 @pytest.fixture(scope="module")
@@ -455,6 +463,10 @@ def base_config_module(tiny_model: Path, corpora: dict[str, Path], tmp_path_fact
 
 def test_raising_run_hooks_do_not_fail_the_run(finished_run: dict[str, Any]) -> None:
     assert finished_run["code"] == 0
+    assert finished_run["hook_errors"] == [
+        "plugin mft-raising-hooks: mft_run_start raised RuntimeError: tracker unreachable (ignored)",
+        "plugin mft-raising-hooks: mft_run_end raised KeyError: 'no such project' (ignored)",
+    ]
     metrics = json.loads((finished_run["out"] / METRICS_FILE).read_text(),
                          parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))  # fmt: skip
     assert metrics["step"] == 4 and math.isfinite(metrics["eval_S"])
