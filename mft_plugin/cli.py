@@ -95,6 +95,7 @@ def main(argv: Sequence[str] | None = None, registry: Registry | None = None) ->
 
     if args.num_processes > 1:
         return launch(config, args.config, args.overrides, args.num_processes)
+    from mft_plugin.data.documents import DataError
     from mft_plugin.train.signals import TrainingInterrupted
     from mft_plugin.train.recipe import run
     from mft_plugin.train.safety import NonFiniteError
@@ -104,6 +105,9 @@ def main(argv: Sequence[str] | None = None, registry: Registry | None = None) ->
     except TrainingInterrupted as stopped:  # SIGINT/SIGTERM: a checkpoint was saved
         print(stopped, file=sys.stderr)
         return stopped.exit_code
+    except DataError as error:  # bad data, named by file and record, found before any model is loaded
+        print(f"bad data: {error}", file=sys.stderr)
+        return 2
     except NonFiniteError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

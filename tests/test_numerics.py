@@ -29,6 +29,7 @@ from mft_plugin.loss.corrected import nll_token_losses
 from mft_plugin.train.recipe import run
 from mft_plugin.registry import Registry, collect_strategies, make_plugin_manager
 from mft_plugin.train.safety import NonFiniteError, describe_nonfinite_loss
+from mft_plugin.strategies import formats as builtin_formats
 from mft_plugin.strategies import objectives as builtin_objectives
 from mft_plugin.strategies.objectives.mft import MinifinetuningObjective
 from mft_plugin.strategy import Mitigation, Objective, StrategyParams
@@ -105,6 +106,7 @@ class FaultPlugin:
 def registry() -> Registry:
     manager = make_plugin_manager()
     manager.register(builtin_objectives, name="mft-plugin")
+    manager.register(builtin_formats, name="mft-plugin-formats")
     manager.register(FaultPlugin(), name="fault-plugin")
     return collect_strategies(manager)
 

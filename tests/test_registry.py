@@ -30,6 +30,7 @@ from mft_plugin.registry import (
     make_plugin_manager,
     strategy_listing,
 )
+from mft_plugin.strategies import formats as builtin_formats
 from mft_plugin.strategies import objectives as builtin_objectives
 from mft_plugin.strategy import Mitigation, Objective, StrategyParams
 from tests.tiny import write_yaml
@@ -114,6 +115,7 @@ def registry_with(**plugins: object) -> Registry:
     """A registry of the built-in objectives plus the given plugins, registered under their keyword."""
     manager = make_plugin_manager()
     manager.register(builtin_objectives, name="mft-plugin")
+    manager.register(builtin_formats, name="mft-plugin-formats")  # datasets: entries need their formats
     for name, obj in plugins.items():
         manager.register(obj, name=name.replace("_", "-"))
     return collect_strategies(manager)
@@ -294,7 +296,8 @@ def example_distribution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> imp
 def example_registry(example_distribution: importlib.metadata.Distribution) -> Registry:
     manager = make_plugin_manager()
     builtin = importlib.metadata.EntryPoint("builtin", "mft_plugin.strategies.objectives", ENTRY_POINT_GROUP)
-    problems = load_entry_point_plugins(manager, [builtin, *example_distribution.entry_points])
+    formats = importlib.metadata.EntryPoint("formats", "mft_plugin.strategies.formats", ENTRY_POINT_GROUP)
+    problems = load_entry_point_plugins(manager, [builtin, formats, *example_distribution.entry_points])
     assert problems == []
     return collect_strategies(manager, problems)
 

@@ -9,18 +9,31 @@ from pathlib import Path
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from mft_plugin.config.schema import DatasetConfig, MFTConfigBase
-from mft_plugin.data.documents import load_all_documents, pack_documents
+from mft_plugin.config.schema import DatasetConfig, DatasetSource, MFTConfigBase
+from mft_plugin.data.packing import Records, lay_out, records_of
+from mft_plugin.registry import Registry, default_registry
+from mft_plugin.strategy import DataFormat
 
 
 @dataclass
 class RecipeContext:
-    """The validated config, the tokenizer and the output folder, and packing as the recipe packs."""
+    """The validated config, the tokenizer and the output folder, and the data formats of the registry
+    that validated the config (default: the installed plugins)."""
 
     config: MFTConfigBase
     tokenizer: PreTrainedTokenizerBase
     output_dir: Path
+    registry: Registry | None = None
+
+    def data_format(self, spec: DatasetSource) -> DataFormat:
+        """The data format a ``datasets:`` entry selects, holding the entry as its parameters."""
+        return (self.registry or default_registry()).get("format", spec.type).cls(spec)  # type: ignore[return-value]
+
+    def records(self, specs: Sequence[DatasetSource]) -> Records:
+        """The tokenized records of ``datasets:``-style entries, each through its data format."""
+        return records_of(specs, self.data_format, self.tokenizer, self.config.train_on_inputs)
 
     def packed_blocks(self, specs: Sequence[DatasetConfig]) -> Dataset:
-        """Extra data (replay, Fisher estimation) tokenized and packed exactly like the training data."""
-        return pack_documents(load_all_documents(specs), self.tokenizer, self.config.sequence_len)
+        """Raw general-domain text (replay, Fisher estimation, general validation): concatenated and
+        cut into ``sequence_len`` blocks, every token a label, whatever the specialized data's format."""
+        return lay_out(self.records(specs), self.config.sequence_len)
