@@ -26,6 +26,7 @@ from mft_plugin.config.schema import DatasetSource
 from mft_plugin.data.batches import LABELS, POSITIONS
 from mft_plugin.data.documents import DataError, read_records
 from mft_plugin.data.labels import IGNORE_INDEX
+from mft_plugin.registry import Registry, default_registry
 from mft_plugin.strategy import DataFormat, RecordError
 
 logger = logging.getLogger(__name__)
@@ -139,13 +140,26 @@ def lay_out(records: Records, sequence_len: int, sample_packing: bool = False) -
     single = [row for row, concatenates in records if not concatenates]
     if sample_packing:
         rows = record_rows(stream, sequence_len, True, "raw text") + record_rows(single, sequence_len, False, "records")
-        return _as_dataset(pack_rows(rows, sequence_len))
-    return _as_dataset(stream_blocks(stream, sequence_len) + (record_rows(single, sequence_len, False, "records") if single else []))
+        return _as_dataset(pack_rows(rows, sequence_len), sequence_len)
+    rows = stream_blocks(stream, sequence_len) + (record_rows(single, sequence_len, False, "records") if single else [])
+    return _as_dataset(rows, sequence_len)
 
 
-def _as_dataset(rows: list[Row]) -> Dataset:
+def format_lookup(registry: Registry | None = None) -> Callable[[DatasetSource], DataFormat]:
+    """Each entry's data format, as its ``type`` names it in ``registry`` (default: the installed plugins)."""
+    return lambda spec: (registry or default_registry()).get("format", spec.type).cls(spec)  # type: ignore[return-value]
+
+
+def raw_text_blocks(
+    specs: Sequence[DatasetSource], tokenizer: PreTrainedTokenizerBase, sequence_len: int, registry: Registry | None = None
+) -> Dataset:
+    """Raw-text entries concatenated and cut into ``sequence_len`` blocks, every token a label."""
+    return lay_out(records_of(specs, format_lookup(registry), tokenizer), sequence_len)
+
+
+def _as_dataset(rows: list[Row], sequence_len: int) -> Dataset:
     if not rows:
-        raise DataError("no row of data is left (every record was dropped; see the log)")
+        raise DataError(f"no record is left: each is longer than sequence_len {sequence_len} or has no label (see the log)")
     return Dataset.from_dict({key: [row[key] for row in rows] for key in rows[0]})
 
 

@@ -10,9 +10,8 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from mft_plugin.config.schema import DatasetConfig, DatasetSource, MFTConfigBase
-from mft_plugin.data.packing import Records, lay_out, records_of
-from mft_plugin.registry import Registry, default_registry
-from mft_plugin.strategy import DataFormat
+from mft_plugin.data.packing import Records, format_lookup, raw_text_blocks, records_of
+from mft_plugin.registry import Registry
 
 
 @dataclass
@@ -25,15 +24,11 @@ class RecipeContext:
     output_dir: Path
     registry: Registry | None = None
 
-    def data_format(self, spec: DatasetSource) -> DataFormat:
-        """The data format a ``datasets:`` entry selects, holding the entry as its parameters."""
-        return (self.registry or default_registry()).get("format", spec.type).cls(spec)  # type: ignore[return-value]
-
     def records(self, specs: Sequence[DatasetSource]) -> Records:
         """The tokenized records of ``datasets:``-style entries, each through its data format."""
-        return records_of(specs, self.data_format, self.tokenizer, self.config.train_on_inputs)
+        return records_of(specs, format_lookup(self.registry), self.tokenizer, self.config.train_on_inputs)
 
     def packed_blocks(self, specs: Sequence[DatasetConfig]) -> Dataset:
         """Raw general-domain text (replay, Fisher estimation, general validation): concatenated and
         cut into ``sequence_len`` blocks, every token a label, whatever the specialized data's format."""
-        return lay_out(self.records(specs), self.config.sequence_len)
+        return raw_text_blocks(specs, self.tokenizer, self.config.sequence_len, self.registry)

@@ -42,6 +42,9 @@ class CompletionFormat(DataFormat):
     def tokenize(
         self, record: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, train_on_inputs: bool
     ) -> dict[str, list[int]]:
-        ids = tokenizer(record_text(record, self.params.field), verbose=False)["input_ids"]
+        text = record_text(record, self.params.field)
+        if not text.strip():  # an empty document adds nothing (a corpus of them is an error of the data stage)
+            return {"input_ids": [], "labels": []}
+        ids = tokenizer(text, verbose=False)["input_ids"]
         ids = ids if ids and ids[-1] == tokenizer.eos_token_id else [*ids, tokenizer.eos_token_id]
         return {"input_ids": ids, "labels": list(ids)}
