@@ -40,7 +40,8 @@ class RunContext(Protocol):
     output_dir: Path
 
     def packed_blocks(self, specs: Sequence[Any]) -> Dataset:
-        """Extra data (``datasets:``-style entries) tokenized and packed exactly like the training data."""
+        """Raw general-domain text (``datasets:``-style ``completion`` entries, e.g. replay's) in
+        ``sequence_len`` blocks, every token a label, whatever the training data's format."""
 
 
 @dataclass(frozen=True)
@@ -199,17 +200,14 @@ class DataFormat(Strategy):
     """
 
     concatenates: ClassVar[bool] = False  # raw text: records are one stream cut into sequence_len blocks
-    column_keys: ClassVar[tuple[str, ...]] = ()  # Params keys whose value names a record column
+    # the record columns a format reads, checked against a local file's first record at validation:
+    column_keys: ClassVar[tuple[str, ...]] = ()  # Params keys whose value names a column (e.g. ``field``)
     fixed_columns: ClassVar[tuple[str, ...]] = ()  # columns every record must have, whatever the keys
 
     def __init__(self, params: BaseModel | None = None, **kwargs: Any) -> None:
         if params is not None and not isinstance(params, self.Params):  # an entry of another model: its format keys
             params = self.Params(**params.model_dump(include=set(self.Params.model_fields)))
         super().__init__(params, **kwargs)
-
-    def columns(self) -> list[str]:
-        """The record columns this format reads (checked against the first record at validation)."""
-        return [*self.fixed_columns, *(getattr(self.params, key) for key in self.column_keys)]
 
     def tokenize(
         self, record: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, train_on_inputs: bool

@@ -134,14 +134,15 @@ def split_records(records: Records, val_set_size: float, seed: int) -> tuple[Rec
     return [records[i] for i in parts["train"]["i"]], [records[i] for i in parts["test"]["i"]]
 
 
-def lay_out(records: Records, sequence_len: int, sample_packing: bool = False) -> Dataset:
-    """The rows of the records as a Dataset: ``input_ids``, ``labels``, and ``position_ids`` when packed."""
+def lay_out(records: Records, sequence_len: int, sample_packing: bool = False, source: str = "datasets") -> Dataset:
+    """The rows of the records as a Dataset: ``input_ids``, ``labels``, and ``position_ids`` when packed.
+    ``source`` names the records in the log (e.g. ``test_datasets``)."""
     stream = [row for row, concatenates in records if concatenates]
     single = [row for row, concatenates in records if not concatenates]
     if sample_packing:
-        rows = record_rows(stream, sequence_len, True, "raw text") + record_rows(single, sequence_len, False, "records")
+        rows = record_rows(stream, sequence_len, True, f"{source} (raw text)") + record_rows(single, sequence_len, False, source)
         return _as_dataset(pack_rows(rows, sequence_len), sequence_len)
-    rows = stream_blocks(stream, sequence_len) + (record_rows(single, sequence_len, False, "records") if single else [])
+    rows = stream_blocks(stream, sequence_len) + (record_rows(single, sequence_len, False, source) if single else [])
     return _as_dataset(rows, sequence_len)
 
 

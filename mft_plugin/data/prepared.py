@@ -4,8 +4,9 @@ A sweep or a rerun on the same data reads them back instead of tokenizing again.
 holds one subfolder per key, a :func:`mft_plugin.files.fingerprint` of the data files by content,
 the tokenizer and every key that shapes the rows (formats and their keys, ``sequence_len``,
 packing, ``train_on_inputs``, the held-out split); a changed input gives a new key, never a stale
-hit. A subfolder is written under a temporary name and renamed into place, so a crash leaves either
-a complete cache or none; one that cannot be read back is logged and rebuilt.
+hit (the key does not see the code of a format: after changing a format, delete the folder). A
+subfolder is written under a temporary name and renamed into place, so a crash leaves either a
+complete cache or none; one that cannot be read back is logged and rebuilt.
 """
 
 from __future__ import annotations

@@ -66,7 +66,8 @@ def build_datasets(config: MFTConfigBase, context: RecipeContext) -> tuple[Datas
         eval_packing = config.sample_packing if config.eval_sample_packing is None else config.eval_sample_packing
         built = {TRAIN: lay_out(records, config.sequence_len, config.sample_packing)}
         if held_out is not None:
-            built[SPEC] = lay_out(held_out, config.sequence_len, eval_packing)
+            held_out_name = "test_datasets" if config.test_datasets else "val_set_size"
+            built[SPEC] = lay_out(held_out, config.sequence_len, eval_packing, held_out_name)
         if config.general_eval_datasets:
             built[GENERAL] = context.packed_blocks(config.general_eval_datasets)
         return built
