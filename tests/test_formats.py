@@ -187,3 +187,11 @@ def test_general_data_stays_raw_text(base_config: dict[str, Any], tmp_path: Path
     entry = {"path": str(chat_file(tmp_path)), "type": "chat_template"}
     with pytest.raises(ConfigError, match=r"general_eval_datasets\.0\.type: Input should be 'completion'"):
         validate_config({**base_config, "general_eval_datasets": [entry]})
+
+
+def test_formats_are_listed_with_their_keys(capsys: pytest.CaptureFixture[str]) -> None:
+    from mft_plugin.cli import main
+
+    assert main(["--list"]) == 0
+    rows = [line.split()[:3] for line in capsys.readouterr().out.splitlines() if line.startswith("format ")]
+    assert [name for _, name, dist in rows if dist == "mft-plugin"] == ["alpaca", "chat_template", "completion", "input_output"]
