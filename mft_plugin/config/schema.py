@@ -76,19 +76,22 @@ def _first_record_keys(path: Path) -> set[str] | None:
     return set(first) if isinstance(first, dict) else None
 
 
-def _missing_columns(path: str | None, columns: list[str]) -> str | None:
-    """Which of ``columns`` the first record of a local .json/.jsonl ``path`` lacks, as a message, or None."""
+def _require_columns(path: str | None, columns: list[str]) -> None:
+    """An error naming the ``columns`` the first record of a local .json/.jsonl ``path`` lacks
+    (``path`` is None when it failed validation itself)."""
     file = Path(path).expanduser() if path else None
     if file is None or not file.is_file() or file.suffix not in (".json", ".jsonl"):
-        return None
+        return
     try:
         keys = _first_record_keys(file)
     except (UnicodeDecodeError, json.JSONDecodeError):
-        return None  # bad bytes are reported by the data stage, with their line
+        return  # bad bytes are reported by the data stage, with their line
     missing = [column for column in columns if keys is not None and column not in keys]
-    if not missing:
-        return None
-    return f"{', '.join(map(repr, missing))} {'is not a field' if len(missing) == 1 else 'are not fields'} of {path} (its records have: {', '.join(sorted(keys))})"
+    if missing:
+        message = "{missing} {verb} of {path} (its records have: {keys})"
+        verb = "is not a field" if len(missing) == 1 else "are not fields"
+        values = {"missing": ", ".join(map(repr, missing)), "verb": verb, "path": path, "keys": ", ".join(sorted(keys))}
+        raise PydanticCustomError("missing_field", message, values)
 
 
 class DatasetSource(StrictModel):
@@ -129,8 +132,7 @@ class DatasetConfig(DatasetSource):
     @field_validator("field")
     @classmethod
     def _field_exists(cls, field: str, info: ValidationInfo) -> str:
-        if problem := _missing_columns(info.data.get("path"), [field]):  # path absent when it failed validation
-            raise PydanticCustomError("missing_field", "{problem}", {"problem": problem})
+        _require_columns(info.data.get("path"), [field])
         return field
 
 
@@ -309,13 +311,11 @@ def _columns_check(format_cls: type[DataFormat]) -> dict[str, Any]:
     of a local json/jsonl file, each reported at the key that names it (fixed ones at the entry)."""
 
     def named_column(cls: type, column: str, info: ValidationInfo) -> str:
-        if problem := _missing_columns(info.data.get("path"), [column]):
-            raise PydanticCustomError("missing_field", "{problem}", {"problem": problem})
+        _require_columns(info.data.get("path"), [column])
         return column
 
     def fixed_columns(self: DatasetSource) -> DatasetSource:
-        if problem := _missing_columns(self.path, list(format_cls.fixed_columns)):
-            raise PydanticCustomError("missing_field", "{problem}", {"problem": problem})
+        _require_columns(self.path, list(format_cls.fixed_columns))
         return self
 
     validators: dict[str, Any] = {"fixed_columns": model_validator(mode="after")(fixed_columns)}
