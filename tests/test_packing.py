@@ -15,8 +15,10 @@ from mft_plugin import get_objective
 from mft_plugin.data.batches import PaddingCollator, model_inputs
 from mft_plugin.data.labels import IGNORE_INDEX, shift_for_causal_lm, valid_mask
 from mft_plugin.data.packing import pack_rows, record_rows
+from mft_plugin.loss.chunked import ChunkedLoss
 from mft_plugin.loss.corrected import nll_token_losses
 from mft_plugin.loss.plain import plain_token_losses
+from mft_plugin.models.heads import output_head
 from mft_plugin.teacher.sources import FrozenCopyTeacher
 
 X = IGNORE_INDEX
@@ -117,9 +119,16 @@ def test_the_teacher_and_the_mft_loss_see_the_packed_inputs(tiny_model: Path) ->
         with torch.no_grad():
             return plain_token_losses(mft, teacher, model(**model_inputs(batch)).logits, batch, labels)
 
-    alone, packed = per_record(student, RECORDS, mft_losses), packed_losses(student, mft_losses)
-    torch.testing.assert_close(packed[0], torch.cat(alone[:2]), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(packed[1], torch.cat(alone[2:]), rtol=1e-5, atol=1e-5)
+    chunked = ChunkedLoss(mft, output_head(student), chunk_size=5)
+
+    def chunked_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return chunked(model, teacher, batch, labels)
+
+    for losses in (mft_losses, chunked_losses):  # the plain path and the chunked one fused with the head
+        alone, packed = per_record(student, RECORDS, losses), packed_losses(student, losses)
+        torch.testing.assert_close(packed[0], torch.cat(alone[:2]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(packed[1], torch.cat(alone[2:]), rtol=1e-5, atol=1e-5)
 
 
 CHATS = [
