@@ -8,11 +8,14 @@ one shorter block (padded by the collator) so that a corpus shorter than one blo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset, concatenate_datasets, load_dataset
+import datasets
+from datasets import Dataset, concatenate_datasets, disable_progress_bars, enable_progress_bars, load_dataset
+from datasets.utils import are_progress_bars_disabled
 from transformers import PreTrainedTokenizerBase
 
 from mft_plugin.config.schema import DATA_SUFFIXES, DatasetConfig
@@ -20,14 +23,30 @@ from mft_plugin.config.schema import DATA_SUFFIXES, DatasetConfig
 PACK_BATCH_DOCUMENTS = 1000
 
 
+@contextlib.contextmanager
+def no_split_generation_bars() -> Iterator[None]:
+    """datasets draws a "Generating train split" bar for every data file it reads: one line per file
+    saying nothing the tokenizing bar does not. Hidden while loading (errors still raise, warnings
+    still log); left alone when the user has turned datasets' bars off (or on, by its env variable)."""
+    if are_progress_bars_disabled() or datasets.config.HF_DATASETS_DISABLE_PROGRESS_BARS is False:
+        yield
+        return
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        enable_progress_bars()
+
+
 def load_documents(spec: DatasetConfig) -> Dataset:
     """One ``datasets:`` entry as a Dataset with a single ``text`` column (one row per document)."""
     local = Path(spec.path).expanduser()
-    if local.is_file():
-        builder = spec.ds_type or DATA_SUFFIXES.get(local.suffix, "text")
-        documents = load_dataset(builder, data_files=str(local), split=spec.split)
-    else:  # a local folder or a hub dataset name
-        documents = load_dataset(spec.path, name=spec.name, data_files=spec.data_files, split=spec.split)
+    with no_split_generation_bars():
+        if local.is_file():
+            builder = spec.ds_type or DATA_SUFFIXES.get(local.suffix, "text")
+            documents = load_dataset(builder, data_files=str(local), split=spec.split)
+        else:  # a local folder or a hub dataset name
+            documents = load_dataset(spec.path, name=spec.name, data_files=spec.data_files, split=spec.split)
     if spec.field not in documents.column_names:
         raise ValueError(
             f"datasets: {spec.path}: field {spec.field!r} not found; columns: {', '.join(documents.column_names)}"
