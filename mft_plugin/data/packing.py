@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 
 from datasets import Dataset, concatenate_datasets
 from transformers import PreTrainedTokenizerBase
+from transformers.utils.logging import tqdm
 
 from mft_plugin.config.errors import ConfigError
 from mft_plugin.config.schema import DatasetSource
@@ -44,7 +45,7 @@ def tokenized_records(
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no eos_token; records need one to end")
     rows = []
-    for where, record in read_records(spec):
+    for where, record in tqdm(read_records(spec), desc=f"Tokenizing {spec.path} ({data_format.name})", unit=" records"):
         try:
             row = data_format.tokenize(record, tokenizer, train_on_inputs)
         except RecordError as error:
