@@ -202,7 +202,12 @@ def test_lora_model_dir_starts_from_the_saved_adapter(base_config: dict[str, Any
             if "lora_B" in name:
                 parameter.normal_()  # a trained adapter: B is no longer zero
     saved.save_pretrained(tmp_path / "adapter")
-    resumed = _adapter_model(validate_config({**base_config, "adapter": "lora", "lora_model_dir": str(tmp_path / "adapter")}), tmp_path)
+    config = validate_config({**base_config, "adapter": "lora", "lora_model_dir": str(tmp_path / "adapter")})
+    (entry,) = config.mitigations  # the saved settings, shown in the resolved config
+    assert (entry.r, set(entry.target_modules)) == (4, {"q_proj", "v_proj"})
+    again = validate_config(config.model_dump(mode="json")).mitigations  # a run's config.yml validates again
+    assert [m.model_dump() for m in again] == [entry.model_dump()]
+    resumed = _adapter_model(config, tmp_path)
     ids = torch.tensor([[3, 14, 15, 92, 65]])
     assert torch.equal(resumed(input_ids=ids).logits, saved(input_ids=ids).logits)
     assert any(p.requires_grad for n, p in resumed.named_parameters() if "lora_" in n)

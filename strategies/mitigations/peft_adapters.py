@@ -50,24 +50,29 @@ class LoraParams(StrategyParams):
         None, description="start from this saved adapter (its adapter_config.json sets r, alpha, targets) and train it on"
     )
 
-    @model_validator(mode="after")
-    def _agrees_with_saved_adapter(self) -> LoraParams:
-        """Axolotl loads ``lora_model_dir`` with its own saved settings and ignores the YAML's; here a
-        setting given in the YAML must agree with the saved one, so that none is silently ignored."""
-        if self.lora_model_dir is None:
-            return self
-        saved_file = Path(self.lora_model_dir).expanduser() / "adapter_config.json"
+    @model_validator(mode="before")
+    @classmethod
+    def _from_saved_adapter(cls, data: Any) -> Any:
+        """With ``lora_model_dir``, the settings are the saved adapter's (Axolotl loads it with them and
+        ignores the YAML's): they fill the entry, so the resolved config shows them, and one given in
+        the YAML must agree, so that none is silently ignored."""
+        if not (isinstance(data, dict) and data.get("lora_model_dir")):
+            return data
+        saved_file = Path(data["lora_model_dir"]).expanduser() / "adapter_config.json"
         if not saved_file.is_file():
             message = "{path} is not a saved peft adapter (no adapter_config.json)"
-            raise PydanticCustomError("lora_model_dir", message, {"path": self.lora_model_dir})
+            raise PydanticCustomError("lora_model_dir", message, {"path": data["lora_model_dir"]})
         saved = json.loads(saved_file.read_text(encoding="utf-8"))
-        given = self.model_fields_set - {"name", "lora_model_dir"}
-        differ = [key for key in sorted(given) if _as_saved(getattr(self, key)) != _as_saved(saved.get(key))]
+        keys = [key for key in SAVED_SETTINGS if key in saved]
+        differ = [key for key in keys if key in data and _as_saved(data[key]) != _as_saved(saved[key])]
         if differ:
-            detail = ", ".join(f"{key} {getattr(self, key)!r} (saved: {saved.get(key)!r})" for key in differ)
+            detail = ", ".join(f"{key} {data[key]!r} (saved: {saved[key]!r})" for key in differ)
             message = "the adapter in {path} was saved with other settings: {detail}; remove them or match them"
-            raise PydanticCustomError("lora_model_dir", message, {"path": self.lora_model_dir, "detail": detail})
-        return self
+            raise PydanticCustomError("lora_model_dir", message, {"path": data["lora_model_dir"], "detail": detail})
+        return {**{key: saved[key] for key in keys}, **data}
+
+
+SAVED_SETTINGS = ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "use_dora", "fan_in_fan_out")
 
 
 def _as_saved(value: Any) -> Any:
