@@ -116,7 +116,7 @@ def test_wandb_keys_reach_the_environment(base_config: dict[str, Any], monkeypat
         "WANDB_PROJECT": "p", "WANDB_ENTITY": "team", "WANDB_WATCH": "gradients", "WANDB_LOG_MODEL": "end", "WANDB_NAME": "n",
     }  # fmt: skip
     assert wandb_environment(validate_config({**base_config, "wandb_project": "p", "use_wandb": False})) == {}
-    with pytest.raises(ConfigError, match="wandb_entity, wandb_watch, wandb_log_model: read only when reporting to wandb"):
+    with pytest.raises(ConfigError, match="wandb_entity: read only when reporting to wandb"):
         validate_config({**base_config, **keys, "use_wandb": False})  # never accepted and ignored
     assert wandb_environment(validate_config(base_config)) == {}
 
@@ -231,6 +231,7 @@ def _alpaca_registered() -> bool:
     return "alpaca" in getattr(default_registry(), "entries", {}).get("format", {})
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _alpaca_registered(), reason="the alpaca data format and sample_packing (issue 14, part 1) have not landed")
 @pytest.mark.parametrize("name", COPIES)
 def test_axolotl_llama3_examples_validate_and_train(name: str, tmp_path: Path) -> None:

@@ -269,33 +269,53 @@ class MFTConfigBase(StrictModel, QuantizationKeys, RefusedAxolotlKeys):
             raise PydanticCustomError("model_type", message, {"name": repr(name)})
         return name
 
-    @model_validator(mode="after")
-    def _axolotl_consistent(self) -> MFTConfigBase:
-        """Axolotl's keys that pair with others; a key that would never be read is an error, not a no-op."""
-        evaluates = bool(self.test_datasets) or self.val_set_size > 0
-        problems = []
-        for per_epoch, steps in (("evals_per_epoch", "eval_steps"), ("saves_per_epoch", "save_steps")):
-            if getattr(self, per_epoch) and getattr(self, steps):
-                problems.append(f"{per_epoch} and {steps} both set the interval; keep one")
-        if (self.evals_per_epoch or self.early_stopping_patience) and not evaluates:
-            key = "evals_per_epoch" if self.evals_per_epoch else "early_stopping_patience"
-            problems.append(f"{key} needs a specialized validation set (test_datasets or val_set_size)")
-        if evaluates and self.saves_per_epoch and not (self.evals_per_epoch and self.evals_per_epoch % self.saves_per_epoch == 0):
-            problems.append(
-                f"saves_per_epoch: {self.saves_per_epoch} must divide evals_per_epoch ({self.evals_per_epoch or 'not set'}): "
-                "the best checkpoint is chosen among evaluated saves"
-            )
-        if self.loss_watchdog_patience is not None and self.loss_watchdog_threshold is None:
-            problems.append("loss_watchdog_patience needs loss_watchdog_threshold (the loss it watches for)")
-        wandb_only = ["wandb_entity", "wandb_run_id", "wandb_mode", "wandb_watch", "wandb_log_model"]
-        if not self.reports_to_wandb and (given := [key for key in wandb_only if getattr(self, key) is not None]):
-            problems.append(f"{', '.join(given)}: read only when reporting to wandb; set wandb_project (or use_wandb: true)")
-        attention = [key for key in ("attn_implementation", *ATTENTION_FLAGS) if getattr(self, key)]
-        if len(attention) > 1:
-            problems.append(f"{' and '.join(attention)} each choose the attention implementation; keep one")
-        if problems:
-            raise PydanticCustomError("axolotl_keys", "{problems}", {"problems": "; ".join(problems)})
-        return self
+    @field_validator("evals_per_epoch", "saves_per_epoch")
+    @classmethod
+    def _per_epoch(cls, count: int | None, info: ValidationInfo) -> int | None:
+        """Axolotl's per-epoch intervals: instead of the step keys, and saves on evaluated steps."""
+        if count is None:
+            return count
+        steps = {"evals_per_epoch": "eval_steps", "saves_per_epoch": "save_steps"}[info.field_name]
+        evaluates = bool(info.data.get("test_datasets")) or info.data.get("val_set_size", 0) > 0
+        evals = info.data.get("evals_per_epoch")
+        if info.data.get(steps):
+            raise PydanticCustomError("per_epoch", "{steps} sets the interval too; keep one", {"steps": steps})
+        if info.field_name == "evals_per_epoch" and not evaluates:
+            raise PydanticCustomError("per_epoch", "needs a specialized validation set (test_datasets or val_set_size)")
+        if info.field_name == "saves_per_epoch" and evaluates and not (evals and evals % count == 0):
+            message = "{count} must divide evals_per_epoch ({evals}): the best checkpoint is chosen among evaluated saves"
+            raise PydanticCustomError("per_epoch", message, {"count": count, "evals": evals or "not set"})
+        return count
+
+    @field_validator("early_stopping_patience", "loss_watchdog_patience")
+    @classmethod
+    def _stop_is_watched(cls, patience: int | None, info: ValidationInfo) -> int | None:
+        """A patience whose stop could never fire is an error, not a no-op."""
+        if patience is None:
+            return patience
+        if info.field_name == "loss_watchdog_patience" and info.data.get("loss_watchdog_threshold") is None:
+            raise PydanticCustomError("patience", "needs loss_watchdog_threshold (the loss it watches for)")
+        if info.field_name == "early_stopping_patience" and not (info.data.get("test_datasets") or info.data.get("val_set_size")):
+            raise PydanticCustomError("patience", "needs a specialized validation set (test_datasets or val_set_size)")
+        return patience
+
+    @field_validator("wandb_entity", "wandb_run_id", "wandb_mode", "wandb_watch", "wandb_log_model")
+    @classmethod
+    def _wandb_is_on(cls, value: str | None, info: ValidationInfo) -> str | None:
+        use_wandb = info.data.get("use_wandb")
+        if value is not None and not (use_wandb if use_wandb is not None else info.data.get("wandb_project")):
+            message = "read only when reporting to wandb; set wandb_project (or use_wandb: true)"
+            raise PydanticCustomError("wandb", message)
+        return value
+
+    @field_validator(*ATTENTION_FLAGS)
+    @classmethod
+    def _one_attention(cls, flag: bool | None, info: ValidationInfo) -> bool | None:
+        chosen = [key for key in ("attn_implementation", *ATTENTION_FLAGS) if key != info.field_name and info.data.get(key)]
+        if flag and chosen:
+            message = "{other} chooses the attention implementation too; keep one"
+            raise PydanticCustomError("attention", message, {"other": chosen[0]})
+        return flag
 
     @model_validator(mode="after")
     def _consistent(self) -> MFTConfigBase:
