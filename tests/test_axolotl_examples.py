@@ -125,12 +125,11 @@ def test_wandb_keys_reach_the_environment(base_config: dict[str, Any], monkeypat
 
 
 def test_loss_watchdog_stops_after_patience_steps_in_a_row() -> None:
-    watchdog, state, stops = LossWatchdog(threshold=5.0, patience=2), TrainerState(), []
-    for loss in [6.0, 4.0, 6.0, 6.0]:
-        state.log_history.append({"loss": loss})
-        control = watchdog.on_step_end(None, state, TrainerControl())  # type: ignore[arg-type]
+    watchdog, stops = LossWatchdog(threshold=5.0, patience=2), []
+    for logs in [{"loss": 6.0}, {"loss": 4.0}, {"loss": 6.0}, {"eval_spec_ppl": 9.0}, {"loss": 6.0}]:
+        control = watchdog.on_log(None, TrainerState(), TrainerControl(), logs=logs)  # type: ignore[arg-type]
         stops.append(control.should_training_stop)
-    assert stops == [False, False, False, True]  # the 4.0 reset the count
+    assert stops == [False, False, False, False, True]  # the 4.0 reset the count; evaluations do not count
 
 
 def test_early_stop_keys_become_callbacks(base_config: dict[str, Any]) -> None:
@@ -139,6 +138,14 @@ def test_early_stop_keys_become_callbacks(base_config: dict[str, Any]) -> None:
     assert isinstance(watchdog, LossWatchdog) and (watchdog.threshold, watchdog.patience) == (5.0, 3)
     assert isinstance(early, EarlyStoppingCallback) and early.early_stopping_patience == 2
     assert stopping_callbacks(validate_config(base_config)) == []
+
+
+def test_loss_watchdog_stops_a_run(base_config: dict[str, Any], tmp_path: Path) -> None:
+    from mft_plugin import run
+
+    config = validate_config({**base_config, "loss_watchdog_threshold": 0.5, "loss_watchdog_patience": 1, "eval_steps": 1})
+    metrics = run(config)
+    assert metrics["step"] == 1  # of max_steps 4: the first logged loss (> 0.5) stopped it
 
 
 # --- models: added tokens, attention, model_type -------------------------------------------------------

@@ -21,25 +21,31 @@ WATCHDOG_PATIENCE = 3  # Axolotl's default for loss_watchdog_patience
 
 class LossWatchdog(TrainerCallback):
     """Stop when the logged training loss is above ``threshold`` at ``patience`` logged steps in a row
-    (``axolotl.utils.callbacks.LossWatchDogCallback``: a diverging run is not trained to the end)."""
+    (``axolotl.utils.callbacks.LossWatchDogCallback``: a diverging run is not trained to the end).
+
+    It watches each training log as it is written; Axolotl's reads the last log at the end of a step,
+    before that step's own log, so an evaluation logged in between hides the loss from it.
+    """
 
     def __init__(self, threshold: float, patience: int = WATCHDOG_PATIENCE) -> None:
         self.threshold = threshold
         self.patience = patience
         self.violations = 0
-        self.fired = False
 
-    def on_step_end(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
     ) -> TrainerControl:
-        if state.log_history and "loss" in state.log_history[-1]:
-            if state.log_history[-1]["loss"] > self.threshold:
-                self.violations += 1
-                if self.violations >= self.patience:
-                    logger.warning("Loss is too high, stopping training (loss_watchdog_threshold %s)", self.threshold)
-                    self.fired = control.should_training_stop = True
-            else:
-                self.violations = 0
+        if logs is None or "loss" not in logs:
+            return control
+        self.violations = self.violations + 1 if logs["loss"] > self.threshold else 0
+        if self.violations >= self.patience:
+            logger.warning("Loss is too high, stopping training (loss_watchdog_threshold %s)", self.threshold)
+            control.should_training_stop = True
         return control
 
 
