@@ -143,8 +143,8 @@ def test_early_stop_keys_become_callbacks(base_config: dict[str, Any]) -> None:
 def test_loss_watchdog_stops_a_run(base_config: dict[str, Any], tmp_path: Path) -> None:
     from mft_plugin import run
 
-    config = validate_config({**base_config, "loss_watchdog_threshold": 0.5, "loss_watchdog_patience": 1, "eval_steps": 1})
-    metrics = run(config)
+    watched = {"loss_watchdog_threshold": 0.5, "loss_watchdog_patience": 1, "early_stopping_patience": 3, "eval_steps": 1}
+    metrics = run(validate_config({**base_config, **watched}))  # the Trainer accepts EarlyStoppingCallback's setup
     assert metrics["step"] == 1  # of max_steps 4: the first logged loss (> 0.5) stopped it
 
 
