@@ -88,6 +88,12 @@ def test_training_arguments_carry_axolotls_keys(base_config: dict[str, Any]) -> 
     assert not args.bf16 and not args.fp16
 
 
+def test_group_by_length_is_refused_with_replay(base_config: dict[str, Any], corpora: dict[str, Path]) -> None:
+    replay = {"name": "replay", "datasets": [{"path": str(corpora["general_train"])}]}
+    with pytest.raises(ConfigError, match="group_by_length: replay composes every micro-batch"):
+        validate_config({**base_config, "group_by_length": True, "mitigations": [replay]})
+
+
 @pytest.mark.parametrize(
     ("keys", "total", "evaluate", "expected"),
     [
