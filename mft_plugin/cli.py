@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 if TYPE_CHECKING:
+    from mft_plugin.config.schema import MFTConfigBase
     from mft_plugin.registry import Registry
 
 
@@ -81,7 +82,7 @@ def main(argv: Sequence[str] | None = None, registry: Registry | None = None) ->
     try:
         from mft_plugin.train.preflight import preflight
 
-        preflight(config)
+        preflight(config, args.config, args.overrides)
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2
@@ -91,24 +92,50 @@ def main(argv: Sequence[str] | None = None, registry: Registry | None = None) ->
     if config.sweep:
         print(f"{args.config}: sweep: a grid of runs; train it with `mft-run sweep {args.config}`", file=sys.stderr)
         return 2
-    from mft_plugin.train.launch import is_main_process, launch
+    from mft_plugin.train.launch import launch
 
     if args.num_processes > 1:
         return launch(config, args.config, args.overrides, args.num_processes)
-    from mft_plugin.train.signals import TrainingInterrupted
+    return train(config, registry)
+
+
+def train(config: MFTConfigBase, registry: Registry) -> int:
+    """Run the recipe; every failure the user can act on becomes one message and an exit code.
+
+    2: refused before training (the folder is taken, a resume does not match its checkpoint, the
+    data contradicts the config); 1: failed (non-finite loss or weights, unloadable model files, a
+    full disk); 128 + N: stopped by signal N after saving a checkpoint.
+    """
+    from mft_plugin.config.errors import ConfigError
+    from mft_plugin.models.loading import ModelLoadError
+    from mft_plugin.train.checkpoints import CheckpointError
+    from mft_plugin.train.launch import is_main_process
+    from mft_plugin.train.outputs import OutputDirError, describe_write_failure
     from mft_plugin.train.recipe import run
     from mft_plugin.train.safety import NonFiniteError
+    from mft_plugin.train.signals import TrainingInterrupted
 
     try:
         metrics = run(config, registry)
     except TrainingInterrupted as stopped:  # SIGINT/SIGTERM: a checkpoint was saved
         print(stopped, file=sys.stderr)
         return stopped.exit_code
-    except NonFiniteError as error:
+    except (ConfigError, OutputDirError, CheckpointError) as error:
+        print(error, file=sys.stderr)
+        return 2
+    except (NonFiniteError, ModelLoadError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except (OSError, RuntimeError) as error:
+        message = describe_write_failure(error, config.output_dir)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 1
     if is_main_process():
-        print(json.dumps(metrics, indent=2, sort_keys=True))
+        from mft_plugin.train.outputs import metrics_json
+
+        print(metrics_json(metrics), end="")
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.metadata
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -21,6 +22,7 @@ from pydantic import BaseModel
 from mft_plugin import hookspecs
 from mft_plugin.strategy import Mitigation, Objective, Strategy, StrategyParams
 
+logger = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "mft_plugin"
 Kind = Literal["objective", "mitigation"]
 _BASE_CLASS: dict[Kind, type[Strategy]] = {"objective": Objective, "mitigation": Mitigation}
@@ -78,6 +80,19 @@ class Registry:
     )
     problems: list[PluginProblem] = field(default_factory=list)
     conflicts: dict[tuple[Kind, str], list[str]] = field(default_factory=dict)
+
+    def notify(self, hook_name: str, **kwargs: Any) -> None:
+        """Call every implementation of an event hook (``mft_run_start``/``mft_run_end``), each isolated.
+
+        A logger plugin whose hook raises must not fail (nor, at the end, undo) a run: its error is
+        logged naming its distribution and the other implementations still run.
+        """
+        for impl in getattr(self.plugin_manager.hook, hook_name).get_hookimpls():
+            try:
+                impl.function(**{name: kwargs[name] for name in impl.argnames})
+            except Exception as error:  # noqa: BLE001 (an observer's failure is reported, not fatal)
+                distribution = self.plugin_manager.distribution_of(impl.plugin)
+                logger.error("plugin %s: %s raised %s: %s (ignored)", distribution, hook_name, type(error).__name__, error)
 
     def names(self, kind: Kind) -> list[str]:
         return sorted(self.entries[kind])
@@ -173,7 +188,9 @@ def load_entry_point_plugins(
             continue
         try:
             plugin = entry_point.load()
-        except Exception as error:  # a broken plugin must not take the others down
+        # a broken plugin must not take the others down, not even one calling sys.exit or raising
+        # KeyboardInterrupt at import (a Ctrl-C at that moment is the user's, but cannot be told apart)
+        except (Exception, SystemExit, KeyboardInterrupt) as error:
             problems.append(PluginProblem(distribution, f"failed to import: {type(error).__name__}: {error}"))
             continue
         registered = manager.get_plugin(entry_point.name)

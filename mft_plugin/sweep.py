@@ -141,7 +141,7 @@ def _grid_options(grid: Sequence[str]) -> dict[str, list[Any]]:
     """``--grid objective.tau=[0, 0.5]`` -> {"objective.tau": [0, 0.5]}."""
     parsed = {}
     for text in grid:
-        key_path, values = parse_override(text)
+        key_path, values = parse_override(text, "--grid")
         if not (isinstance(values, list) and values):
             raise ConfigError([f"--grid {text!r}: expected KEY=[VALUE, ...], e.g. --grid objective.tau=[0, 0.25, 1]"])
         parsed[".".join(key_path)] = values

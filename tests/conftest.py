@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,16 @@ from tests.tiny import DATA, build_tiny_model, write_corpus
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def weightless_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model's config and tokenizer without its weights: a check that loaded a weight would fail."""
+    folder = tmp_path_factory.mktemp("weightless")
+    for file in tiny_model.iterdir():
+        if file.suffix != ".safetensors":
+            shutil.copy(file, folder / file.name)
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -404,7 +404,25 @@ def _teacher_check(check: str, model_dir: str) -> dict[str, Any]:
     return {"parameters": parameters, "local_parameters": local, "max_logit_difference": difference}
 
 
+def _tear_down() -> None:
+    """Leave the process group explicitly, after every rank has finished.
+
+    Left to interpreter exit, gloo's threads were destroyed while a peer could still be talking to
+    them (or the group already torn down under them), and a worker sometimes aborted with
+    ``terminate called without an active exception`` on a loaded machine.
+    """
+    import gc
+
+    import torch.distributed as dist
+
+    gc.collect()  # ZeRO-3's partitioned parameters and hooks go before the group they use
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     check_name, model_folder, out_folder = sys.argv[1:4]
     report = _teacher_check(check_name, model_folder)
     Path(out_folder, f"rank{os.environ['RANK']}.json").write_text(json.dumps(report))
+    _tear_down()

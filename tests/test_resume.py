@@ -177,7 +177,7 @@ def test_a_kill_before_the_manifest_leaves_the_previous_checkpoint_despite_rotat
     from mft_plugin.train import checkpoints
 
     def die_at_step_4(path: Path, text: str) -> None:
-        if json.loads(text)["step"] == 4:
+        if json.loads(text).get("step") == 4:  # the manifest of checkpoint-4 (not the run config)
             raise KeyboardInterrupt("killed")  # stands for a kill between the files and the manifest
         atomic_write_text(path, text)
 
@@ -354,18 +354,18 @@ def test_base_perplexity_cache_is_rebuilt_when_stale_or_truncated(
     cache.write_text("null")
     assert load_base_perplexities(tmp_path, config) is None
 
-    save_base_perplexities(tmp_path, config, {"spec": 12.5})
+    save_base_perplexities(tmp_path, config, {"spec": 12.5, "general": 20.0})
     assert load_base_perplexities(tmp_path, validate_config({**base_config, "sequence_len": 32})) is None  # other blocks
     # with test_datasets the seed and the training data do not touch the evaluation sets: shared
     other_training = {**base_config, "seed": 1, "datasets": [{"path": str(corpora["general_val"])}]}
-    assert load_base_perplexities(tmp_path, validate_config(other_training)) == {"spec": 12.5}
+    assert load_base_perplexities(tmp_path, validate_config(other_training)) == {"spec": 12.5, "general": 20.0}
     split = {key: value for key, value in base_config.items() if key != "test_datasets"}
-    save_base_perplexities(tmp_path, validate_config({**split, "val_set_size": 0.1}), {"spec": 12.5})
+    save_base_perplexities(tmp_path, validate_config({**split, "val_set_size": 0.1}), {"spec": 12.5, "general": 20.0})
     assert load_base_perplexities(tmp_path, validate_config({**split, "val_set_size": 0.1, "seed": 1})) is None  # other split
     copied = tmp_path / "val.jsonl"
     copied.write_text(Path(corpora["spec_val"]).read_text())
     moved = validate_config({**base_config, "test_datasets": [{"path": str(copied)}]})
-    save_base_perplexities(tmp_path, moved, {"spec": 12.5})
+    save_base_perplexities(tmp_path, moved, {"spec": 12.5, "general": 20.0})
     with copied.open("a") as handle:
         handle.write(json.dumps({"text": "one more document"}) + "\n")  # the same file, changed in place
     assert load_base_perplexities(tmp_path, moved) is None
@@ -378,7 +378,7 @@ def test_base_perplexity_cache_is_stale_when_the_model_changes_in_place(
 
     model = build_tiny_model(tmp_path / "model", seed=0)
     config = validate_config({**base_config, "base_model": str(model)})
-    save_base_perplexities(tmp_path, config, {"spec": 12.5})
-    assert load_base_perplexities(tmp_path, config) == {"spec": 12.5}
+    save_base_perplexities(tmp_path, config, {"spec": 12.5, "general": 20.0})
+    assert load_base_perplexities(tmp_path, config) == {"spec": 12.5, "general": 20.0}
     build_tiny_model(model, seed=1)  # other weights under the same folder name
     assert load_base_perplexities(tmp_path, config) is None

@@ -1,11 +1,12 @@
 """Loading a YAML config and turning validation errors into ``file:line: key: message`` lines.
 
-Only ``yaml.safe_load``/``yaml.compose`` are used: nothing in a config is ever evaluated as code.
+Only PyYAML's ``SafeLoader`` is used (nothing in a config is ever evaluated as code), and its work is
+bounded (:func:`read_yaml`): a hostile file ends in a message, never a hang or a traceback.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -28,12 +29,19 @@ class ConfigError(ValueError):
         super().__init__("invalid config:\n  " + "\n  ".join(problems))
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``objective.tau=0.5`` -> (["objective", "tau"], 0.5); the value is read as YAML."""
+def parse_override(text: str, flag: str = "--set") -> tuple[list[str], Any]:
+    """``objective.tau=0.5`` -> (["objective", "tau"], 0.5); the value is read as YAML.
+
+    ``flag``: the option the text came from, named in the error (``--set`` or ``--grid``).
+    """
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
-        raise ConfigError([f"--set {text!r}: expected KEY=VALUE, e.g. --set objective.tau=0.5"])
-    return key.strip().split("."), yaml.safe_load(raw)
+        raise ConfigError([f"{flag} {text!r}: expected KEY=VALUE, e.g. {flag} objective.tau=0.5"])
+    try:
+        return key.strip().split("."), yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError([f"{flag} {text!r}: the value is not valid YAML ({problem})"]) from None
 
 
 def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
@@ -152,6 +160,19 @@ def _where(path: tuple[Any, ...], source: str, root: yaml.Node | None, overridde
     return f"{source}:{line}" if line else source
 
 
+def with_locations(problems: list[str], source: str | None, overrides: Sequence[str] = ()) -> list[str]:
+    """Problems found after validation (``key: message``, e.g. by preflight) as ``file:line: key: message``."""
+    if source is None:
+        return problems
+    _, root = read_yaml(source)
+    overridden = {text.partition("=")[0].strip() for text in overrides}
+    located = []
+    for problem in problems:
+        path = tuple(int(p) if p.isdigit() else p for p in problem.partition(": ")[0].split("."))
+        located.append(f"{_where(path, source, root, overridden)}: {problem}")
+    return located
+
+
 def format_errors(
     error: ValidationError, model: type[BaseModel], source: str, root: yaml.Node | None, overridden: set[str]
 ) -> list[str]:
@@ -165,21 +186,88 @@ def format_errors(
     return lines
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config is a page of keys; a bigger file is a mistake (or an attack)
+MAX_NODES = 100_000  # YAML nodes once every alias is expanded: bounds a "billion laughs" file
+MAX_DEPTH = 100  # nesting of mappings and lists
+
+
 def read_yaml(path: str | Path) -> tuple[dict[str, Any], yaml.Node | None]:
-    text = Path(path).read_text(encoding="utf-8")
+    """The config's data and its YAML node tree, or :class:`ConfigError`, with the work bounded.
+
+    A hostile or broken file must end in a message, never a hang or a traceback: the size, the
+    nesting depth and the alias-expanded node count are checked on the node tree before any Python
+    object is built from it (PyYAML shares an alias's object, but every later walk would not).
+    """
+    text = _config_text(Path(path))
+    loader = None
     try:
-        data = yaml.safe_load(text)
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        loader = yaml.SafeLoader(text)  # checks the characters first (NUL, control characters)
+        root = loader.get_single_node()
+        if root is not None:
+            _check_bounds(root, str(path))
+        data = loader.construct_document(root) if root is not None else None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError([f"{where}: malformed YAML: {getattr(error, 'problem', None) or error}"]) from None
+        problem = getattr(error, "problem", None) or " ".join(str(error).split())
+        raise ConfigError([f"{where}: malformed YAML: {problem}"]) from None
+    except RecursionError:  # PyYAML's composer recurses once per nesting level
+        raise ConfigError([f"{path}: nested too deeply (more than {MAX_DEPTH} levels of mappings or lists)"]) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: the top level must be a mapping of keys, got {type(data).__name__}"])
     duplicates = list(_duplicate_keys(root))
     if duplicates:
         raise ConfigError([f"{path}:{line}: {key}: {message}" for line, key, message in duplicates])
     return data, root
+
+
+def _config_text(path: Path) -> str:
+    """The file as text: refused when over :data:`MAX_CONFIG_BYTES` or not UTF-8."""
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{path}: {size} bytes is too large for a config (at most {MAX_CONFIG_BYTES}); is it the right file?"])
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        byte = raw[error.start : error.start + 1].hex()
+        raise ConfigError([f"{path}:{line}: not UTF-8 text (byte 0x{byte} at offset {error.start}); is it a binary file?"]) from None
+
+
+def _check_bounds(root: yaml.Node, source: str) -> None:
+    """Refuse a tree deeper than :data:`MAX_DEPTH` or expanding to more than :data:`MAX_NODES` nodes.
+
+    Iterative, and each node is visited once (an alias is the same node object), so a billion-laughs
+    file costs as many steps as it has distinct nodes, not as many as it expands to.
+    """
+    expanded: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, int, bool]] = [(root, 1, False)]
+    while stack:
+        node, depth, children_done = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ConfigError([f"{source}:{node.start_mark.line + 1}: nested too deeply (more than {MAX_DEPTH} levels of mappings or lists)"])
+        children = _children(node)
+        if children_done:
+            # a child not yet counted is an ancestor: a recursive alias, which expands forever
+            expanded[id(node)] = 1 + sum(expanded.get(id(child), MAX_NODES) for child in children)
+            if expanded[id(node)] > MAX_NODES:
+                raise ConfigError([
+                    f"{source}:{node.start_mark.line + 1}: aliases expand to more than {MAX_NODES} YAML nodes "
+                    "(a \"billion laughs\" file?); write the values out"
+                ])
+        elif id(node) not in expanded:
+            stack.append((node, depth, True))
+            stack.extend((child, depth + 1, False) for child in children if id(child) not in expanded)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return list(node.value) if isinstance(node, yaml.SequenceNode) else []
 
 
 def _duplicate_keys(node: yaml.Node, prefix: str = "") -> Iterator[tuple[int, str, str]]:

@@ -41,9 +41,13 @@ DATA_SUFFIXES = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": 
 
 
 class StrictModel(BaseModel):
-    """Unknown keys are errors; values are frozen once validated."""
+    """Unknown keys are errors; values are frozen once validated; ``.inf``/``.nan`` are not numbers here.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    A non-finite learning rate or weight decay would train NaN weights; a non-finite epoch count or
+    validation size would crash after the model loaded.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _looks_local(path: str) -> bool:
@@ -195,7 +199,7 @@ class MFTConfigBase(StrictModel, QuantizationKeys, RefusedAxolotlKeys):
     gradient_checkpointing_kwargs: CheckpointingKwargs | None = None
     group_by_length: bool = Field(False, description="batch training rows of similar length together (transformers' sampler)")
     ddp_find_unused_parameters: bool | None = None
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="numpy's seed range")
     dataloader_num_workers: int = Field(0, ge=0)
     skip_nonfinite_batches: bool = Field(
         False, description="skip (and count) optimizer steps with a NaN/inf loss or gradient instead of stopping"
@@ -211,7 +215,7 @@ class MFTConfigBase(StrictModel, QuantizationKeys, RefusedAxolotlKeys):
     teacher_cache: TeacherCacheConfig | None = None
 
     # outputs, logging, checkpoints
-    output_dir: str = "./outputs/mft-run"
+    output_dir: str = Field("./outputs/mft-run", min_length=1)
     overwrite_output_dir: bool = False
     resume_from_checkpoint: bool | str | None = None
     logging_steps: int = Field(10, ge=1)
@@ -449,7 +453,9 @@ def strategies_model(registry: Registry, base: type[BaseModel], name: str = "MFT
     """
     objective = _strategy_union(registry, "objective")
     mitigation = _strategy_union(registry, "mitigation")
-    default_name = "mft" if "mft" in registry.entries["objective"] else None  # the paper's method
+    # the paper's method; when plugins conflict over it, the default still names it, so that the
+    # conflict is what a config without `objective:` reports
+    default_name = "mft" if "mft" in registry.entries["objective"] or ("objective", "mft") in registry.conflicts else None
     check_objective = _unknown_name_check(registry, "objective", default=default_name)
     check_mitigation = _unknown_name_check(registry, "mitigation")
 

@@ -8,6 +8,7 @@ one shorter block (padded by the collator) so that a corpus shorter than one blo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 from datasets import Dataset, concatenate_datasets, load_dataset
 from transformers import PreTrainedTokenizerBase
 
+from mft_plugin.config.errors import ConfigError
 from mft_plugin.config.schema import DATA_SUFFIXES, DatasetConfig
 
 PACK_BATCH_DOCUMENTS = 1000
@@ -66,5 +68,10 @@ def split_documents(documents: Dataset, val_set_size: float, seed: int) -> tuple
     if val_set_size <= 0:
         return documents, None
     test_size = val_set_size if val_set_size < 1 else int(val_set_size)
+    if (math.ceil(test_size * len(documents)) if test_size < 1 else test_size) >= len(documents):  # datasets' count
+        raise ConfigError([
+            f"val_set_size: {val_set_size:g} would hold out every one of the {len(documents)} training documents; "
+            "use a smaller count or fraction, or give test_datasets"
+        ])
     parts = documents.train_test_split(test_size=test_size, seed=seed, shuffle=True)
     return parts["train"], parts["test"]

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from tokenizers import AddedToken
 from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -98,7 +99,10 @@ def load_model(config: MFTConfigBase, **overrides: Any) -> PreTrainedModel:
     if config.attention is not None:
         kwargs["attn_implementation"] = config.attention
     kwargs.update(overrides)
-    model = model_class(config).from_pretrained(config.base_model, **kwargs)
+    try:
+        model = model_class(config).from_pretrained(config.base_model, **kwargs)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        raise ModelLoadError(describe_load_error(config.base_model, error)) from error
     keep_4bit_layout_on_cpu(model)
     grow_embeddings(model, config)
     return model
@@ -119,6 +123,31 @@ def grow_embeddings(model: PreTrainedModel, config: MFTConfigBase) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model.resize_token_embeddings(size)
+
+
+class ModelLoadError(RuntimeError):
+    """The base model's files could not be loaded; the message names the file."""
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def describe_load_error(base_model: str, error: BaseException) -> str:
+    """One line naming the file at fault: missing weights, a damaged weight file, or a ``config.json``
+    whose sizes disagree with the weights (transformers' own messages span many lines)."""
+    detail = " ".join(str(error).split())[:600]
+    folder = Path(base_model).expanduser()
+    if not folder.is_dir():
+        return f"base_model: cannot load {base_model!r}: {detail}"
+    present = [folder / name for name in WEIGHT_FILES if (folder / name).is_file()]
+    if not present:
+        return f"base_model: {folder} has no weights (none of {', '.join(WEIGHT_FILES)}); {detail}"
+    if any(sign in detail for sign in ("size mismatch", "mismatched_sizes", "shape")):
+        return (
+            f"base_model: {folder / 'config.json'} does not match the weights in {present[0]} "
+            f"(sizes differ): {detail}"
+        )
+    return f"base_model: cannot read {present[0]} (truncated or damaged?): {detail}"
 
 
 def load_frozen_teacher(config: MFTConfigBase) -> PreTrainedModel:

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from mft_plugin.train.outputs import METRICS_FILE
+from mft_plugin.train.outputs import METRICS_FILE, read_metrics
 
 SWEEP_FILE = "sweep.json"  # a sweep's runs in grid order (mft_plugin.sweep), for `mft-run report`
 SEED = "seed"
@@ -47,7 +47,7 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def load_run(folder: Path) -> RunResult:
-    metrics = json.loads((folder / METRICS_FILE).read_text(encoding="utf-8"))
+    metrics = read_metrics(folder)
     config_file, state_file = folder / "config.yml", folder / "trainer_state.json"
     config = yaml.safe_load(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
     history = json.loads(state_file.read_text(encoding="utf-8"))["log_history"] if state_file.is_file() else []

@@ -7,6 +7,11 @@ true`` would load a truncated optimizer state or fail on a missing file. So a ch
 manifest (every file and its size) written last and atomically; resuming takes the newest
 checkpoint whose files match its manifest, and moves newer incomplete ones aside (the resumed run
 will write those steps again).
+
+Each checkpoint also carries the run's resolved config (:data:`RUN_CONFIG`), so that resuming
+with a config that differs in anything but :data:`RESUMABLE_KEYS` is refused naming the keys:
+another objective or ``sequence_len`` would mix two runs in one set of metrics. A checkpoint at
+the run's last step is finished: resuming it ends the run without training (:func:`is_final`).
 """
 
 from __future__ import annotations
@@ -15,13 +20,23 @@ import json
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
+from transformers import Trainer
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from mft_plugin.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 MANIFEST = "mft_checkpoint_complete.json"
+RUN_CONFIG = "mft_run_config.json"  # the resolved config, in output_dir and in every checkpoint
+# Keys that may differ on resume: where results go and how they are logged, never what is trained.
+RESUMABLE_KEYS = frozenset({
+    "resume_from_checkpoint", "overwrite_output_dir", "output_dir", "logging_steps", "save_total_limit",
+    "dataloader_num_workers", "wandb_project", "wandb_entity", "wandb_name", "use_tensorboard", "sweep",
+})  # fmt: skip
 INCOMPLETE_PREFIX = "incomplete-"  # outside the Trainer's ``checkpoint-*`` glob: never rotated nor resumed
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
@@ -44,6 +59,8 @@ def finish_checkpoint(run_dir: Path, step: int, save_total_limit: int | None, be
     Rotation comes after the mark so that a kill in between never leaves only an unmarked checkpoint.
     """
     checkpoint = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+    if (run_dir / RUN_CONFIG).is_file():  # before the manifest, which then lists it
+        atomic_write_text(checkpoint / RUN_CONFIG, (run_dir / RUN_CONFIG).read_text(encoding="utf-8"))
     atomic_write_text(checkpoint / MANIFEST, json.dumps({"step": step, "files": _files(checkpoint)}, indent=1))
     rotate_checkpoints(str(run_dir), save_total_limit, best_model_checkpoint=best, use_mtime=True)
     return checkpoint
@@ -128,3 +145,74 @@ def check_named_checkpoint(checkpoint: Path) -> Path:
             MANIFEST,
         )
     return checkpoint
+
+
+def record_run_config(run_dir: Path, resolved: dict[str, Any]) -> None:
+    """Write the run's resolved config (``model_dump(mode="json")``); each checkpoint copies it."""
+    atomic_write_text(run_dir / RUN_CONFIG, json.dumps(resolved, indent=1, sort_keys=True))
+
+
+def config_differences(stored: Any, current: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two resolved configs (:data:`RESUMABLE_KEYS` aside)."""
+    if not (isinstance(stored, dict) and isinstance(current, dict)):
+        return [] if stored == current else [prefix or "(top level)"]
+    differences = []
+    for key in sorted(set(stored) | set(current)):
+        if not (prefix or key not in RESUMABLE_KEYS):
+            continue
+        differences += config_differences(stored.get(key), current.get(key), f"{prefix}.{key}" if prefix else key)
+    return differences
+
+
+def check_resume_config(checkpoint: Path, resolved: dict[str, Any]) -> None:
+    """Refuse to resume ``checkpoint`` with a config that differs in a key that must not change."""
+    try:
+        stored = json.loads((checkpoint / RUN_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        logger.warning("resume_from_checkpoint: %s records no config (%s); cannot check it was made by this config",
+                       checkpoint, RUN_CONFIG)  # fmt: skip
+        return
+    differences = config_differences(stored, resolved)
+    if differences:
+        raise CheckpointError(
+            f"resume_from_checkpoint: {checkpoint} was made with another config; these keys differ: "
+            f"{', '.join(differences)}. Resume with the run's own config, or start a new run in another "
+            "output_dir (or with overwrite_output_dir: true)"
+        )
+
+
+def resume_checkpoint(resume_from_checkpoint: bool | str | None, run_dir: Path) -> Path | None:
+    """The checkpoint a resume would start from, found without moving anything (for checks before a run)."""
+    if resume_from_checkpoint is True:
+        return latest_complete_checkpoint(run_dir, set_aside=False)
+    return Path(resume_from_checkpoint) if resume_from_checkpoint else None
+
+
+def is_final(checkpoint: Path) -> bool:
+    """Whether ``checkpoint`` was saved at the run's last step (``global_step >= max_steps``)."""
+    try:
+        state = json.loads((checkpoint / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+        return 0 < state["max_steps"] <= state["global_step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def restore_final(trainer: Trainer, checkpoint: Path, engine_name: str) -> None:
+    """Finish a run from the checkpoint of its last step, without training (a kill came after it).
+
+    ``Trainer.train`` would run one more step past ``max_steps``; instead the state is read back and
+    the final model loaded as training would have left it: the best checkpoint when one was chosen,
+    else this one. Under fsdp/deepspeed the weights load only inside ``train()``: refused there.
+    """
+    if engine_name != "ddp":
+        raise CheckpointError(
+            f"resume_from_checkpoint: {checkpoint} is the run's last step; finishing a run from it without "
+            f"training is supported with DDP only, not {engine_name}. Its checkpoints hold the trained weights"
+        )
+    trainer.state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
+    best = trainer.state.best_model_checkpoint
+    if trainer.args.load_best_model_at_end and best and Path(best).is_dir():
+        trainer._load_best_model()
+    else:
+        trainer._load_from_checkpoint(str(checkpoint))
+    logger.warning("%s is the run's last step (%d): finishing the run without training", checkpoint, trainer.state.global_step)

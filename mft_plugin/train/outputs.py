@@ -2,17 +2,40 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import logging
+import math
+import os
 import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import filelock
+
 from mft_plugin.config.schema import MFTConfigBase
+from mft_plugin.eval.metrics import GENERAL, SPEC
 from mft_plugin.files import atomic_write_text, fingerprint
+from mft_plugin.train.checkpoints import RUN_CONFIG, check_resume_config, record_run_config, resume_checkpoint
 from mft_plugin.train.launch import is_main_process
 
+logger = logging.getLogger(__name__)
 BASE_PPL_FILE = "base_perplexity.json"
 METRICS_FILE = "metrics.json"  # written last and atomically: a run with it is finished
+DG_OVER_S = "eval_DG/S"
+LOCK_FILE, HOLDER_FILE = ".mft-run.lock", ".mft-run.holder.json"  # a run holds output_dir while it runs
+# What a run leaves in output_dir, removed by overwrite_output_dir (metrics first: the folder never
+# looks finished while half cleared). Caches keyed by content (base_perplexity.json) stay.
+RESULTS = (
+    METRICS_FILE, "config.yml", RUN_CONFIG, "trainer_state.json", "training_args.bin", "merged", "checkpoint-*",
+    "incomplete-*", "config.json", "generation_config.json", "model*.safetensors*", "pytorch_model*.bin*",
+    "adapter_config.json", "adapter_model.*",
+)  # fmt: skip
 
 
 class OutputDirError(RuntimeError):
@@ -20,8 +43,13 @@ class OutputDirError(RuntimeError):
 
 
 def prepare_output_dir(config: MFTConfigBase, create: bool = True) -> Path:
-    """Create ``output_dir``; refuse one holding checkpoints unless resuming or overwriting."""
+    """Create ``output_dir``; refuse one holding checkpoints unless resuming or overwriting.
+
+    ``overwrite_output_dir`` (without resuming) removes the old run's results first, so that a new
+    run killed early never leaves a folder that looks finished with the old run's metrics.
+    """
     output_dir = Path(config.output_dir)
+    _check_writable(output_dir)
     has_checkpoints = any(output_dir.glob("checkpoint-*"))
     if has_checkpoints and not (config.resume_from_checkpoint or config.overwrite_output_dir):
         raise OutputDirError(
@@ -31,12 +59,117 @@ def prepare_output_dir(config: MFTConfigBase, create: bool = True) -> Path:
         )
     if not create:
         return output_dir
-    starting_over = has_checkpoints and config.overwrite_output_dir and not config.resume_from_checkpoint
+    starting_over = config.overwrite_output_dir and not config.resume_from_checkpoint
     if starting_over and is_main_process():  # one rank deletes: several at once trip over each other
-        for checkpoint in output_dir.glob("checkpoint-*"):
-            shutil.rmtree(checkpoint)
+        clear_results(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     return output_dir
+
+
+@contextlib.contextmanager
+def exclusive_output_dir(output_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``output_dir`` for the life of a run (main process only).
+
+    Two runs writing one folder would leave one run's model beside the other's metrics. The lock
+    is ``filelock``'s ``flock``: the system releases it when its process dies, so a killed run's
+    lock never blocks the next one. The holder's pid, host and start time are written beside it
+    for the message of a run that finds the folder taken.
+    """
+    if not is_main_process():  # rank 0 holds it for the launched run
+        yield
+        return
+    _check_writable(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(output_dir / LOCK_FILE, timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise OutputDirError(
+            f"output_dir: {output_dir} is in use by another run ({_holder(output_dir)}); wait for it to "
+            "finish, or choose another output_dir"
+        ) from None
+    try:
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        atomic_write_text(output_dir / HOLDER_FILE, json.dumps(holder))
+        yield
+    finally:
+        lock.release()
+
+
+def _holder(output_dir: Path) -> str:
+    try:
+        holder = json.loads((output_dir / HOLDER_FILE).read_text(encoding="utf-8"))
+        return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}"
+    except (OSError, ValueError, KeyError, TypeError):  # the holder has not written it yet
+        return "holder not yet recorded"
+
+
+def begin_run(config: MFTConfigBase, output_dir: Path) -> dict[str, Any] | None:
+    """Check a resume against the config its checkpoint was made with, and record this run's config.
+
+    Returns the metrics of a run that had finished already (resuming it has nothing to do, and its
+    correct ``metrics.json`` is kept), else None: train.
+    """
+    resolved = config.model_dump(mode="json")
+    checkpoint = resume_checkpoint(config.resume_from_checkpoint, output_dir)
+    if checkpoint is not None:
+        check_resume_config(checkpoint, resolved)
+    if config.resume_from_checkpoint and (output_dir / METRICS_FILE).is_file():
+        logger.warning("%s finished already (%s is written); nothing to resume", output_dir, METRICS_FILE)
+        return read_metrics(output_dir)
+    if is_main_process():
+        record_run_config(output_dir, resolved)
+    return None
+
+
+def describe_write_failure(error: BaseException, output_dir: str | Path) -> str | None:
+    """A message for a failed write of the run's files (a full disk above all), or None if it is not one.
+
+    torch reports a full disk during ``torch.save`` as ``[enforce fail at inline_container.cc] ...
+    file write failed``; safetensors and plain writes as ``OSError(ENOSPC)``.
+    """
+    text = " ".join(str(error).split())
+    no_space = isinstance(error, OSError) and error.errno == errno.ENOSPC
+    torch_write = isinstance(error, RuntimeError) and any(m in text for m in ("inline_container", "file write failed"))
+    if not (no_space or torch_write):
+        return None
+    free = f"{shutil.disk_usage(_nearest_existing(Path(output_dir))).free / 2**20:.0f} MiB free there now"
+    what = getattr(error, "filename", None) or f"under {Path(output_dir)}"
+    cause = "no space left on device" if no_space else f"disk full? {text[:200]}"
+    return (
+        f"could not write {what} ({cause}; {free}). Free some space, then rerun with "
+        "resume_from_checkpoint: true: the last complete checkpoint is kept"
+    )
+
+
+def clear_results(output_dir: Path) -> None:
+    """Remove what an earlier run wrote in ``output_dir`` (:data:`RESULTS`), ``metrics.json`` first."""
+    for pattern in RESULTS:
+        for path in sorted(output_dir.glob(pattern)):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its closest ancestor that exists (what a later ``mkdir -p`` would write into)."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_writable(output_dir: Path) -> None:
+    """Refuse an ``output_dir`` that is a file, lies under one, or cannot be written (read-only, no permission)."""
+    existing = _nearest_existing(output_dir)
+    if existing.is_file():
+        where = "is a file" if existing == output_dir.absolute() else f"lies under {existing}, which is a file"
+        raise OutputDirError(f"output_dir: {output_dir} {where}, not a folder; choose a folder")
+    try:  # a probe, not os.access: root passes permission checks, and only a write tells a read-only mount
+        tempfile.TemporaryDirectory(dir=existing).cleanup()
+    except OSError as error:
+        raise OutputDirError(f"output_dir: cannot write in {existing} ({error.strerror}); choose a writable folder") from None
 
 
 def base_key(config: MFTConfigBase) -> str:
@@ -64,18 +197,58 @@ def base_key(config: MFTConfigBase) -> str:
 
 
 def load_base_perplexities(output_dir: Path, config: MFTConfigBase) -> dict[str, float] | None:
-    """The cached base perplexities if they were measured for this very base and data."""
+    """The cached base perplexities if they were measured for this very base and data.
+
+    None (measured again) when absent, stale, or damaged: unreadable, or not one finite perplexity
+    (>= 1) for each evaluation set of this config; a damaged file is logged.
+    """
     file = output_dir / BASE_PPL_FILE
+    if not file.is_file():
+        return None
     try:
         cached = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # absent, truncated or not text: measured again
+    except (OSError, ValueError) as error:  # truncated or not text
+        logger.warning("%s is damaged (%s); measuring the base perplexities again", file, error)
         return None
     if not (isinstance(cached, dict) and cached.get("key") == base_key(config)):
         return None  # another base or other data: stale, so measured again
     perplexities = cached.get("perplexities")
-    if not (isinstance(perplexities, dict) and all(isinstance(v, (int, float)) for v in perplexities.values())):
+    if not _valid_perplexities(perplexities, _eval_set_names(config)):
+        logger.warning("%s holds %r, not a finite perplexity for each of %s; measuring them again",
+                       file, perplexities, sorted(_eval_set_names(config)))  # fmt: skip
         return None
     return {k: float(v) for k, v in perplexities.items()}
+
+
+def _eval_set_names(config: MFTConfigBase) -> set[str]:
+    spec = {SPEC} if config.test_datasets or config.val_set_size > 0 else set()
+    return spec | ({GENERAL} if config.general_eval_datasets else set())
+
+
+def _valid_perplexities(perplexities: Any, names: set[str]) -> bool:
+    return (
+        isinstance(perplexities, dict)
+        and set(perplexities) == names
+        and all(type(v) in (int, float) and math.isfinite(v) and v >= 1.0 for v in perplexities.values())
+    )
+
+
+def metrics_json(metrics: dict[str, Any]) -> str:
+    """``metrics`` as standard JSON: a non-finite number (DG/S when S <= 0) is written ``null``.
+
+    DG/S is undefined when the model did not specialize (S <= 0); :func:`read_metrics` reads that
+    ``null`` back as +inf, the value the paper's comparison gives it (worst).
+    """
+    finite = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+    return json.dumps(finite, indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
+def read_metrics(folder: Path) -> dict[str, Any]:
+    """A finished run's ``metrics.json``, with an undefined DG/S (``null``, S <= 0) as +inf."""
+    metrics = json.loads((folder / METRICS_FILE).read_text(encoding="utf-8"))
+    if DG_OVER_S in metrics and metrics[DG_OVER_S] is None and (metrics.get("eval_S") or 0.0) <= 0:
+        metrics[DG_OVER_S] = math.inf
+    return metrics
 
 
 def save_base_perplexities(output_dir: Path, config: MFTConfigBase, perplexities: dict[str, float]) -> None:

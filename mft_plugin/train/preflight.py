@@ -7,6 +7,8 @@ model's config and tokenizer) is checked here, still before a single weight is r
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -17,11 +19,13 @@ from transformers.utils.import_utils import is_flash_attn_2_available, is_torch_
 from transformers.trainer_utils import SchedulerType
 from transformers.training_args import OptimizerNames
 
-from mft_plugin.train.checkpoints import CheckpointError, check_named_checkpoint
+from mft_plugin.train.checkpoints import CheckpointError, check_named_checkpoint, check_resume_config, resume_checkpoint
 from mft_plugin.config.schema import MFTConfigBase
-from mft_plugin.config.errors import ConfigError
+from mft_plugin.config.errors import ConfigError, with_locations
 from mft_plugin.models.loading import load_tokenizer
 from mft_plugin.train.outputs import OutputDirError, prepare_output_dir
+
+logger = logging.getLogger(__name__)
 
 
 EMBEDDING_MODULES = ("embed_tokens", "lm_head")  # Llama, Mistral, Qwen, Gemma, Phi-3 spell them so
@@ -74,32 +78,75 @@ def token_problems(config: MFTConfigBase, tokenizer: PreTrainedTokenizerBase, mo
     return problems
 
 
-def preflight(config: MFTConfigBase) -> None:
-    """Raise :class:`ConfigError` listing every problem found, or return quietly."""
-    problems = _one_of("lr_scheduler", config.lr_scheduler, [s.value for s in SchedulerType])
+def preflight(config: MFTConfigBase, source: str | None = None, overrides: Sequence[str] = ()) -> None:
+    """Raise :class:`ConfigError` listing every problem found, or return quietly.
+
+    ``source``/``overrides``: the YAML file and ``--set`` options the config came from, so that each
+    problem names its ``file:line`` (or ``--set``) like the schema's.
+    """
+    problems = _output_problems(config)
+    problems += _one_of("lr_scheduler", config.lr_scheduler, [s.value for s in SchedulerType])
     problems += _one_of("optimizer", config.optimizer, [o.value for o in OptimizerNames])
     problems += machine_problems(config)
     try:
-        prepare_output_dir(config, create=False)
-    except OutputDirError as error:
-        problems.append(str(error))
-    if isinstance(config.resume_from_checkpoint, str):
-        try:
-            check_named_checkpoint(Path(config.resume_from_checkpoint))
-        except CheckpointError as error:
-            problems.append(str(error))
-    try:
         model_config = AutoConfig.from_pretrained(config.base_model, trust_remote_code=config.trust_remote_code)
     except (OSError, ValueError) as error:  # not a model folder (no config.json), nor a reachable hub name
-        detail = " ".join(str(error).split())  # one line per problem, like every other message
-        raise ConfigError([*problems, f"base_model: cannot load {config.base_model!r}: {detail}"]) from None
+        problems.append(f"base_model: cannot load {config.base_model!r}: {_one_line(error)}")
+        raise ConfigError(with_locations(problems, source, overrides)) from None
     positions = getattr(model_config, "max_position_embeddings", None)
     if positions is not None and config.sequence_len > positions:
         problems.append(
             f"sequence_len: {config.sequence_len} is longer than the model's {positions} positions "
             f"(max_position_embeddings of {config.base_model}); use at most {positions}"
         )
-    tokenizer = load_tokenizer(config, with_added_tokens=False)
-    problems += token_problems(config, tokenizer, getattr(model_config, "vocab_size", None))
+    try:
+        tokenizer = load_tokenizer(config, with_added_tokens=False)
+    except (OSError, ValueError) as error:  # an unknown tokenizer_type, a missing or broken tokenizer_config
+        key = "tokenizer_type" if "tokenizer_type" in str(error) else "tokenizer_config" if config.tokenizer_config else "base_model"
+        problems.append(f"{key}: cannot load the tokenizer: {_one_line(error)}")
+        raise ConfigError(with_locations(problems, source, overrides)) from None
+    vocab_problems = token_problems(config, tokenizer, getattr(model_config, "vocab_size", None))
+    problems += vocab_problems
+    if not vocab_problems and config.tokenizer_config:
+        _warn_if_other_vocabulary(config, tokenizer)
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(with_locations(problems, source, overrides))
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())  # one line per problem, like every other message
+
+
+def _output_problems(config: MFTConfigBase) -> list[str]:
+    """The output folder (writable, not another run's) and the checkpoint a resume would start from."""
+    try:
+        output_dir = prepare_output_dir(config, create=False)
+    except OutputDirError as error:
+        return [str(error)]
+    try:
+        if isinstance(config.resume_from_checkpoint, str):
+            check_named_checkpoint(Path(config.resume_from_checkpoint))
+        checkpoint = resume_checkpoint(config.resume_from_checkpoint, output_dir)
+        if checkpoint is not None:
+            check_resume_config(checkpoint, config.model_dump(mode="json"))
+    except CheckpointError as error:
+        return [str(error)]
+    return []
+
+
+def _warn_if_other_vocabulary(config: MFTConfigBase, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Warn when ``tokenizer_config`` maps tokens to other ids than the model's own tokenizer does.
+
+    Such a tokenizer may fit the embedding size, yet every token would be read as another one.
+    """
+    try:
+        own = load_tokenizer(config.model_copy(update={"tokenizer_config": None}), with_added_tokens=False)
+    except (OSError, ValueError):  # the model ships no tokenizer: nothing to compare with
+        return
+    if own.get_vocab() != tokenizer.get_vocab():
+        differing = sum(1 for token, index in tokenizer.get_vocab().items() if own.get_vocab().get(token) != index)
+        logger.warning(
+            "tokenizer_config: %s maps %d token(s) to other ids than %s's own tokenizer; the model would read "
+            "them as other tokens. Use the model's own tokenizer unless this is intended",
+            config.tokenizer_config, differing, config.base_model,
+        )  # fmt: skip

@@ -6,7 +6,6 @@ then (inside the Trainer's loss) their penalties.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -36,23 +35,31 @@ from mft_plugin.strategy import Mitigation, Objective
 from mft_plugin.teacher.cache import cached_teacher
 from mft_plugin.teacher.sources import build_teacher
 from mft_plugin.train.budget import Budget
-from mft_plugin.train.checkpoints import resume_target
+from mft_plugin.train.checkpoints import is_final, restore_final, resume_target
 from mft_plugin.train.context import RecipeContext
 from mft_plugin.train.engine import Engine
 from mft_plugin.train.outputs import (
     METRICS_FILE,
+    begin_run,
     best_evaluation,
+    exclusive_output_dir,
     load_base_perplexities,
+    metrics_json,
     prepare_output_dir,
     save_base_perplexities,
 )
-from mft_plugin.train.safety import SKIPPED_KEY, skipped_steps
+from mft_plugin.train.safety import SKIPPED_KEY, check_finite_weights, skipped_steps
 from mft_plugin.train.signals import StopOnSignal, TrainingInterrupted
 from mft_plugin.train.stopping import stopping_callbacks
 from mft_plugin.train.trainer import MFTTrainer
 
 EVALUATIONS_PER_RUN = 10
 SPEC_METRIC = f"eval_{SPEC}_ppl"
+# transformers renamed `gradient_checkpointing` to `activation_checkpointing` (the old name stays an alias
+# until v6); our floor, 5.16 (Axolotl 0.19's), knows only the old one
+CHECKPOINTING_ARGUMENT = next(
+    name for name in ("activation_checkpointing", "gradient_checkpointing") if name in TrainingArguments.__dataclass_fields__
+)
 MERGED_DIR = "merged"  # merge_adapter: the adapter merged into the base, a plain transformers model
 
 
@@ -72,6 +79,13 @@ def build_datasets(config: MFTConfigBase, context: RecipeContext) -> tuple[Datas
     if config.general_eval_datasets:
         eval_sets[GENERAL] = context.packed_blocks(config.general_eval_datasets)
     return pack(documents), eval_sets
+
+
+def _sampling_argument(group_by_length: bool) -> dict[str, Any]:
+    """``group_by_length`` as the installed transformers spells it (5.16 has the flag, later ones a strategy)."""
+    if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__:
+        return {"train_sampling_strategy": "group_by_length" if group_by_length else "random"}
+    return {"group_by_length": group_by_length}
 
 
 def wandb_environment(config: MFTConfigBase) -> dict[str, str]:
@@ -136,9 +150,9 @@ def training_arguments(
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         tf32=config.tf32,
-        activation_checkpointing=config.gradient_checkpointing,
-        activation_checkpointing_kwargs=checkpointing_kwargs.model_dump(exclude_none=True) if checkpointing_kwargs else None,
-        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
+        **{CHECKPOINTING_ARGUMENT: config.gradient_checkpointing},
+        **{f"{CHECKPOINTING_ARGUMENT}_kwargs": checkpointing_kwargs.model_dump(exclude_none=True) if checkpointing_kwargs else None},
+        **_sampling_argument(config.group_by_length),
         ddp_find_unused_parameters=config.ddp_find_unused_parameters,
         seed=config.seed,
         data_seed=config.seed,
@@ -164,12 +178,18 @@ def training_arguments(
 def run(config: MFTConfigBase, registry: Registry | None = None) -> dict[str, Any]:
     """Train as ``config`` says; write the model, the resolved config and ``metrics.json``.
 
-    ``registry`` must be the one that validated ``config`` (default: the installed plugins).
+    ``registry`` must be the one that validated ``config`` (default: the installed plugins). The
+    run holds ``output_dir`` exclusively from start to end (``exclusive_output_dir``).
     """
-    registry = registry or default_registry()
-    plugin_manager = registry.plugin_manager
+    with exclusive_output_dir(Path(config.output_dir)):
+        return _run(config, registry or default_registry())
+
+
+def _run(config: MFTConfigBase, registry: Registry) -> dict[str, Any]:
     objective, mitigations = build_strategies(config, registry)
     output_dir = prepare_output_dir(config)
+    if (finished := begin_run(config, output_dir)) is not None:
+        return finished
     set_seed(config.seed)
 
     tokenizer = load_tokenizer(config)
@@ -214,9 +234,10 @@ def run(config: MFTConfigBase, registry: Registry | None = None) -> dict[str, An
     )
     for mitigation in mitigations:
         mitigation.on_train_begin(trainer.model, context)
-    plugin_manager.hook.mft_run_start(config=config, output_dir=str(output_dir))
+    registry.notify("mft_run_start", config=config, output_dir=str(output_dir))
 
     train_metrics = _train(trainer, config, output_dir)
+    check_finite_weights(trainer.model)  # NaN weights are never saved as a result
     trainer.save_model(str(output_dir))  # with an adapter: the adapter alone, in peft's format
     if config.merge_adapter and trainer.is_world_process_zero():
         save_merged_model(config, output_dir, output_dir / MERGED_DIR)
@@ -224,8 +245,8 @@ def run(config: MFTConfigBase, registry: Registry | None = None) -> dict[str, An
     metrics = _final_metrics(trainer, train_metrics)
     if trainer.is_world_process_zero():
         atomic_write_text(output_dir / "config.yml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-        atomic_write_text(output_dir / METRICS_FILE, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    plugin_manager.hook.mft_run_end(config=config, output_dir=str(output_dir), metrics=metrics)
+        atomic_write_text(output_dir / METRICS_FILE, metrics_json(metrics))
+    registry.notify("mft_run_end", config=config, output_dir=str(output_dir), metrics=metrics)
     return metrics
 
 
@@ -239,6 +260,9 @@ def _train(trainer: MFTTrainer, config: MFTConfigBase, output_dir: Path) -> dict
     trainer.add_callback(stop)
     with stop.installed():
         checkpoint = resume_target(config.resume_from_checkpoint, output_dir, main_process=trainer.args.should_save)
+        if checkpoint is not None and is_final(Path(checkpoint)):  # killed after its last checkpoint
+            restore_final(trainer, Path(checkpoint), config.engine_name)
+            return {}
         result = trainer.train(resume_from_checkpoint=checkpoint)
     step = trainer.state.global_step
     if stop.stopped and step < trainer.state.max_steps:

@@ -98,3 +98,28 @@ class NonFiniteGuard:
 def skipped_steps(log_history: list[dict[str, Any]]) -> int:
     """How many optimizer steps were skipped (one log entry each; the log survives a resume)."""
     return sum(1 for entry in log_history if SKIPPED_KEY in entry)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of an FSDP2 parameter (a DTensor); the tensor itself otherwise."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def check_finite_weights(model: torch.nn.Module) -> None:
+    """Raise :class:`NonFiniteError` naming the trained parameters that hold NaN/inf at the end of a run.
+
+    Skipped steps keep the weights as they were, but a step can still write non-finite weights from
+    finite gradients (an infinite learning rate, an overflow in the optimizer): such a model must
+    never be saved as the run's result.
+    """
+    broken = [
+        name
+        for name, parameter in model.named_parameters()
+        if parameter.requires_grad and not bool(torch.isfinite(_local(parameter.detach())).all())
+    ]
+    if broken:
+        shown = ", ".join(broken[:SHOWN_POSITIONS]) + (", ..." if len(broken) > SHOWN_POSITIONS else "")
+        raise NonFiniteError(
+            f"training ended with non-finite weights in {len(broken)} parameter(s): {shown}; the model was not "
+            "saved. Lower learning_rate, or check the skipped steps (skip_nonfinite_batches)"
+        )

@@ -99,18 +99,42 @@ def fisher_key(params: EWCParams, context: RunContext, anchors: dict[str, torch.
     return fingerprint(*sources, settings=settings)
 
 
-def load_fisher(path: Path, key: str) -> dict[str, torch.Tensor] | None:
-    """The saved Fisher if ``path`` holds one for this very ``key``, else None."""
-    from safetensors import safe_open
+def load_fisher(path: Path, key: str, anchors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The saved Fisher if ``path`` holds one for this very ``key``, else None (recomputed).
 
+    A damaged file (truncated, not safetensors, tensors missing, of other shapes, negative or not
+    finite) is logged and recomputed: a Fisher is a sum of squares, so anything else is not one.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        return None
     try:
         with safe_open(str(path), framework="pt") as handle:
             if (handle.metadata() or {}).get(KEY) != key:
                 logger.warning("ewc: %s was computed for other parameters or data; recomputing it", path)
                 return None
-            return {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
-    except (OSError, ValueError):  # absent or not a safetensors file
+            fisher = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
+    except (OSError, ValueError, SafetensorError) as error:
+        logger.warning("ewc: %s is damaged (%s); recomputing the Fisher", path, " ".join(str(error).split()))
         return None
+    problem = _fisher_problem(fisher, anchors)
+    if problem:
+        logger.warning("ewc: %s is damaged (%s); recomputing the Fisher", path, problem)
+        return None
+    return fisher
+
+
+def _fisher_problem(fisher: dict[str, torch.Tensor], anchors: dict[str, torch.Tensor]) -> str | None:
+    """Why ``fisher`` is not a Fisher for these parameters, or None."""
+    if set(fisher) != set(anchors):
+        return f"{len(set(anchors) - set(fisher))} parameter(s) missing, {len(set(fisher) - set(anchors))} unknown"
+    for name, f in fisher.items():
+        if f.shape != anchors[name].shape or not f.is_floating_point():
+            return f"{name}: {f.dtype} {tuple(f.shape)}, expected float {tuple(anchors[name].shape)}"
+        if not bool(f.isfinite().all()) or bool((f < 0).any()):
+            return f"{name}: negative or non-finite values"
+    return None
 
 
 def save_fisher(path: Path, fisher: dict[str, torch.Tensor], key: str) -> None:
@@ -148,7 +172,7 @@ class EWCMitigation(Mitigation):
     def _fisher(self, model: torch.nn.Module, context: RunContext, anchors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         path = Path(self.params.fisher_path) if self.params.fisher_path else None
         key = fisher_key(self.params, context, anchors) if path else ""
-        fisher = load_fisher(path, key) if path else None
+        fisher = load_fisher(path, key, anchors) if path else None
         if fisher is not None:
             logger.info("ewc: Fisher loaded from %s", path)
             return fisher
