@@ -344,8 +344,8 @@ def test_every_key_of_axolotls_examples_is_implemented_or_refused() -> None:
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ("liger_rms_norm: true", "True is not supported: a CUDA-only kernel (Triton/CUDA)"),
-        ("xformers_attention: true", "True is not supported: xformers is a CUDA-only attention patch"),
+        ("liger_rms_norm: true", "true is not supported: a CUDA-only kernel (Triton/CUDA)"),
+        ("xformers_attention: true", "true is not supported: xformers is a CUDA-only attention patch"),
         ("local_rank: 0", "0 is not supported: set by the launcher (LOCAL_RANK), not by the YAML (Axolotl key; allowed here: empty)"),
         ("save_safetensors: false", "weights are always saved as safetensors (Axolotl key; allowed here: empty or true)"),
         ("model_config: {rope_scaling: 2}", "the model's config.json is used as saved"),

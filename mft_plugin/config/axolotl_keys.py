@@ -149,12 +149,16 @@ def _refuse(cls: type, value: Any, info: Any) -> Any:
     reason, accepted = REFUSED[info.field_name.removesuffix("_")]
     if any(value is v or (type(value) is type(v) and value == v) for v in accepted):  # 0 is not false
         return value
-    allowed = " or ".join("empty" if v is None else repr(v).lower() if isinstance(v, bool) else repr(v) for v in accepted)
     raise PydanticCustomError(
         "axolotl_refused",
         "{value} is not supported: {reason} (Axolotl key; allowed here: {allowed})",
-        {"value": repr(value), "reason": reason, "allowed": allowed},
+        {"value": _as_yaml(value), "reason": reason, "allowed": " or ".join(map(_as_yaml, accepted))},
     )
+
+
+def _as_yaml(value: Any) -> str:
+    """A value as the YAML spells it: empty, true/false, or its repr."""
+    return "empty" if value is None else str(value).lower() if isinstance(value, bool) else repr(value)
 
 
 RefusedAxolotlKeys = create_model(
