@@ -110,6 +110,7 @@ def train(config: MFTConfigBase, registry: Registry) -> int:
     from mft_plugin.models.loading import ModelLoadError
     from mft_plugin.train.checkpoints import CheckpointError
     from mft_plugin.train.launch import is_main_process
+    from mft_plugin.data.documents import DataError
     from mft_plugin.train.outputs import OutputDirError, describe_write_failure
     from mft_plugin.train.recipe import run
     from mft_plugin.train.safety import NonFiniteError
@@ -122,6 +123,9 @@ def train(config: MFTConfigBase, registry: Registry) -> int:
         return stopped.exit_code
     except (ConfigError, OutputDirError, CheckpointError) as error:
         print(error, file=sys.stderr)
+        return 2
+    except DataError as error:  # bad data, named by file and record, found before any model is loaded
+        print(f"bad data: {error}", file=sys.stderr)
         return 2
     except (NonFiniteError, ModelLoadError) as error:
         print(f"error: {error}", file=sys.stderr)

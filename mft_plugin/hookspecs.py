@@ -1,7 +1,7 @@
 """Hook specifications of mft-plugin (pluggy project ``mft_plugin``).
 
-Hooks are for *discovery* and *events*. A plugin contributes strategy classes through the two
-``mft_register_*`` hooks; what a strategy does lives in its methods (see ``mft_plugin.strategy``),
+Hooks are for *discovery* and *events*. A plugin contributes strategy classes through the three
+``mft_register_*`` hooks (objectives, mitigations, data formats); what a strategy does lives in its methods (see ``mft_plugin.strategy``),
 because pluggy calls every implementation of a hook while a run uses only the strategies its YAML
 selects. Built-in strategies are an ordinary plugin registered through the ``mft_plugin`` entry
 point group, exactly as a third-party package would be.
@@ -33,6 +33,14 @@ def mft_register_mitigations() -> list[type]:
     """Return the :class:`mft_plugin.strategy.Mitigation` subclasses this plugin provides.
 
     Called once when the registry is built.
+    """
+
+
+@hookspec
+def mft_register_data_formats() -> list[type]:
+    """Return the :class:`mft_plugin.strategy.DataFormat` subclasses this plugin provides.
+
+    Called once when the registry is built: each ``datasets:`` entry's ``type`` is one of their names.
     """
 
 

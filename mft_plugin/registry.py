@@ -20,15 +20,16 @@ import pluggy
 from pydantic import BaseModel
 
 from mft_plugin import hookspecs
-from mft_plugin.strategy import Mitigation, Objective, Strategy, StrategyParams
+from mft_plugin.strategy import DataFormat, Mitigation, Objective, Strategy, StrategyParams
 
 logger = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "mft_plugin"
-Kind = Literal["objective", "mitigation"]
-_BASE_CLASS: dict[Kind, type[Strategy]] = {"objective": Objective, "mitigation": Mitigation}
+Kind = Literal["objective", "mitigation", "format"]
+_BASE_CLASS: dict[Kind, type[Strategy]] = {"objective": Objective, "mitigation": Mitigation, "format": DataFormat}
 _HOOK_NAME: dict[Kind, str] = {
     "objective": "mft_register_objectives",
     "mitigation": "mft_register_mitigations",
+    "format": "mft_register_data_formats",
 }
 
 
@@ -76,7 +77,7 @@ class Registry:
 
     plugin_manager: PluginManager
     entries: dict[Kind, dict[str, StrategyEntry]] = field(
-        default_factory=lambda: {"objective": {}, "mitigation": {}}
+        default_factory=lambda: {kind: {} for kind in _BASE_CLASS}
     )
     problems: list[PluginProblem] = field(default_factory=list)
     conflicts: dict[tuple[Kind, str], list[str]] = field(default_factory=dict)
@@ -247,7 +248,7 @@ def default_registry() -> Registry:
 def strategy_listing(registry: Registry) -> list[dict[str, Any]]:
     """Rows for ``mft-run --list``: name, kind, distribution, parameters with their defaults."""
     rows = []
-    for kind in ("objective", "mitigation"):
+    for kind in _BASE_CLASS:
         for name in registry.names(kind):
             entry = registry.entries[kind][name]
             params = {

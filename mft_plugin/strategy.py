@@ -1,4 +1,4 @@
-"""The two kinds of strategy a plugin can contribute: objectives and mitigations.
+"""The three kinds of strategy a plugin can contribute: objectives, mitigations and data formats.
 
 A strategy is a class with a ``name``, a pydantic ``Params`` model (validated against the
 YAML block that selects it, for third-party strategies too) and the methods the training run
@@ -15,7 +15,7 @@ depends on no stage of the run.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -40,7 +40,8 @@ class RunContext(Protocol):
     output_dir: Path
 
     def packed_blocks(self, specs: Sequence[Any]) -> Dataset:
-        """Extra data (``datasets:``-style entries) tokenized and packed exactly like the training data."""
+        """Raw general-domain text (``datasets:``-style ``completion`` entries, e.g. replay's) in
+        ``sequence_len`` blocks, every token a label, whatever the training data's format."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,12 @@ class Mitigation(Strategy):
         """Data stage: return the training set this mitigation wants (e.g. replay mixing)."""
         return train_dataset
 
+    def epoch_order(self, epoch: int) -> list[int] | None:
+        """Data stage: the row order of ``epoch`` over the training set :meth:`prepare_data` returned,
+        in whole micro-batches (e.g. replay's fresh general rows each epoch), or None to let the core
+        shuffle as usual. Must be a function of the epoch alone (resumed and multi-process runs)."""
+        return None
+
     def prepare_model(self, model: PreTrainedModel, context: RunContext) -> PreTrainedModel:
         """Model stage: wrap or modify the student (e.g. attach peft adapters)."""
         return model
@@ -176,3 +183,35 @@ class Mitigation(Strategy):
     def penalty(self, model: torch.nn.Module) -> torch.Tensor | None:
         """Loss stage: a regularizer added to each optimizer step's loss, or None."""
         return None
+
+
+class RecordError(ValueError):
+    """A record a data format cannot read; the data stage adds the file and the record's number."""
+
+
+class DataFormat(Strategy):
+    """How one record of a ``datasets:`` entry becomes ``input_ids`` and ``labels`` (Axolotl's ``type``).
+
+    ``Params`` are the keys the format adds to a ``datasets:`` entry beside the common ones
+    (``path``, ``split``, ...); the selected entry itself is ``self.params``. Labels are the input
+    ids with ``-100`` where a token is not trained on (the prompt, unless ``train_on_inputs``):
+    the teacher sees every input token, while the loss, the corrections and the specialized
+    perplexity count the labelled ones only (``mft_plugin.data.labels``).
+    """
+
+    concatenates: ClassVar[bool] = False  # raw text: records are one stream cut into sequence_len blocks
+    # the record columns a format reads, checked against a local file's first record at validation:
+    column_keys: ClassVar[tuple[str, ...]] = ()  # Params keys whose value names a column (e.g. ``field``)
+    fixed_columns: ClassVar[tuple[str, ...]] = ()  # columns every record must have, whatever the keys
+
+    def __init__(self, params: BaseModel | None = None, **kwargs: Any) -> None:
+        if params is not None and not isinstance(params, self.Params):  # an entry of another model: its format keys
+            params = self.Params(**params.model_dump(include=set(self.Params.model_fields)))
+        super().__init__(params, **kwargs)
+
+    def tokenize(
+        self, record: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, train_on_inputs: bool
+    ) -> dict[str, list[int]]:
+        """``{"input_ids": [...], "labels": [...]}`` of one record, equal lengths, untruncated;
+        raise :class:`RecordError` for a record this format cannot read."""
+        raise NotImplementedError

@@ -104,10 +104,10 @@ def _first_grad_norm(objective_name: str, tiny_model: Path, corpora: dict[str, P
 
     from mft_plugin.config.schema import DatasetConfig
     from mft_plugin.data.batches import PaddingCollator
-    from mft_plugin.data.documents import load_all_documents, pack_documents
+    from mft_plugin.data.packing import raw_text_blocks
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    blocks = pack_documents(load_all_documents([DatasetConfig(path=str(corpora["spec_train"]))]), tokenizer, 64)
+    blocks = raw_text_blocks([DatasetConfig(path=str(corpora["spec_train"]))], tokenizer, 64)
     objective, _ = selected_strategies({"objective": objective_name}, default_registry())
     loaded: list[Any] = []
 

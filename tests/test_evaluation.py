@@ -25,7 +25,7 @@ from mft_plugin.train.budget import Budget, MAX_DEGENERALIZATION, TARGET_SPECIAL
 from mft_plugin.config.schema import DatasetConfig
 from mft_plugin.config.errors import ConfigError, validate_config
 from mft_plugin.data.batches import PaddingCollator
-from mft_plugin.data.documents import load_all_documents, pack_documents
+from mft_plugin.data.packing import raw_text_blocks
 from mft_plugin.eval.metrics import GENERAL, perplexity, SPEC
 from mft_plugin.train.recipe import run
 from mft_plugin.train.trainer import MFTTrainer
@@ -36,7 +36,7 @@ REL = 1e-4  # a batched float32 forward against one row at a time
 def packed(model_dir: Path, corpus: Path, sequence_len: int) -> Dataset:
     """The corpus in ``sequence_len`` blocks, exactly as a run packs its evaluation sets."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return pack_documents(load_all_documents([DatasetConfig(path=str(corpus))]), tokenizer, sequence_len)
+    return raw_text_blocks([DatasetConfig(path=str(corpus))], tokenizer, sequence_len)
 
 
 def packed_blocks(model_dir: Path, corpus: Path, sequence_len: int) -> list[list[int]]:

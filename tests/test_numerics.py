@@ -22,13 +22,15 @@ from mft_plugin import get_objective
 from mft_plugin.cli import main
 from mft_plugin.config.errors import load_config
 from mft_plugin.data.batches import PaddingCollator
-from mft_plugin.data.documents import pack_documents
+from mft_plugin.config.schema import DatasetConfig
+from mft_plugin.data.packing import raw_text_blocks
 from mft_plugin.hookspecs import hookimpl
 from mft_plugin.data.labels import shift_for_causal_lm
 from mft_plugin.loss.corrected import nll_token_losses
 from mft_plugin.train.recipe import run
 from mft_plugin.registry import Registry, collect_strategies, make_plugin_manager
 from mft_plugin.train.safety import NonFiniteError, describe_nonfinite_loss
+from mft_plugin.strategies import formats as builtin_formats
 from mft_plugin.strategies import objectives as builtin_objectives
 from mft_plugin.strategies.objectives.mft import MinifinetuningObjective
 from mft_plugin.strategy import Mitigation, Objective, StrategyParams
@@ -105,6 +107,7 @@ class FaultPlugin:
 def registry() -> Registry:
     manager = make_plugin_manager()
     manager.register(builtin_objectives, name="mft-plugin")
+    manager.register(builtin_formats, name="mft-plugin-formats")
     manager.register(FaultPlugin(), name="fault-plugin")
     return collect_strategies(manager)
 
@@ -283,19 +286,12 @@ def test_a_corpus_shorter_than_one_block_trains(
     corpus = tmp_path / "tiny.jsonl"
     corpus.write_text('{"text": "The court held."}\n{"text": "Appeal dismissed."}\n')
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    blocks = pack_documents(load_dataset_texts(corpus), tokenizer, sequence_len=32)
+    blocks = raw_text_blocks([DatasetConfig(path=str(corpus))], tokenizer, sequence_len=32)
     assert len(blocks) == 1 and 2 <= len(blocks[0]["input_ids"]) < 32
     two_step_config["datasets"] = [{"path": str(corpus)}]
     metrics = run(load_config(config_file(tmp_path, two_step_config)))
     assert math.isfinite(metrics["train_loss"]) and metrics["train_loss"] > 0
     assert metrics["nonfinite_skipped_steps"] == 0
-
-
-def load_dataset_texts(path: Path) -> Any:
-    from mft_plugin.config.schema import DatasetConfig
-    from mft_plugin.data.documents import load_documents
-
-    return load_documents(DatasetConfig(path=str(path)))
 
 
 NEEDS_CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 autocast needs CUDA")]

@@ -30,6 +30,7 @@ from mft_plugin.registry import (
     make_plugin_manager,
     strategy_listing,
 )
+from mft_plugin.strategies import formats as builtin_formats
 from mft_plugin.strategies import objectives as builtin_objectives
 from mft_plugin.strategy import Mitigation, Objective, StrategyParams
 from tests.tiny import write_yaml
@@ -114,6 +115,7 @@ def registry_with(**plugins: object) -> Registry:
     """A registry of the built-in objectives plus the given plugins, registered under their keyword."""
     manager = make_plugin_manager()
     manager.register(builtin_objectives, name="mft-plugin")
+    manager.register(builtin_formats, name="mft-plugin-formats")  # datasets: entries need their formats
     for name, obj in plugins.items():
         manager.register(obj, name=name.replace("_", "-"))
     return collect_strategies(manager)
@@ -294,7 +296,8 @@ def example_distribution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> imp
 def example_registry(example_distribution: importlib.metadata.Distribution) -> Registry:
     manager = make_plugin_manager()
     builtin = importlib.metadata.EntryPoint("builtin", "mft_plugin.strategies.objectives", ENTRY_POINT_GROUP)
-    problems = load_entry_point_plugins(manager, [builtin, *example_distribution.entry_points])
+    formats = importlib.metadata.EntryPoint("formats", "mft_plugin.strategies.formats", ENTRY_POINT_GROUP)
+    problems = load_entry_point_plugins(manager, [builtin, formats, *example_distribution.entry_points])
     assert problems == []
     return collect_strategies(manager, problems)
 
@@ -340,6 +343,38 @@ def test_example_objective_is_selected_and_validated_from_yaml(
         load_config(path, registry=registry_with())
 
 
+QA_RECORDS = [{"question": "Which licence?", "answer": "MIT."}, {"question": "Who may copy it?", "answer": "Anyone."}]
+
+
+def test_example_format_masks_the_question(example_registry: Registry) -> None:
+    from transformers import AutoTokenizer
+
+    from tests.tiny import REFERENCE_MODEL
+
+    tokenizer = AutoTokenizer.from_pretrained(REFERENCE_MODEL)
+    entry = example_registry.get("format", "question_answer")
+    assert entry.distribution == "mft-example-plugin"
+    row = entry.cls().tokenize(QA_RECORDS[0], tokenizer, train_on_inputs=False)
+    labelled = [token for token, label in zip(row["input_ids"], row["labels"], strict=True) if label != -100]
+    assert tokenizer.decode(row["input_ids"]) == "<s>Q: Which licence?\nA: MIT.</s>"
+    assert tokenizer.decode(labelled) == "MIT.</s>"
+    assert entry.cls(question_prefix="Question: ").tokenize(QA_RECORDS[0], tokenizer, True)["labels"][1:3] != [-100, -100]
+
+
+def test_example_format_is_selected_and_validated_from_yaml(
+    example_registry: Registry, two_step_config: dict[str, Any], tmp_path: Path
+) -> None:
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps(record) + "\n" for record in QA_RECORDS))
+    two_step_config["datasets"] = [{"path": str(qa), "type": "question_answer", "field_question": "query"}]
+    path = write_yaml(tmp_path / "config.yml", two_step_config)
+    assert problems(path, example_registry) == [
+        f"{path}:5: datasets.0.field_question: 'query' is not a field of {qa} (its records have: answer, question)"
+    ]
+    with pytest.raises(ConfigError, match="unknown format 'question_answer'"):
+        load_config(path, registry=registry_with())
+
+
 class RunRecorder:
     """Records the run's event hooks, to show they come from the registry given to ``run``."""
 
@@ -361,6 +396,9 @@ def test_example_objective_trains(example_registry: Registry, two_step_config: d
     recorder = RunRecorder()
     example_registry.plugin_manager.register(recorder)
     two_step_config["objective"] = {"name": "label_smoothed_ft", "epsilon": 0.2}
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps(record) + "\n" for record in QA_RECORDS * 4))
+    two_step_config["datasets"] = [{"path": str(qa), "type": "question_answer"}]  # the plugin's format too
     config = load_config(write_yaml(tmp_path / "config.yml", two_step_config), registry=example_registry)
     metrics = run(config, registry=example_registry)
     assert metrics["train_loss"] > 0 and math.isfinite(metrics["train_loss"])

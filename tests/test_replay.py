@@ -33,12 +33,19 @@ def replay_config(base_config: dict[str, Any], corpora: dict[str, Path], **overr
     return {**base_config, "sequence_len": 32, "mitigations": [replay], **overrides}
 
 
-def composed_dataset(config_dict: dict[str, Any], tmp_path: Path) -> tuple[Any, Dataset, RecipeContext]:
+def composed_dataset(config_dict: dict[str, Any], tmp_path: Path) -> tuple[Any, Dataset, RecipeContext, Any]:
+    """The config, the training set replay prepared (specialized rows, then every general row), the
+    context and the replay mitigation itself (its ``epoch_order`` composes the epochs)."""
     config = validate_config(config_dict)
     context = RecipeContext(config=config, tokenizer=load_tokenizer(config), output_dir=tmp_path)
     train_blocks, _ = build_datasets(config, context)
     (replay,) = build_strategies(config, default_registry())[1]
-    return config, replay.prepare_data(train_blocks, context), context
+    return config, replay.prepare_data(train_blocks, context), context, replay
+
+
+def epoch_column(mixed: Dataset, replay: Any, column: str, epoch: int = 0) -> list[Any]:
+    """``column`` of the rows in the order of one epoch."""
+    return [mixed[i][column] for i in replay.epoch_order(epoch)]
 
 
 def replay_counts(flags: list[int], micro_batch_size: int) -> list[int]:
@@ -73,20 +80,41 @@ def test_prepared_data_has_the_exact_proportion_and_every_new_block(
     base_config: dict[str, Any], corpora: dict[str, Path], tmp_path: Path
 ) -> None:
     config_dict = replay_config(base_config, corpora, replay={"ratio": 0.75})  # 3 new + 1 general of 4
-    config, mixed, context = composed_dataset(config_dict, tmp_path)
+    config, mixed, context, replay = composed_dataset(config_dict, tmp_path)
     train_blocks, _ = build_datasets(config, context)
-    assert set(replay_counts(mixed[REPLAY_COLUMN], 4)) == {1}
+    for epoch in range(2):
+        assert set(replay_counts(epoch_column(mixed, replay, REPLAY_COLUMN, epoch), 4)) == {1}
+        new_rows = [row for row, flag in zip(epoch_column(mixed, replay, "input_ids", epoch),
+                                             epoch_column(mixed, replay, REPLAY_COLUMN, epoch), strict=True) if not flag]
+        assert {tuple(row) for row in new_rows} == {tuple(row) for row in train_blocks["input_ids"]}
     assert mixed[FT_LOSS_COLUMN] == mixed[REPLAY_COLUMN]  # replay_loss: ft (the default)
-    new_rows = [row for row, flag in zip(mixed["input_ids"], mixed[REPLAY_COLUMN], strict=True) if not flag]
-    assert {tuple(row) for row in new_rows} == {tuple(row) for row in train_blocks["input_ids"]}
     assert composed_dataset(config_dict, tmp_path)[1]["input_ids"] == mixed["input_ids"]  # deterministic
+
+
+def test_each_epoch_replays_general_rows_the_previous_ones_did_not(
+    base_config: dict[str, Any], corpora: dict[str, Path], tmp_path: Path
+) -> None:
+    _, mixed, _, replay = composed_dataset(replay_config(base_config, corpora, replay={"ratio": 0.75}), tmp_path)
+    num_new, num_general = mixed[REPLAY_COLUMN].count(0), mixed[REPLAY_COLUMN].count(1)
+    general = [{i for i in replay.epoch_order(epoch) if i >= num_new} for epoch in range(2)]
+    assert len(general[0]) + len(general[1]) <= num_general  # the general data holds two epochs' worth
+    assert general[0].isdisjoint(general[1])
+    assert sorted(replay.epoch_order(0)) != sorted(replay.epoch_order(1))
+
+
+def test_composed_order_continues_the_general_stream_across_epochs() -> None:
+    epochs = [composed_order(4, 100, 2, 4, seed=0, epoch=e) for e in range(3)]
+    general = [[i - 4 for i in order if i >= 4] for order in epochs]
+    assert len(set(general[0] + general[1] + general[2])) == 12  # 3 epochs x 2 batches x 2 rows, none repeated
+    assert [sorted(i for i in order if i < 4) for order in epochs] == [[0, 1, 2, 3]] * 3
 
 
 def test_replay_loss_objective_flags_no_row_for_the_ft_loss(
     base_config: dict[str, Any], corpora: dict[str, Path], tmp_path: Path
 ) -> None:
-    _, mixed, _ = composed_dataset(replay_config(base_config, corpora, replay={"replay_loss": "objective"}), tmp_path)
-    assert sum(mixed[REPLAY_COLUMN]) == len(mixed) // 2 and sum(mixed[FT_LOSS_COLUMN]) == 0
+    _, mixed, _, replay = composed_dataset(replay_config(base_config, corpora, replay={"replay_loss": "objective"}), tmp_path)
+    flags = epoch_column(mixed, replay, REPLAY_COLUMN)
+    assert sum(flags) == len(flags) // 2 and sum(mixed[FT_LOSS_COLUMN]) == 0
 
 
 def test_short_general_data_is_cycled_and_logged(
@@ -96,25 +124,25 @@ def test_short_general_data_is_cycled_and_logged(
     tiny_general.write_text('{"text": "It is a truth universally acknowledged."}\n')
     config_dict = replay_config(base_config, corpora, replay={"datasets": [{"path": str(tiny_general)}]})
     with caplog.at_level(logging.WARNING):
-        _, mixed, _ = composed_dataset(config_dict, tmp_path)
+        _, mixed, _, replay = composed_dataset(config_dict, tmp_path)
     assert "cycling them" in caplog.text
-    assert set(replay_counts(mixed[REPLAY_COLUMN], 4)) == {2}
+    assert set(replay_counts(epoch_column(mixed, replay, REPLAY_COLUMN), 4)) == {2}
 
 
 # --- through the Trainer ----------------------------------------------------------------------
 
 
 def replay_trainer(config_dict: dict[str, Any], tmp_path: Path) -> MFTTrainer:
-    config, mixed, context = composed_dataset(config_dict, tmp_path)
-    objective, mitigations = build_strategies(config, default_registry())
+    config, mixed, context, replay = composed_dataset(config_dict, tmp_path)
+    objective, _ = build_strategies(config, default_registry())
     return MFTTrainer(
         model=load_model(config),
-        args=training_arguments(config, len(mixed), evaluate=False),
+        args=training_arguments(config, len(replay.epoch_order(0)), evaluate=False),
         train_dataset=mixed,
         data_collator=PaddingCollator(context.tokenizer.pad_token_id),
         objective=objective,
         teacher=None,
-        mitigations=mitigations,
+        mitigations=[replay],
     )
 
 
@@ -128,9 +156,11 @@ def test_trainer_dataloader_keeps_the_proportion_in_every_batch_and_epoch(
         loader.set_epoch(epoch)
         batches = list(loader)
         assert [int(b[REPLAY_COLUMN].sum()) for b in batches] == [2] * len(batches)
-        orders.append([b["input_ids"][:, :4].tolist() for b in batches])
-    assert orders[0] != orders[1]  # whole micro-batches are reshuffled each epoch
-    assert sorted(map(str, orders[0])) == sorted(map(str, orders[1]))  # ... and kept whole
+        new, general = ([row[:8].tolist() for b in batches for row, flag in zip(b["input_ids"], b[REPLAY_COLUMN]) if flag == f]
+                        for f in (0, 1))
+        orders.append((sorted(map(str, new)), general))
+    assert orders[0][0] == orders[1][0]  # every specialized row once in each epoch
+    assert orders[0][1] != orders[1][1]  # general rows drawn afresh
 
 
 def test_each_of_two_ranks_gets_the_proportion(base_config: dict[str, Any], corpora: dict[str, Path], tmp_path: Path) -> None:
@@ -143,9 +173,9 @@ def test_each_of_two_ranks_gets_the_proportion(base_config: dict[str, Any], corp
         loader = DataLoader(trainer.train_dataset, batch_size=4, sampler=sampler, collate_fn=trainer.data_collator)
         shard = prepare_data_loader(loader, num_processes=2, process_index=rank, put_on_device=False)
         flags = [batch[REPLAY_COLUMN].tolist() for batch in shard]
-        assert all(sum(f) == 3 for f in flags) and len(flags) >= len(trainer.train_dataset) // 8
+        assert all(sum(f) == 3 for f in flags) and len(flags) >= len(sampler) // 8
         seen += [batch["input_ids"].tolist() for batch in shard]
-    assert len({str(batch) for batch in seen}) == len(trainer.train_dataset) // 4  # between them, every batch
+    assert len({str(batch) for batch in seen}) == len(sampler) // 4  # between them, every batch
 
 
 def test_replay_rows_train_on_plain_nll_and_the_teacher_sees_only_new_rows() -> None:

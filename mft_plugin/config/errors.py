@@ -102,9 +102,11 @@ def _models_in(annotation: Any) -> Iterator[type[BaseModel]]:
 
 
 def _union_tag(model: type[BaseModel]) -> str | None:
-    field = model.model_fields.get("name")
-    if field is not None and get_origin(field.annotation) is Literal:
-        return get_args(field.annotation)[0]
+    """The tag of a tagged-union member: a strategy's ``name``, a dataset entry's format ``type``."""
+    for key in ("name", "type"):
+        field = model.model_fields.get(key)
+        if field is not None and get_origin(field.annotation) is Literal and len(get_args(field.annotation)) == 1:
+            return get_args(field.annotation)[0]
     return None
 
 

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationInfo,
@@ -35,7 +36,7 @@ from mft_plugin.config.axolotl_keys import RefusedAxolotlKeys
 from mft_plugin.config.engines import FSDPConfig
 from mft_plugin.config.loss import LossImpl, TeacherCacheConfig, loss_impl_problem
 from mft_plugin.registry import Kind, Registry, UnknownStrategyError
-from mft_plugin.strategy import StrategyParams
+from mft_plugin.strategy import DataFormat, StrategyParams
 
 DATA_SUFFIXES = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}
 
@@ -80,16 +81,35 @@ def _first_record_keys(path: Path) -> set[str] | None:
     return set(first) if isinstance(first, dict) else None
 
 
-class DatasetConfig(StrictModel):
-    """One entry of ``datasets:`` (Axolotl's schema; ``type: completion`` is raw text)."""
+def _require_columns(path: str | None, columns: list[str]) -> None:
+    """An error naming the ``columns`` the first record of a local .json/.jsonl ``path`` lacks
+    (``path`` is None when it failed validation itself)."""
+    file = Path(path).expanduser() if path else None
+    if file is None or not file.is_file() or file.suffix not in (".json", ".jsonl"):
+        return
+    try:
+        keys = _first_record_keys(file)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return  # bad bytes are reported by the data stage, with their line
+    missing = [column for column in columns if keys is not None and column not in keys]
+    if missing:
+        message = "{missing} {verb} of {path} (its records have: {keys})"
+        verb = "is not a field" if len(missing) == 1 else "are not fields"
+        values = {"missing": ", ".join(map(repr, missing)), "verb": verb, "path": path, "keys": ", ".join(sorted(keys))}
+        raise PydanticCustomError("missing_field", message, values)
+
+
+class DatasetSource(StrictModel):
+    """Where the records of one ``datasets:`` entry come from (Axolotl's keys). ``type`` names the
+    data format (a registered ``mft_plugin.strategy.DataFormat``); its own keys (``field``,
+    ``field_messages``, ...) sit beside these, validated by its ``Params`` (see :func:`config_model`)."""
 
     path: str = Field(description="local file/folder, or a dataset name on the hub")
-    type: Literal["completion"] = "completion"
+    type: str = Field("completion", description="the data format: how a record becomes tokens and labels")
     ds_type: Literal["json", "text", "parquet", "csv"] | None = None
     data_files: str | list[str] | None = None
     name: str | None = Field(None, description="hub dataset configuration name")
     split: str = "train"
-    field: str = Field("text", description="column holding the document text")
 
     @field_validator("path")
     @classmethod
@@ -106,19 +126,18 @@ class DatasetConfig(StrictModel):
                 _check_local_file(file)
         return data_files
 
+
+class DatasetConfig(DatasetSource):
+    """A raw-text entry (``type: completion``): the general domain (``general_eval_datasets``, replay,
+    EWC) stays raw text, whatever the format of the specialized data."""
+
+    type: Literal["completion"] = "completion"
+    field: str = Field("text", description="column holding the document text")
+
     @field_validator("field")
     @classmethod
     def _field_exists(cls, field: str, info: ValidationInfo) -> str:
-        path = info.data.get("path")  # absent when the path itself failed validation
-        file = Path(path).expanduser() if path else None
-        if file is not None and file.is_file() and file.suffix in (".json", ".jsonl"):
-            keys = _first_record_keys(file)
-            if keys is not None and field not in keys:
-                raise PydanticCustomError(
-                    "missing_field",
-                    "{field} is not a field of {path} (its records have: {keys})",
-                    {"field": repr(field), "path": path, "keys": ", ".join(sorted(keys))},
-                )
+        _require_columns(info.data.get("path"), [field])
         return field
 
 
@@ -174,7 +193,11 @@ class MFTConfigBase(StrictModel, QuantizationKeys, RefusedAxolotlKeys):
         None, description="general-domain validation data, for degeneralization DG"
     )
     sequence_len: int = Field(512, ge=2)
-    dataset_prepared_path: str | None = None
+    train_on_inputs: bool = Field(False, description="label the prompt tokens too (formats with prompts)")
+    sample_packing: bool = Field(False, description="pack several records per row, attention kept within each record")
+    eval_sample_packing: bool | None = Field(None, description="pack the specialized validation set (default: sample_packing)")
+    pad_to_sequence_len: bool = Field(False, description="pad every batch to sequence_len")
+    dataset_prepared_path: str | None = Field(None, description="folder caching the tokenized data, reused while its key matches")
 
     # optimization
     micro_batch_size: int = Field(1, ge=1)
@@ -408,33 +431,71 @@ def _as_mapping(value: Any) -> Any:
     return {"name": value} if isinstance(value, str) else value
 
 
-def _strategy_union(registry: Registry, kind: Kind) -> Any:
-    members = [
-        _strategy_spec_model(kind, name, registry.entries[kind][name].params_model) for name in registry.names(kind)
-    ]
+def _tagged_union(members: list[type[BaseModel]], key: str) -> Any:
     if not members:
         return Literal["__no_strategy_registered__"]
     if len(members) == 1:
         return members[0]
-    return Annotated[Union[tuple(members)], Field(discriminator="name")]  # noqa: UP007
+    return Annotated[Union[tuple(members)], Field(discriminator=key)]  # noqa: UP007
 
 
-def _unknown_name_check(registry: Registry, kind: Kind, default: str | None = None):
-    """A before-validator: bare names to mappings, a missing name to ``default`` (else an error),
-    unknown names to a did-you-mean error."""
+def _strategy_union(registry: Registry, kind: Kind) -> Any:
+    return _tagged_union(
+        [_strategy_spec_model(kind, name, registry.entries[kind][name].params_model) for name in registry.names(kind)],
+        "name",
+    )
+
+
+def _columns_check(format_cls: type[DataFormat]) -> dict[str, Any]:
+    """Validators of a format's dataset model: the record columns it reads exist in the first record
+    of a local json/jsonl file, each reported at the key that names it (fixed ones at the entry)."""
+
+    def named_column(cls: type, column: str, info: ValidationInfo) -> str:
+        _require_columns(info.data.get("path"), [column])
+        return column
+
+    def fixed_columns(self: DatasetSource) -> DatasetSource:
+        _require_columns(self.path, list(format_cls.fixed_columns))
+        return self
+
+    validators: dict[str, Any] = {"fixed_columns": model_validator(mode="after")(fixed_columns)}
+    if format_cls.column_keys:
+        validators["named_column"] = field_validator(*format_cls.column_keys)(classmethod(named_column))
+    return validators
+
+
+def _dataset_union(registry: Registry) -> Any:
+    """One ``datasets:`` entry: the common keys plus the ``Params`` of the format its ``type`` names."""
+    members = []
+    for name in registry.names("format"):
+        entry = registry.entries["format"][name]
+        members.append(
+            create_model(
+                f"{name}_dataset",
+                __base__=(entry.params_model, DatasetSource),  # this order puts path, type, ... first
+                __validators__=_columns_check(entry.cls),  # type: ignore[arg-type]
+                type=(Literal[name], name),  # type: ignore[valid-type]
+            )
+        )
+    return _tagged_union(members, "type")
+
+
+def _unknown_name_check(registry: Registry, kind: Kind, default: str | None = None, key: str = "name"):
+    """A before-validator: bare names to mappings, a missing ``key`` (the selector) to ``default``
+    (else an error), unknown names to a did-you-mean error."""
 
     def check(value: Any) -> Any:
-        value = _as_mapping(value)
+        value = _as_mapping(value) if key == "name" else value
         names = ", ".join(registry.names(kind)) or "(none)"
         if not isinstance(value, dict):
-            message = "{kind} must be a name or a mapping of `name` and parameters; available: {names}"
-            raise PydanticCustomError("strategy_form", message, {"kind": kind, "names": names})
-        if "name" not in value:
+            message = "{kind} must be a name or a mapping of `{key}` and parameters; available: {names}"
+            raise PydanticCustomError("strategy_form", message, {"kind": kind, "key": key, "names": names})
+        if key not in value:
             if default is None:
-                message = "a {kind} needs a `name`; available: {names}"
-                raise PydanticCustomError("missing_name", message, {"kind": kind, "names": names})
-            value = {"name": default, **value}  # e.g. `--set objective.tau=0.5` with no objective key
-        name = str(value["name"])  # a str, so that a list or mapping given as name cannot break the lookup
+                message = "a {kind} needs a `{key}`; available: {names}"
+                raise PydanticCustomError("missing_name", message, {"kind": kind, "key": key, "names": names})
+            value = {key: default, **value}  # e.g. `--set objective.tau=0.5` with no objective key
+        name = str(value[key])  # a str, so that a list or mapping given as name cannot break the lookup
         if name not in registry.entries[kind]:
             try:
                 registry.get(kind, name)
@@ -513,9 +574,13 @@ def config_model(registry: Registry) -> type[MFTConfigBase]:
             raise PydanticCustomError("mitigations_fit", "{problems}", {"problems": "; ".join(problems)})
         return self
 
+    default_format = "completion" if "completion" in registry.entries["format"] else None  # raw text, as the paper
+    entry = Annotated[_dataset_union(registry), BeforeValidator(_unknown_name_check(registry, "format", default_format, "type"))]
     return create_model(
         "MFTConfig",
         __base__=strategies_model(registry, MFTConfigBase),
+        datasets=(list[entry], Field(min_length=1)),  # type: ignore[valid-type]
+        test_datasets=(list[entry] | None, None),  # type: ignore[valid-type]
         __validators__={
             "axolotl_adapter_keys": model_validator(mode="before")(classmethod(axolotl_adapter_keys)),
             "mitigations_fit": model_validator(mode="after")(mitigations_fit),

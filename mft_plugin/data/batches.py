@@ -20,7 +20,7 @@ does too.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,10 +42,22 @@ ROUTING_COLUMNS: dict[str, str] = {  # column -> what it tells the loss (int per
 }
 
 
-def model_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+POSITIONS = "position_ids"
+
+
+def model_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """The keyword arguments of a model forward: every key of ``batch`` but the labels and the
-    routing columns. Student, teacher and evaluation all call the model with exactly these."""
-    return {key: value for key, value in batch.items() if key != LABELS and key not in ROUTING_COLUMNS}
+    routing columns. Student, teacher and evaluation all call the model with exactly these.
+
+    A packed batch (``position_ids`` and no ``attention_mask``, :class:`PaddingCollator`) also runs
+    with ``use_cache=False``: transformers (``masking_utils``) turns restarting position ids into a
+    block-diagonal mask only when neither an attention mask nor a KV cache is given, and a model whose
+    config says ``use_cache: true`` would otherwise make a cache and let records attend to each other.
+    """
+    inputs: dict[str, Any] = {key: value for key, value in batch.items() if key != LABELS and key not in ROUTING_COLUMNS}
+    if POSITIONS in inputs and "attention_mask" not in inputs:
+        inputs["use_cache"] = False
+    return inputs
 
 
 @dataclass(frozen=True)
@@ -64,43 +76,63 @@ class RowRouting:
 
 @dataclass(frozen=True)
 class PaddingCollator:
-    """Pads blocks to the longest in the batch; padding is masked and never a label.
+    """Pads rows to the longest in the batch (or to ``pad_to``, ``pad_to_sequence_len``); padding is
+    never a label.
 
-    ``labels`` are the input ids, unshifted (Hugging Face convention); the trainer shifts them.
-    Integer columns other than ``input_ids`` (e.g. a replay flag) are passed through as tensors.
+    A row's ``labels`` (unshifted, Hugging Face convention; the trainer shifts them) default to its
+    input ids. Rows with ``position_ids`` are packed records (``mft_plugin.data.packing``): their batch
+    carries ``position_ids`` and no ``attention_mask`` (see :func:`model_inputs`), and each row's
+    padding is one more block with positions restarting at 0, which nothing else attends to. Other
+    integer columns (e.g. a replay flag) are passed through as tensors.
     """
 
     pad_token_id: int
+    pad_to: int | None = None
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        width = max(len(f["input_ids"]) for f in features)
+        width = max([len(f["input_ids"]) for f in features] + [self.pad_to or 0])
+        packed = any(f.get(POSITIONS) is not None for f in features)
         input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(features), width), dtype=torch.long)
+        labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+        lengths = torch.tensor([len(f["input_ids"]) for f in features])
+        positions = torch.arange(width).repeat(len(features), 1) - lengths[:, None]  # padding: 0, 1, ...
         for row, feature in enumerate(features):
-            ids = torch.as_tensor(feature["input_ids"], dtype=torch.long)
-            input_ids[row, : len(ids)] = ids
-            attention_mask[row, : len(ids)] = 1
-        batch = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX),
-        }
-        for key in features[0].keys() - {"input_ids"}:
+            n = len(feature["input_ids"])
+            input_ids[row, :n] = torch.as_tensor(feature["input_ids"], dtype=torch.long)
+            labels[row, :n] = torch.as_tensor(feature.get(LABELS) or feature["input_ids"], dtype=torch.long)
+            given = feature.get(POSITIONS)
+            positions[row, :n] = torch.as_tensor(given, dtype=torch.long) if given is not None else torch.arange(n)
+        batch = {"input_ids": input_ids, LABELS: labels}
+        if packed:
+            batch[POSITIONS] = positions
+        else:
+            batch["attention_mask"] = (torch.arange(width)[None, :] < lengths[:, None]).long()
+        for key in features[0].keys() - {"input_ids", LABELS, POSITIONS}:
             batch[key] = torch.as_tensor([f[key] for f in features])
         return batch
 
 
 class MicroBatchSampler(Sampler[int]):
-    """Row indices with whole micro-batches (consecutive ``micro_batch_size`` rows) shuffled."""
+    """Row indices in whole micro-batches (consecutive ``micro_batch_size`` rows), a new order each epoch.
 
-    def __init__(self, num_rows: int, micro_batch_size: int, seed: int) -> None:
-        if num_rows % micro_batch_size:
+    Without ``compose``, the rows are laid out as micro-batches already and the micro-batches are
+    shuffled. With it, ``compose(epoch)`` gives the epoch's row order (whole micro-batches, e.g. a
+    replay mitigation's fresh draw of general rows, ``Mitigation.epoch_order``), and the dataset may
+    hold more rows than one epoch uses.
+    """
+
+    def __init__(
+        self, num_rows: int, micro_batch_size: int, seed: int, compose: Callable[[int], list[int]] | None = None
+    ) -> None:
+        rows = len(compose(0)) if compose is not None else num_rows
+        if rows % micro_batch_size:
             raise ValueError(
-                f"a composed training set has {num_rows} rows, not a multiple of micro_batch_size {micro_batch_size}"
+                f"a composed training set has {rows} rows per epoch, not a multiple of micro_batch_size {micro_batch_size}"
             )
         self.micro_batch_size = micro_batch_size
-        self.num_batches = num_rows // micro_batch_size
+        self.num_batches = rows // micro_batch_size
         self.seed = seed
+        self.compose = compose
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -108,6 +140,9 @@ class MicroBatchSampler(Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
+        if self.compose is not None:
+            yield from self.compose(self.epoch)
+            return
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         for batch in torch.randperm(self.num_batches, generator=generator).tolist():
             yield from range(batch * self.micro_batch_size, (batch + 1) * self.micro_batch_size)

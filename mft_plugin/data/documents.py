@@ -1,77 +1,142 @@
-"""Datasets: load documents with ``datasets``, tokenize, and pack them into ``sequence_len`` blocks.
+"""Records: read every record of a ``datasets:`` entry, naming bad data by file and record.
 
-As in the paper (Section 3.1), documents are concatenated, each tokenized with the tokenizer's
-own special tokens (e.g. a leading BOS) and followed by its end-of-sequence token, and cut into
-fixed-length blocks; each map batch's remainder is kept as
-one shorter block (padded by the collator) so that a corpus shorter than one block still trains.
+Local files are read here rather than through ``datasets.load_dataset``, so that a bad record is
+reported as ``file:line`` (JSON Lines, csv) or ``file: record N`` (json, parquet) with what is wrong,
+never as a pyarrow traceback: a malformed JSON line, bytes that are not UTF-8, a ragged csv row, an
+unreadable parquet file, an empty folder or a folder mixing file types each stop the run before any
+model is loaded. Only hub names go through ``load_dataset`` (and fail with one message offline).
+Turning records into tokens is the data format's job (``mft_plugin.strategy.DataFormat``).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+import csv
+import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset, concatenate_datasets, load_dataset
-from transformers import PreTrainedTokenizerBase
+from mft_plugin.config.schema import DATA_SUFFIXES, DatasetSource
 
-from mft_plugin.config.errors import ConfigError
-from mft_plugin.config.schema import DATA_SUFFIXES, DatasetConfig
-
-PACK_BATCH_DOCUMENTS = 1000
+Record = tuple[str, dict[str, Any]]  # (where, record): "file:line" or "file: record N", and the record
 
 
-def load_documents(spec: DatasetConfig) -> Dataset:
-    """One ``datasets:`` entry as a Dataset with a single ``text`` column (one row per document)."""
+class DataError(ValueError):
+    """Bad data, named by its file and record; reported as a message, without a traceback."""
+
+
+def read_records(spec: DatasetSource) -> Iterator[Record]:
+    """Every record of one ``datasets:`` entry, each with where it comes from."""
     local = Path(spec.path).expanduser()
+    if not (local.is_file() or local.is_dir()):
+        yield from _hub_records(spec)
+        return
+    if spec.split != "train":
+        raise DataError(f"{spec.path}: split {spec.split!r}: a local file or folder has only the split 'train'")
+    for file in _local_files(local, spec):
+        yield from _file_records(file, spec.ds_type or DATA_SUFFIXES.get(file.suffix, "text"))
+
+
+def _local_files(local: Path, spec: DatasetSource) -> list[Path]:
+    """The file itself, or the data files of a folder (``data_files`` relative to it, if given)."""
     if local.is_file():
-        builder = spec.ds_type or DATA_SUFFIXES.get(local.suffix, "text")
-        documents = load_dataset(builder, data_files=str(local), split=spec.split)
-    else:  # a local folder or a hub dataset name
-        documents = load_dataset(spec.path, name=spec.name, data_files=spec.data_files, split=spec.split)
-    if spec.field not in documents.column_names:
-        raise ValueError(
-            f"datasets: {spec.path}: field {spec.field!r} not found; columns: {', '.join(documents.column_names)}"
+        return [local]
+    if spec.data_files:
+        names = [spec.data_files] if isinstance(spec.data_files, str) else spec.data_files
+        return [local / name for name in names]
+    files = sorted(p for p in local.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES and not p.name.startswith("."))
+    if not files:
+        raise DataError(f"{local}: no data files in this folder (looked for {', '.join(sorted(DATA_SUFFIXES))})")
+    kinds = sorted({DATA_SUFFIXES[p.suffix] for p in files})
+    if len(kinds) > 1 and spec.ds_type is None:
+        raise DataError(
+            f"{local}: the folder mixes file types ({', '.join(kinds)}); keep one type per folder, "
+            "or list the files to read in data_files"
         )
-    documents = documents.select_columns([spec.field])
-    return documents.rename_column(spec.field, "text") if spec.field != "text" else documents
+    return files
 
 
-def load_all_documents(specs: Sequence[DatasetConfig]) -> Dataset:
-    return concatenate_datasets([load_documents(spec) for spec in specs])
+def _file_records(file: Path, builder: str) -> Iterator[Record]:
+    try:
+        data = file.read_bytes()
+    except OSError as error:
+        raise DataError(f"{file}: cannot be read: {error.strerror or error}") from None
+    if builder == "parquet":
+        yield from _parquet_records(file)
+        return
+    text = _utf8(file, data)
+    if builder == "json":
+        yield from _json_records(file, text)
+    elif builder == "csv":
+        yield from _csv_records(file, text)
+    else:  # text: one record per line, as datasets' text builder reads it
+        for number, line in enumerate(text.splitlines(), start=1):
+            yield f"{file}:{number}", {"text": line}
 
 
-def pack_documents(documents: Dataset, tokenizer: PreTrainedTokenizerBase, sequence_len: int) -> Dataset:
-    """Tokenize, append EOS to every document, concatenate and cut into ``sequence_len`` blocks."""
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos_token; packing needs one to separate documents")
-    eos = tokenizer.eos_token_id
-
-    def pack(batch: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
-        encoded = tokenizer(batch["text"], verbose=False)["input_ids"]  # with the tokenizer's own BOS etc.
-        stream = [token for ids in encoded if ids for token in (ids if ids[-1] == eos else [*ids, eos])]
-        blocks = [stream[i : i + sequence_len] for i in range(0, len(stream), sequence_len)]
-        return {"input_ids": [block for block in blocks if len(block) >= 2]}
-
-    return documents.map(
-        pack,
-        batched=True,
-        batch_size=PACK_BATCH_DOCUMENTS,
-        remove_columns=documents.column_names,
-        desc=f"Tokenizing and packing into {sequence_len}-token blocks",
-    )
+def _utf8(file: Path, data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise DataError(f"{file}:{line}: not UTF-8 text (byte 0x{data[error.start]:02x}); re-encode the file as UTF-8") from None
 
 
-def split_documents(documents: Dataset, val_set_size: float, seed: int) -> tuple[Dataset, Dataset | None]:
-    """Hold out documents (Axolotl's ``val_set_size``: a fraction below 1, else a count)."""
-    if val_set_size <= 0:
-        return documents, None
-    test_size = val_set_size if val_set_size < 1 else int(val_set_size)
-    if (math.ceil(test_size * len(documents)) if test_size < 1 else test_size) >= len(documents):  # datasets' count
-        raise ConfigError([
-            f"val_set_size: {val_set_size:g} would hold out every one of the {len(documents)} training documents; "
-            "use a smaller count or fraction, or give test_datasets"
-        ])
-    parts = documents.train_test_split(test_size=test_size, seed=seed, shuffle=True)
-    return parts["train"], parts["test"]
+def _json_records(file: Path, text: str) -> Iterator[Record]:
+    """A JSON array of objects (``file: record N``), else JSON Lines (``file:line``)."""
+    if file.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{file}:{error.lineno}: not valid JSON: {error.msg}") from None
+        for number, record in enumerate(records, start=1):
+            yield _object(f"{file}: record {number}", record)
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{file}:{number}: not valid JSON: {error.msg} (column {error.colno})") from None
+        yield _object(f"{file}:{number}", record)
+
+
+def _object(where: str, record: Any) -> Record:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: a record must be a JSON object of fields, got {type(record).__name__}")
+    return where, record
+
+
+def _csv_records(file: Path, text: str) -> Iterator[Record]:
+    reader = csv.reader(text.splitlines())
+    header = next(reader, None)
+    if not header:
+        raise DataError(f"{file}: empty csv (no header row)")
+    for row in reader:
+        if len(row) != len(header):
+            raise DataError(f"{file}:{reader.line_num}: {len(row)} fields, but the header has {len(header)} ({', '.join(header)})")
+        yield f"{file}:{reader.line_num}", dict(zip(header, row))
+
+
+def _parquet_records(file: Path) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(file)
+    except Exception as error:  # pyarrow raises several types for a damaged file
+        raise DataError(f"{file}: unreadable parquet file: {str(error).splitlines()[0]}") from None
+    for number, record in enumerate(table.to_pylist(), start=1):
+        yield f"{file}: record {number}", record
+
+
+def _hub_records(spec: DatasetSource) -> Iterator[Record]:
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(spec.path, name=spec.name, data_files=spec.data_files, split=spec.split)
+    except Exception as error:  # offline, unknown name, ...: one message, not the hub client's traceback
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        raise DataError(f"{spec.path}: not a local file or folder, and loading it as a hub dataset failed: {reason}") from None
+    for number, record in enumerate(dataset, start=1):
+        yield f"{spec.path}: record {number}", record

@@ -7,7 +7,10 @@ through these helpers, so that "which tokens count" is decided once.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
 
@@ -28,3 +31,21 @@ def shift_for_causal_lm(labels: torch.Tensor) -> torch.Tensor:
     ``[batch, seq]`` -> ``[batch, seq]``, the last position ignored.
     """
     return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def tokenize_segments(
+    tokenizer: PreTrainedTokenizerBase, segments: Sequence[tuple[str, bool]], train_on_inputs: bool
+) -> dict[str, list[int]]:
+    """``input_ids`` and ``labels`` of text segments, each tokenized on its own (no special tokens
+    added; a segment includes them as text) and labelled if its flag or ``train_on_inputs`` says so.
+
+    Axolotl's prompt strategies build a record this way (``input_output``; ``alpaca``'s prompt and
+    response), so token boundaries fall where the segments meet.
+    """
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for text, trained in segments:
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        input_ids += ids
+        labels += ids if trained or train_on_inputs else [IGNORE_INDEX] * len(ids)
+    return {"input_ids": input_ids, "labels": labels}

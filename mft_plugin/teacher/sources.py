@@ -46,7 +46,9 @@ class Teacher(Protocol):
 
 def _picked(batch: Batch, rows: torch.Tensor | None) -> dict[str, torch.Tensor]:
     inputs = model_inputs(batch)
-    return inputs if rows is None else {key: value[rows] for key, value in inputs.items()}
+    if rows is None:
+        return inputs
+    return {key: value[rows] if isinstance(value, torch.Tensor) else value for key, value in inputs.items()}  # use_cache
 
 
 @torch.no_grad()

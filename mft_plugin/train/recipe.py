@@ -19,7 +19,8 @@ from transformers import PreTrainedModel, TrainingArguments, set_seed
 
 from mft_plugin.config.schema import MFTConfigBase
 from mft_plugin.data.batches import PaddingCollator
-from mft_plugin.data.documents import load_all_documents, pack_documents, split_documents
+from mft_plugin.data.packing import lay_out, split_records
+from mft_plugin.data.prepared import TRAIN, prepared_datasets, prepared_key
 from mft_plugin.eval.metrics import GENERAL, SPEC
 from mft_plugin.files import atomic_write_text
 from mft_plugin.loss.chunked import select_loss_impl
@@ -70,15 +71,24 @@ def build_strategies(config: MFTConfigBase, registry: Registry) -> tuple[Objecti
 
 
 def build_datasets(config: MFTConfigBase, context: RecipeContext) -> tuple[Dataset, dict[str, Dataset]]:
-    """Packed training blocks and the evaluation sets (``spec`` and ``general`` when configured)."""
-    documents, held_out = split_documents(load_all_documents(config.datasets), config.val_set_size, config.seed)
-    if config.test_datasets:
-        held_out = load_all_documents(config.test_datasets)
-    pack = lambda docs: pack_documents(docs, context.tokenizer, config.sequence_len)  # noqa: E731
-    eval_sets = {SPEC: pack(held_out)} if held_out is not None else {}
-    if config.general_eval_datasets:
-        eval_sets[GENERAL] = context.packed_blocks(config.general_eval_datasets)
-    return pack(documents), eval_sets
+    """Training rows and the evaluation sets: ``spec`` in the format (and masking) of its entries,
+    ``general`` raw text, as the paper measures it (Sec. 3.1). Cached in ``dataset_prepared_path``."""
+
+    def build() -> dict[str, Dataset]:
+        records, held_out = split_records(context.records(config.datasets), config.val_set_size, config.seed)
+        if config.test_datasets:
+            held_out = context.records(config.test_datasets)
+        eval_packing = config.sample_packing if config.eval_sample_packing is None else config.eval_sample_packing
+        built = {TRAIN: lay_out(records, config.sequence_len, config.sample_packing)}
+        if held_out is not None:
+            held_out_name = "test_datasets" if config.test_datasets else "val_set_size"
+            built[SPEC] = lay_out(held_out, config.sequence_len, eval_packing, held_out_name)
+        if config.general_eval_datasets:
+            built[GENERAL] = context.packed_blocks(config.general_eval_datasets)
+        return built
+
+    datasets = prepared_datasets(config.dataset_prepared_path, prepared_key(config), build)
+    return datasets.pop(TRAIN), datasets
 
 
 def _sampling_argument(group_by_length: bool) -> dict[str, Any]:
@@ -194,18 +204,19 @@ def _run(config: MFTConfigBase, registry: Registry) -> dict[str, Any]:
 
     tokenizer = load_tokenizer(config)
     engine = Engine.from_config(config)
-    context = RecipeContext(config=config, tokenizer=tokenizer, output_dir=output_dir)
+    context = RecipeContext(config=config, tokenizer=tokenizer, output_dir=output_dir, registry=registry)
     train_blocks, eval_sets = build_datasets(config, context)
     for mitigation in mitigations:  # 1. data stage
         train_blocks = mitigation.prepare_data(train_blocks, context)
 
     # Before any weights load: under DeepSpeed ZeRO-3 from_pretrained then partitions them as they load.
-    args = training_arguments(config, len(train_blocks), evaluate=SPEC in eval_sets, engine=engine)
+    epoch_rows = next((len(order) for m in mitigations if (order := m.epoch_order(0)) is not None), len(train_blocks))
+    args = training_arguments(config, epoch_rows, evaluate=SPEC in eval_sets, engine=engine)
     model: PreTrainedModel = load_model(config)
     for mitigation in mitigations:  # 2. model stage
         model = mitigation.prepare_model(model, context)
     chunked_loss = select_loss_impl(config, objective, model)  # loss_impl; fails here if it cannot apply
-    collator = PaddingCollator(tokenizer.pad_token_id)
+    collator = PaddingCollator(tokenizer.pad_token_id, config.sequence_len if config.pad_to_sequence_len else None)
     make_teacher = lambda: build_teacher(objective.needs_teacher, model, lambda: load_frozen_teacher(config))  # noqa: E731
     if config.teacher_cache is not None and objective.needs_teacher:  # p^T read from disk: no teacher model in memory
         teacher, train_blocks = cached_teacher(config, train_blocks, make_teacher, collator, args)

@@ -85,7 +85,8 @@ class MFTTrainer(Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if REPLAY_COLUMN in getattr(dataset, "column_names", ()):
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-            return MicroBatchSampler(len(dataset), self.args.per_device_train_batch_size, seed)
+            compose = next((m.epoch_order for m in self.mitigations if m.epoch_order(0) is not None), None)
+            return MicroBatchSampler(len(dataset), self.args.per_device_train_batch_size, seed, compose)
         return super()._get_train_sampler(train_dataset)
 
     def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:

@@ -6,10 +6,12 @@ Sec. 3.3 and Table 7 vary the share of new data nu (``ratio``); nu = 1 is plain 
 The proportion is exact in every micro-batch, not on average: with k = ratio * micro_batch_size
 new rows per micro-batch (validated to be a whole number), the training set is laid out as
 micro-batches of k specialized rows followed by micro_batch_size - k general rows, and the core
-shuffles whole micro-batches (``mft_plugin.data.batches``), also per rank and under gradient
-accumulation. One epoch is one pass over the specialized data (the last micro-batch is topped up
-from the start of the shuffled specialized rows); the general rows are drawn without replacement
-from a seeded shuffle of the general data, and cycled (with a log line) when an epoch needs more.
+keeps whole micro-batches (``mft_plugin.data.batches``), also per rank and under gradient
+accumulation. One epoch is one pass over the specialized data, in a new order each epoch (the last
+micro-batch is topped up from the start of the shuffled specialized rows). The general rows are one
+seeded stream of shuffles of the general data that every epoch continues (:meth:`epoch_order`), so
+each epoch replays general rows the previous ones have not, until all have been seen; an epoch that
+needs more rows than the general data has cycles them (with a log line).
 Replay rows train on the plain FT loss by default (they are pre-training text, not corrections
 of the teacher); ``replay_loss: objective`` gives them the objective's loss instead.
 """
@@ -47,23 +49,24 @@ def new_rows_per_batch(ratio: float, micro_batch_size: int) -> int | None:
     return k if k >= 1 and math.isclose(ratio * micro_batch_size, k, abs_tol=1e-9) else None
 
 
-def shuffled_stream(size: int, count: int, seed: int) -> list[int]:
-    """``count`` indices of ``range(size)``: seeded shuffles of it, one after the other."""
+def shuffled_stream(size: int, start: int, count: int, seed: int) -> list[int]:
+    """Items ``start .. start + count`` of an endless stream of seeded shuffles of ``range(size)``."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
     stream: list[int] = []
-    while len(stream) < count:
+    while len(stream) < start + count:
         stream += torch.randperm(size, generator=generator).tolist()
-    return stream[:count]
+    return stream[start : start + count]
 
 
-def composed_order(num_new: int, num_general: int, k: int, micro_batch_size: int, seed: int) -> list[int]:
-    """Row order over ``new + general`` (general rows offset by ``num_new``): micro-batches of k
-    new rows then ``micro_batch_size - k`` general ones, covering every new row once."""
+def composed_order(num_new: int, num_general: int, k: int, micro_batch_size: int, seed: int, epoch: int = 0) -> list[int]:
+    """Row order over ``new + general`` (general rows offset by ``num_new``) for one epoch: micro-batches
+    of k new rows then ``micro_batch_size - k`` general ones, covering every new row once; the general
+    rows continue the stream where the previous epoch stopped."""
     batches, replay = math.ceil(num_new / k), micro_batch_size - k
-    new = shuffled_stream(num_new, batches * k, seed)
-    general = shuffled_stream(num_general, batches * replay, seed + 1)
+    new = shuffled_stream(num_new, 0, batches * k, seed + 2 * epoch)
+    general = shuffled_stream(num_general, epoch * batches * replay, batches * replay, seed + 1)
     order: list[int] = []
     for b in range(batches):
         order += new[b * k : (b + 1) * k] + [num_new + i for i in general[b * replay : (b + 1) * replay]]
@@ -73,6 +76,7 @@ def composed_order(num_new: int, num_general: int, k: int, micro_batch_size: int
 class ReplayMitigation(Mitigation):
     name = "replay"
     Params = ReplayParams
+    composition: tuple[int, int, int, int, int] | None = None  # (new rows, general rows, k, micro-batch, seed)
 
     @classmethod
     def config_problems(cls, params: ReplayParams, config: Any) -> list[str]:
@@ -88,18 +92,18 @@ class ReplayMitigation(Mitigation):
         return problems
 
     def prepare_data(self, train_dataset: Dataset, context: RunContext) -> Dataset:
-        from datasets import concatenate_datasets
-
+        """The specialized rows followed by every general row, flagged; :meth:`epoch_order` composes them."""
         from mft_plugin.data.batches import FT_LOSS_COLUMN, REPLAY_COLUMN
+        from mft_plugin.data.packing import concatenate_rows
 
         config = context.config
         k = new_rows_per_batch(self.params.ratio, config.micro_batch_size)
-        general = context.packed_blocks(self.params.datasets).select_columns(["input_ids"])
-        new = train_dataset.select_columns(["input_ids"])
+        general = context.packed_blocks(self.params.datasets)  # raw text, every token a label
+        new = train_dataset
         if len(new) == 0 or len(general) == 0:
             raise ValueError(f"replay: {'the training data' if len(new) == 0 else 'mitigations.replay.datasets'} is empty")
-        order = composed_order(len(new), len(general), k, config.micro_batch_size, config.seed)
-        needed = len(order) // config.micro_batch_size * (config.micro_batch_size - k)  # general rows per epoch
+        self.composition = (len(new), len(general), k, config.micro_batch_size, config.seed)
+        needed = len(self.epoch_order(0)) // config.micro_batch_size * (config.micro_batch_size - k)  # per epoch
         if needed > len(general):
             logger.warning(
                 "replay: an epoch needs %d general rows but mitigations.replay.datasets has %d blocks of %d tokens; "
@@ -110,4 +114,7 @@ class ReplayMitigation(Mitigation):
         new = new.add_column(REPLAY_COLUMN, [0] * len(new)).add_column(FT_LOSS_COLUMN, [0] * len(new))
         general = general.add_column(REPLAY_COLUMN, [1] * len(general))
         general = general.add_column(FT_LOSS_COLUMN, [flag_ft] * len(general))
-        return concatenate_datasets([new, general]).select(order)
+        return concatenate_rows(new, general)
+
+    def epoch_order(self, epoch: int) -> list[int] | None:
+        return composed_order(*self.composition, epoch=epoch) if self.composition is not None else None

@@ -1,0 +1,134 @@
+"""``chat_template``: conversations rendered with a chat template, the assistant's turns as labels
+(Axolotl's ``chat_template``, with its keys and defaults).
+
+A record holds a list of messages (``field_messages``, default ``messages``); each message's role and
+content are read through ``message_property_mappings`` and its role is normalised by ``roles`` (default:
+``human``/``user`` -> ``user``, ``gpt``/``assistant`` -> ``assistant``, ``system``, ``tool``). The
+conversation is rendered with the tokenizer's own template (``chat_template: tokenizer_default``), a
+named one (``chatml``), or ``chat_template: jinja`` with ``chat_template_jinja``. The content of turns
+whose role is in ``roles_to_train`` (default ``[assistant]``), or of every turn with
+``train_on_inputs``, is labelled; the EOS token that closes a turn (within 3 tokens, as Axolotl looks
+for it) is labelled as ``train_on_eos`` says: ``turn`` (default: after trained turns), ``all``,
+``last`` (the last one only) or ``none``.
+
+Where Axolotl finds a turn's tokens by rendering the conversation again with dummy content, we locate
+each turn's content in the rendered text and label the tokens that overlap it (character offsets of
+the fast tokenizer; a token that joins the template's space to the content's first word is labelled,
+as Axolotl's diff labels it): the same tokens for templates that write the content unchanged, and an
+error naming the record for a template that does not (instead of silently mislabelled turns).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field, model_validator
+
+from mft_plugin.strategy import DataFormat, RecordError, StrategyParams
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+NAMED_TEMPLATES = {"chatml": CHATML}  # Axolotl's names; others can be given with chat_template: jinja
+DEFAULT_ROLES = {"user": ["human", "user"], "assistant": ["gpt", "assistant"], "system": ["system"], "tool": ["tool"]}
+EOS_SEARCH = 3  # tokens after a turn's content in which its EOS is looked for (Axolotl's window)
+
+
+class ChatTemplateParams(StrategyParams):
+    field_messages: str = Field("messages", description="column holding the list of messages")
+    message_property_mappings: dict[str, str] = Field(
+        default_factory=lambda: {"role": "role", "content": "content"},
+        description="message key of each property the template reads (role, content)",
+    )
+    roles: dict[str, list[str]] | None = Field(None, description="template role -> the role names in the data that mean it")
+    roles_to_train: list[str] = Field(default_factory=lambda: ["assistant"], description="roles whose content is labelled")
+    train_on_eos: Literal["turn", "all", "last", "none"] = Field("turn", description="which turns' EOS tokens are labelled")
+    chat_template: Literal["tokenizer_default", "chatml", "jinja"] = Field(
+        "tokenizer_default", description="the tokenizer's own template, a named one, or jinja: chat_template_jinja"
+    )
+    chat_template_jinja: str | None = Field(None, description="the template itself, with chat_template: jinja")
+
+    @model_validator(mode="after")
+    def _jinja_given(self) -> ChatTemplateParams:
+        if (self.chat_template == "jinja") != (self.chat_template_jinja is not None):
+            raise ValueError("chat_template: jinja and chat_template_jinja go together: give both or neither")
+        return self
+
+
+class ChatTemplateFormat(DataFormat):
+    name = "chat_template"
+    Params = ChatTemplateParams
+    column_keys = ("field_messages",)
+
+    def template(self, tokenizer: PreTrainedTokenizerBase) -> str:
+        """The jinja template this entry selects; an error if the tokenizer has none of its own."""
+        if self.params.chat_template == "jinja":
+            return self.params.chat_template_jinja
+        if self.params.chat_template in NAMED_TEMPLATES:
+            return NAMED_TEMPLATES[self.params.chat_template]
+        if not getattr(tokenizer, "chat_template", None):
+            raise RecordError(
+                f"chat_template: tokenizer_default, but the tokenizer {tokenizer.name_or_path!r} has no chat template; "
+                f"choose one of {', '.join(NAMED_TEMPLATES)} or chat_template: jinja with chat_template_jinja"
+            )
+        return tokenizer.chat_template
+
+    def role_names(self) -> dict[str, str]:
+        """Role name in the data -> role name in the template (``roles``, or Axolotl's defaults)."""
+        return {source: role for role, sources in (self.params.roles or DEFAULT_ROLES).items() for source in sources}
+
+    def turns(self, record: Mapping[str, Any]) -> list[dict[str, str]]:
+        """The record's messages as ``{role, content}`` with template role names; errors name the message."""
+        field, mapping = self.params.field_messages, self.params.message_property_mappings
+        messages = record.get(field)
+        if not isinstance(messages, list):
+            state = "missing" if field not in record else f"a {type(messages).__name__}, not a list of messages"
+            raise RecordError(f"field {field!r} (field_messages) is {state}")
+        if not messages:
+            raise RecordError(f"field {field!r} is an empty conversation")
+        roles = self.role_names()
+        turns = []
+        for i, message in enumerate(messages):
+            role = message.get(mapping.get("role", "role")) if isinstance(message, dict) else None
+            content = message.get(mapping.get("content", "content")) if isinstance(message, dict) else None
+            if not isinstance(role, str) or not isinstance(content, str):
+                raise RecordError(f"{field}[{i}] needs a string role and content (message_property_mappings), got {message!r:.80}")
+            if role not in roles:
+                raise RecordError(f"{field}[{i}]: unknown role {role!r}; known: {', '.join(sorted(roles))} (map others with roles:)")
+            turns.append({"role": roles[role], "content": content})
+        return turns
+
+    def tokenize(
+        self, record: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, train_on_inputs: bool
+    ) -> dict[str, list[int]]:
+        from mft_plugin.data.labels import IGNORE_INDEX
+
+        turns = self.turns(record)
+        text = tokenizer.apply_chat_template(turns, tokenize=False, chat_template=self.template(tokenizer))
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        ids, spans = encoded["input_ids"], encoded["offset_mapping"]
+        labels = [IGNORE_INDEX] * len(ids)
+        trained_roles = {self.role_names().get(role, role) for role in self.params.roles_to_train}
+        cursor, eos_found = 0, []
+        for i, turn in enumerate(turns):
+            begin = text.find(turn["content"], cursor)
+            if begin < 0:
+                raise RecordError(f"{self.params.field_messages}[{i}]: the template does not write the content unchanged")
+            cursor = end = begin + len(turn["content"])
+            trained = train_on_inputs or turn["role"] in trained_roles
+            for t in [t for t, (start, stop) in enumerate(spans) if start < end and stop > begin] if trained else []:
+                labels[t] = ids[t]
+            after = next((t for t, (start, _) in enumerate(spans) if start >= end), len(ids))
+            eos = next((t for t in range(after, min(after + EOS_SEARCH + 1, len(ids))) if ids[t] == tokenizer.eos_token_id), None)
+            if eos is not None:
+                eos_found.append(eos)
+                if self.params.train_on_eos == "all" or (self.params.train_on_eos == "turn" and trained):
+                    labels[eos] = ids[eos]
+        if self.params.train_on_eos == "last" and eos_found:
+            labels[eos_found[-1]] = ids[eos_found[-1]]
+        return {"input_ids": ids, "labels": labels}

@@ -1,0 +1,87 @@
+"""Bad data, as ``mft-run`` reports it: one message naming the file and the record (the line for
+JSON Lines and csv), exit code 2, no traceback, before any model is loaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mft_plugin.cli import main
+from tests.tiny import write_yaml
+
+
+def jsonl(*records: Any) -> bytes:
+    return "".join(json.dumps(record) + "\n" for record in records).encode()
+
+
+def write_parquet(path: Path, column: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({column: ["Some text."]}), path)
+
+
+CASES: dict[str, tuple[dict[str, bytes], str, str]] = {  # name: (files, path, message after "bad data: ")
+    "malformed-jsonl": ({"d.jsonl": b'{"text": "ok"}\n{"text": "cut\n'}, "d.jsonl",
+                        "{d}/d.jsonl:2: not valid JSON: Unterminated string starting at (column 10)"),
+    "not-utf8": ({"d.jsonl": b'{"text": "ok"}\n\n{"text": "caf\xe9"}\n'}, "d.jsonl",
+                 "{d}/d.jsonl:3: not UTF-8 text (byte 0xe9); re-encode the file as UTF-8"),
+    "text-missing": ({"d.jsonl": jsonl({"text": "ok"}, {"body": "x"})}, "d.jsonl",
+                     "{d}/d.jsonl:2: field 'text' is missing (datasets type: completion)"),
+    "text-null": ({"d.jsonl": jsonl({"text": "ok"}, {"text": None})}, "d.jsonl",
+                  "{d}/d.jsonl:2: field 'text' is null (datasets type: completion)"),
+    "text-number": ({"d.jsonl": jsonl({"text": "ok"}, {"text": 42})}, "d.jsonl",
+                    "{d}/d.jsonl:2: field 'text' must be a string, got int '42' (datasets type: completion)"),
+    "text-list": ({"d.jsonl": jsonl({"text": "ok"}, {"text": ["a", "b"]})}, "d.jsonl",
+                  "{d}/d.jsonl:2: field 'text' must be a string, got list \"['a', 'b']\" (datasets type: completion)"),
+    "not-an-object": ({"d.json": b'[{"text": "ok"}, ["text"]]'}, "d.json",
+                      "{d}/d.json: record 2: a record must be a JSON object of fields, got list"),
+    "csv-without-field": ({"d.csv": b"body\nSome text.\n"}, "d.csv",
+                          "{d}/d.csv:2: field 'text' is missing (datasets type: completion)"),
+    "ragged-csv": ({"d.csv": b"text,id\nok,1\nnot ok,2,3\n"}, "d.csv",
+                   "{d}/d.csv:3: 3 fields, but the header has 2 (text, id)"),
+    "unreadable-parquet": ({"d.parquet": b"PAR1 this is not parquet"}, "d.parquet", "{d}/d.parquet: unreadable parquet file: "),
+    "parquet-without-field": ({}, "body.parquet", "{d}/body.parquet: record 1: field 'text' is missing (datasets type: completion)"),
+    "empty-folder": ({"folder/.keep": b""}, "folder",
+                     "{d}/folder: no data files in this folder (looked for .csv, .json, .jsonl, .parquet, .txt)"),
+    "mixed-folder": ({"folder/a.jsonl": jsonl({"text": "ok"}), "folder/b.csv": b"text\nok\n"}, "folder",
+                     "{d}/folder: the folder mixes file types (csv, json); keep one type per folder, "
+                     "or list the files to read in data_files"),
+    "only-empty-strings": ({"d.jsonl": jsonl({"text": ""}, {"text": "  "})}, "d.jsonl",
+                           "{d}/d.jsonl: none of its 2 records has a token to train on (empty texts?)"),
+    "hub-offline": ({}, "no-such-org/no-such-dataset",
+                    "no-such-org/no-such-dataset: not a local file or folder, and loading it as a hub dataset failed: "),
+    "chat-without-messages": ({"c.jsonl": jsonl({"messages": [{"role": "user", "content": "Hi"}]}, {"turns": []})},
+                              "c.jsonl", "{d}/c.jsonl:2: field 'messages' (field_messages) is missing "
+                              "(datasets type: chat_template)"),
+    "chat-unknown-role": ({"c.jsonl": jsonl({"messages": [{"role": "wizard", "content": "Hi"}]})}, "c.jsonl",
+                          "{d}/c.jsonl:1: messages[0]: unknown role 'wizard'"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_data_is_one_message_naming_file_and_record(
+    case: str, base_config: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files, path, expected = CASES[case]
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, content in files.items():
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        (data / name).write_bytes(content)
+    if case == "parquet-without-field":
+        write_parquet(data / "body.parquet", "body")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", True)
+    local = "/" not in path or case.startswith(("empty", "mixed"))
+    entry = {"path": str(data / path) if local else path, "type": "chat_template" if case.startswith("chat") else "completion"}
+    config = {key: value for key, value in base_config.items() if key not in ("test_datasets", "eval_steps")}
+    code = main([str(write_yaml(tmp_path / "config.yml", {**config, "datasets": [entry]}))])
+    captured = capsys.readouterr()
+    assert code == 2 and "Traceback" not in captured.err and captured.out == ""
+    (line,) = captured.err.splitlines()
+    assert line.startswith("bad data: " + expected.replace("{d}", str(data)))
+    assert not (Path(base_config["output_dir"]) / "model.safetensors").exists()
