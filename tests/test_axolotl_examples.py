@@ -240,12 +240,7 @@ def test_lora_target_linear_with_modules_is_their_union(base_config: dict[str, A
 # --- Axolotl's own examples ------------------------------------------------------------------------------------
 
 
-def _alpaca_registered() -> bool:
-    return "alpaca" in getattr(default_registry(), "entries", {}).get("format", {})
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _alpaca_registered(), reason="the alpaca data format and sample_packing (issue 14, part 1) have not landed")
 @pytest.mark.parametrize("name", COPIES)
 def test_axolotl_llama3_examples_validate_and_train(name: str, tmp_path: Path) -> None:
     """Axolotl's examples/llama-3 files, changed only as their header says, validate and train 2 steps."""
