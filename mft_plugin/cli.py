@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
@@ -51,6 +52,17 @@ def print_listing(registry: Registry) -> None:
         print(f"BROKEN      plugin {problem.distribution}: {problem.message}")
 
 
+def print_run_summary(output_dir: Path) -> None:
+    """A finished run in words (metrics.json keeps the numbers), with its table and plots beside it."""
+    from mft_plugin.report.results import load_run
+    from mft_plugin.report.summary import run_summary
+    from mft_plugin.report.tables import RESULTS_CSV, RESULTS_MD, write_report
+
+    written = write_report([output_dir], output_dir)
+    plots = [path for path in written if path.name not in (RESULTS_MD, RESULTS_CSV)]
+    print(run_summary(load_run(output_dir), plots))
+
+
 def main(argv: Sequence[str] | None = None, registry: Registry | None = None) -> int:
     """The console script; ``registry`` (default: the installed plugins) is for embedding and tests."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -79,6 +91,9 @@ def main(argv: Sequence[str] | None = None, registry: Registry | None = None) ->
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2
+    from mft_plugin.train.console import quiet_unused_libraries
+
+    quiet_unused_libraries([config])  # before preflight imports transformers (and, through it, them)
     try:
         from mft_plugin.train.preflight import preflight
 
@@ -109,15 +124,15 @@ def train(config: MFTConfigBase, registry: Registry) -> int:
     from mft_plugin.config.errors import ConfigError
     from mft_plugin.models.loading import ModelLoadError
     from mft_plugin.train.checkpoints import CheckpointError
-    from mft_plugin.train.launch import is_main_process
     from mft_plugin.data.documents import DataError
+    from mft_plugin.train.launch import is_main_process
     from mft_plugin.train.outputs import OutputDirError, describe_write_failure
     from mft_plugin.train.recipe import run
     from mft_plugin.train.safety import NonFiniteError
     from mft_plugin.train.signals import TrainingInterrupted
 
     try:
-        metrics = run(config, registry)
+        run(config, registry)
     except TrainingInterrupted as stopped:  # SIGINT/SIGTERM: a checkpoint was saved
         print(stopped, file=sys.stderr)
         return stopped.exit_code
@@ -137,9 +152,7 @@ def train(config: MFTConfigBase, registry: Registry) -> int:
         print(f"error: {message}", file=sys.stderr)
         return 1
     if is_main_process():
-        from mft_plugin.train.outputs import metrics_json
-
-        print(metrics_json(metrics), end="")
+        print_run_summary(Path(config.output_dir))
     return 0
 
 

@@ -45,7 +45,9 @@ from mft_plugin.config.errors import (
     validate_config,
 )
 from mft_plugin.files import atomic_write_text
-from mft_plugin.report.results import SWEEP_FILE
+from mft_plugin.report.results import SWEEP_FILE, load_run
+from mft_plugin.report.summary import run_summary
+from mft_plugin.train.console import quiet_unused_libraries
 from mft_plugin.train.outputs import load_base_perplexities, METRICS_FILE, save_base_perplexities
 
 if TYPE_CHECKING:
@@ -217,6 +219,7 @@ def run_sweep(sweep: Sweep, registry: Registry | None = None) -> dict[str, Excep
         _reuse_base_perplexities(run, runs)
         try:
             recipe.run(config_to_train(run), registry)
+            print(run_summary(load_run(run.output_dir)))  # the run in words; the table comes at the end
         except TrainingInterrupted:
             raise
         except Exception as error:  # noqa: BLE001 (recorded and reported at the end; the other runs go on)
@@ -265,6 +268,7 @@ def main(argv: Sequence[str], registry: Registry | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         sweep = plan_sweep(args.config, args.grid, args.overrides, registry)
+        quiet_unused_libraries([run.config for run in sweep.runs])  # before preflight imports transformers
         preflight_runs(sweep)
         if args.validate:
             check_finished(sweep, registry)

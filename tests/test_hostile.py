@@ -30,6 +30,7 @@ from mft_plugin.cli import main
 from mft_plugin.config.errors import MAX_CONFIG_BYTES, validate_config
 from mft_plugin.hookspecs import hookimpl
 from mft_plugin.registry import Registry, collect_strategies, load_entry_point_plugins, make_plugin_manager
+from mft_plugin.strategies import formats as builtin_formats
 from mft_plugin.strategies import mitigations as builtin_mitigations
 from mft_plugin.strategies import objectives as builtin_objectives
 from mft_plugin.strategies.mitigations.ewc import KEY, load_fisher, save_fisher
@@ -255,6 +256,7 @@ def registry_with(*plugins: tuple[str, object]) -> Registry:
     manager = make_plugin_manager()
     manager.register(builtin_objectives, name="mft-plugin")
     manager.register(builtin_mitigations, name="mft-plugin-mitigations")
+    manager.register(builtin_formats, name="mft-plugin-formats")
     for name, plugin in plugins:
         manager.register(plugin, name=name)
     return collect_strategies(manager)

@@ -180,7 +180,7 @@ def test_an_interrupted_sweep_finishes_the_rest_when_run_again(
     assert trained == ABLATION_RUNS[1:] and base_cached == [True, True]
     assert (first.stat().st_mtime_ns, first.read_text()) == (first_written, first_metrics)  # untouched
     rows = [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
-    assert rows[2:] == ["| ft", "| distill_ft", "| mft"]  # after the header and its rule
+    assert rows[2:] == ["| ft", "| distill_ft", "| mft (tau 0.25)"]  # after the header and its rule
     assert json.loads((folder / SWEEP_FILE).read_text()) == {"runs": ABLATION_RUNS}
     for name in ABLATION_RUNS:
         metrics = json.loads((folder / name / METRICS_FILE).read_text())
@@ -199,7 +199,12 @@ def test_a_failed_run_does_not_stop_the_others(
     assert trained == ABLATION_RUNS
     captured = capsys.readouterr()
     assert "run objective=distill_ft failed: RuntimeError: diverged" in captured.err
-    assert [line.split(" | ")[0] for line in captured.out.splitlines()[2:4]] == ["| ft", "| mft"]
+    table = [line.split(" | ")[0] for line in captured.out.splitlines() if line.startswith("| ")]
+    assert table[2:] == ["| ft", "| mft (tau 0.25)"]
+    # each finished run in words before the table; none for the failed one
+    assert [line for line in captured.out.splitlines() if line.startswith("Trained: ")] == [
+        "Trained: objective ft; mitigations: none.", "Trained: objective mft (tau 0.25); mitigations: none.",
+    ]  # fmt: skip
 
 
 def test_a_finished_run_with_another_config_is_refused(

@@ -10,6 +10,7 @@ Turning records into tokens is the data format's job (``mft_plugin.strategy.Data
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 from collections.abc import Iterator
@@ -130,11 +131,30 @@ def _parquet_records(file: Path) -> Iterator[Record]:
         yield f"{file}: record {number}", record
 
 
+@contextlib.contextmanager
+def no_split_generation_bars() -> Iterator[None]:
+    """datasets draws a "Generating train split" bar for every data file it reads: one line per file
+    saying nothing the tokenizing bar does not. Hidden while loading (errors still raise, warnings
+    still log); left alone when the user has turned datasets' bars off (or on, by its env variable)."""
+    import datasets
+    from datasets.utils import are_progress_bars_disabled
+
+    if are_progress_bars_disabled() or datasets.config.HF_DATASETS_DISABLE_PROGRESS_BARS is False:
+        yield
+        return
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.enable_progress_bars()
+
+
 def _hub_records(spec: DatasetSource) -> Iterator[Record]:
     from datasets import load_dataset
 
     try:
-        dataset = load_dataset(spec.path, name=spec.name, data_files=spec.data_files, split=spec.split)
+        with no_split_generation_bars():
+            dataset = load_dataset(spec.path, name=spec.name, data_files=spec.data_files, split=spec.split)
     except Exception as error:  # offline, unknown name, ...: one message, not the hub client's traceback
         reason = (str(error).splitlines() or [type(error).__name__])[0]
         raise DataError(f"{spec.path}: not a local file or folder, and loading it as a hub dataset failed: {reason}") from None

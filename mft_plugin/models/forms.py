@@ -27,3 +27,14 @@ def is_quantized(model: torch.nn.Module) -> bool:
 def has_adapters(model: torch.nn.Module) -> bool:
     """A peft model whose adapters can be disabled to recover the base."""
     return callable(getattr(model, "disable_adapter", None)) and hasattr(model, "peft_config")
+
+
+def missing_untied_keys(model: torch.nn.Module, missing: list[str]) -> list[str]:
+    """The ``missing`` state-dict keys that really are missing: not a parameter tied to one that was loaded.
+
+    With tied embeddings (``tie_word_embeddings``) ``lm_head.weight`` *is* the input embedding, and
+    transformers saves it once, under the embedding's name; a checkpoint without it loses nothing.
+    """
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(tensor) for name, tensor in tensors.items() if name not in missing}
+    return [key for key in missing if key not in tensors or id(tensors[key]) not in loaded]

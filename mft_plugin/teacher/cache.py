@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from datasets import Dataset
+from tqdm.auto import tqdm
 from transformers import TrainingArguments
 
 from mft_plugin.config.schema import MFTConfigBase
@@ -171,7 +172,7 @@ def write_cache(
             name: np.lib.format.open_memmap(temporary / f"{name}.npy", mode="w+", dtype=dtype, shape=shapes[ranked])
             for name, (dtype, ranked) in FIELDS.items()
         }
-        for start in range(0, len(blocks), BUILD_BATCH_ROWS):
+        for start in tqdm(range(0, len(blocks), BUILD_BATCH_ROWS), desc="Building the teacher cache (batches)"):
             batch = collator([blocks[i] for i in range(start, min(start + BUILD_BATCH_ROWS, len(blocks)))])
             batch = {key: value.to(device) for key, value in batch.items()}
             _write_batch(arrays, start, teacher.targets(batch), shift_for_causal_lm(batch["labels"]), k)

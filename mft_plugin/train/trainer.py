@@ -13,7 +13,9 @@ from typing import Any
 
 import torch
 from datasets import Dataset
+from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ProgressCallback
 
 from mft_plugin.data.batches import REPLAY_COLUMN, MicroBatchSampler, model_inputs
 from mft_plugin.data.labels import shift_for_causal_lm
@@ -21,7 +23,7 @@ from mft_plugin.eval.metrics import paper_metrics, perplexity
 from mft_plugin.loss.chunked import ChunkedLoss
 from mft_plugin.loss.corrected import masked_mean
 from mft_plugin.loss.plain import plain_token_losses
-from mft_plugin.models.forms import has_adapters
+from mft_plugin.models.forms import has_adapters, missing_untied_keys
 from mft_plugin.strategy import Mitigation, Objective
 from mft_plugin.teacher.sources import Teacher
 from mft_plugin.train.budget import Budget, BudgetStop
@@ -59,6 +61,8 @@ class MFTTrainer(Trainer):
         self.budget = budget or Budget()
         if self.budget.active:
             self.add_callback(BudgetStop(self.budget))
+        if self.pop_callback(ProgressCallback) is not None:  # the Trainer's bar, named
+            self.add_callback(_TrainingBar())
 
     def compute_loss(
         self,
@@ -121,9 +125,15 @@ class MFTTrainer(Trainer):
         switched off; without adapters, call it before training.
         """
         switched_off = self.model.disable_adapter() if base and has_adapters(self.model) else contextlib.nullcontext()
+        phase = "Base model perplexity" if base else "Evaluating perplexity"
+        hidden = self.args.disable_tqdm or not self.is_local_process_zero()
         with switched_off:
             return {
-                name: perplexity(self.model, self.get_eval_dataloader(dataset), self.accelerator)
+                name: perplexity(
+                    self.model,
+                    tqdm(self.get_eval_dataloader(dataset), desc=f"{phase} ({name})", leave=base, disable=hidden),
+                    self.accelerator,
+                )
                 for name, dataset in self.eval_sets.items()
             }
 
@@ -144,6 +154,12 @@ class MFTTrainer(Trainer):
         else:
             self.base_perplexities = self.perplexities(base=True)
             on_measured(self.base_perplexities)
+
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        """The Trainer's warnings after loading a checkpoint, without the tied LM head: with tied
+        embeddings the checkpoint holds ``lm_head.weight`` once, as the embedding, so it is not missing."""
+        missing = missing_untied_keys(self.model, list(load_result.missing_keys))
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
 
     def _determine_best_metric(self, metrics: dict[str, float], trial: Any) -> bool:
         """The Trainer's best-checkpoint bookkeeping (least ``eval_spec_ppl``), blind to evaluations
@@ -168,6 +184,15 @@ class MFTTrainer(Trainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+
+class _TrainingBar(ProgressCallback):
+    """The Trainer's progress bar, named after what it counts, like the other phases' bars."""
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            self.training_bar = tqdm(total=state.max_steps, dynamic_ncols=True, desc="Training (steps)")
+        self.current_step = 0
 
 
 class _BaseAtTrainBegin(TrainerCallback):
