@@ -81,6 +81,7 @@ def test_valid_config(tmp_path: Path, train_file: Path, corpora: dict[str, Path]
         ("objective: ft", "ft", None),
         ("objective: {name: distill_ft}", "distill_ft", None),
         ("mitigations: []", "mft", 0.25),  # no objective key: MFT with the paper's tau
+        ("objective:", "mft", 0.25),  # left empty: the default, as every empty key in Axolotl
     ],
 )
 def test_objective_forms_and_defaults(
@@ -140,7 +141,7 @@ def test_unknown_strategy_lists_the_available_ones(tmp_path: Path, train_file: P
     assert problem.endswith("did you mean 'mft'?")
 
 
-@pytest.mark.parametrize("value", ["5", "[mft]", "null"])
+@pytest.mark.parametrize("value", ["5", "[mft]"])
 def test_objective_must_be_a_name_or_a_mapping(tmp_path: Path, train_file: Path, value: str) -> None:
     path = write(tmp_path, minimal(train_file, f"objective: {value}"))
     assert problems(path) == [
@@ -318,3 +319,100 @@ def test_schema_errors_come_before_any_model_loading(tmp_path: Path, train_file:
         "invalid config:",
         f"  {path}:5: lerning_rate: unknown key; did you mean 'learning_rate'?",
     ]
+
+
+# ---------------------------------------------------------------- Axolotl's keys (README "Axolotl's keys")
+
+EXAMPLE_KEYS = Path(__file__).parent / "axolotl_examples" / "example_keys.txt"
+DATA_SIDE = {"chat_template", "eot_tokens", "train_on_inputs", "sample_packing", "eval_sample_packing", "pad_to_sequence_len"}
+
+
+def test_every_key_of_axolotls_examples_is_implemented_or_refused() -> None:
+    from mft_plugin.config.adapters import AXOLOTL_FLAGS, AXOLOTL_LORA_KEYS
+    from mft_plugin.config.axolotl_keys import REFUSED
+    from mft_plugin.config.schema import MFTConfigBase
+
+    fields = {field.alias or name for name, field in MFTConfigBase.model_fields.items()}
+    adapter_keys = {"adapter", *AXOLOTL_LORA_KEYS, *AXOLOTL_FLAGS}
+    keys = [line for line in EXAMPLE_KEYS.read_text().splitlines() if line and not line.startswith("#")]
+    assert len(keys) > 200  # the inventory of Axolotl 0.19's examples
+    implemented = (fields - set(REFUSED)) | adapter_keys
+    assert [key for key in keys if key not in implemented | set(REFUSED) | DATA_SIDE] == []
+    assert not implemented & set(REFUSED)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("liger_rms_norm: true", "true is not supported: a CUDA-only kernel (Triton/CUDA)"),
+        ("xformers_attention: true", "true is not supported: xformers is a CUDA-only attention patch"),
+        ("local_rank: 0", "0 is not supported: set by the launcher (LOCAL_RANK), not by the YAML (Axolotl key; allowed here: empty)"),
+        ("save_safetensors: false", "weights are always saved as safetensors (Axolotl key; allowed here: empty or true)"),
+        ("model_config: {rope_scaling: 2}", "the model's config.json is used as saved"),
+        ("rl: dpo", "'dpo' is not supported: a preference/RL or reward-model trainer"),
+    ],
+)
+def test_refused_axolotl_keys_say_why(tmp_path: Path, train_file: Path, line: str, message: str) -> None:
+    path = write(tmp_path, minimal(train_file) + line + "\n")
+    (problem,) = problems(path)
+    assert problem.startswith(f"{path}:5: {line.split(':')[0]}: ") and message in problem
+
+
+def test_refused_keys_with_their_off_value_ask_for_nothing(tmp_path: Path, train_file: Path) -> None:
+    off = "liger_rms_norm: false\nxformers_attention:\nlocal_rank:\nsave_safetensors: true\nstrict: false\ndebug:\n"
+    config = load_config(write(tmp_path, minimal(train_file) + off))
+    assert not {"liger_rms_norm", "local_rank", "save_safetensors", "debug"} & set(config.model_dump())
+
+
+def test_empty_keys_take_the_default(tmp_path: Path, train_file: Path) -> None:
+    """Axolotl's examples leave keys empty to mean "default": ``adapter:`` empty is full finetuning."""
+    empty = "adapter:\nlora_model_dir:\nfp16:\nwandb_project:\nwandb_entity:\nwandb_watch:\nresume_from_checkpoint:\nseed:\n"
+    config = load_config(write(tmp_path, minimal(train_file) + empty))
+    assert config.mitigations == [] and config.fp16 is None and config.seed == 42 and config.wandb_entity is None
+
+
+def test_lora_target_linear_joins_lora_target_modules(tmp_path: Path, train_file: Path) -> None:
+    lines = "adapter: lora\nlora_target_linear: true\nlora_target_modules: [embed_tokens]\nlora_fan_in_fan_out: false\n"
+    (lora,) = load_config(write(tmp_path, minimal(train_file) + lines)).mitigations
+    assert (lora.target_modules, lora.fan_in_fan_out) == (["all-linear", "embed_tokens"], False)
+
+
+def test_qlora_defaults_are_axolotls(tmp_path: Path, train_file: Path) -> None:
+    config = load_config(write(tmp_path, minimal(train_file) + "adapter: qlora\nload_in_4bit: true\n"))
+    assert config.bnb_4bit_use_double_quant is True and config.bnb_4bit_compute_dtype is None  # None: the model's dtype
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        ("evals_per_epoch: 4\n", ":5: evals_per_epoch: needs a specialized validation set"),
+        ("val_set_size: 0.1\neval_steps: 2\nevals_per_epoch: 4\n", ":7: evals_per_epoch: eval_steps sets the interval too"),
+        ("val_set_size: 0.1\nevals_per_epoch: 4\nsaves_per_epoch: 3\n", ":7: saves_per_epoch: 3 must divide evals_per_epoch (4)"),
+        ("early_stopping_patience: 2\n", ":5: early_stopping_patience: needs a specialized validation set"),
+        ("loss_watchdog_patience: 3\n", ":5: loss_watchdog_patience: needs loss_watchdog_threshold"),
+        ("wandb_entity: team\n", ":5: wandb_entity: read only when reporting to wandb; set wandb_project"),
+        ("attn_implementation: sdpa\nflash_attention: true\n", ":6: flash_attention: attn_implementation chooses"),
+        ("bf16: true\nfp16: true\n", "bf16 and fp16 cannot both be true"),
+        ("model_type: AutoModelForSequenceClassification\n", "is not a causal LM class"),
+        ("wandb_project: p\nwandb_watch: everything\n", "wandb_watch: Input should be 'false', 'gradients', 'parameters' or 'all'"),
+    ],
+)
+def test_axolotl_keys_that_pair_with_others(tmp_path: Path, train_file: Path, lines: str, message: str) -> None:
+    (problem,) = problems(write(tmp_path, minimal(train_file) + lines))
+    assert message in problem
+
+
+def test_axolotl_precision_and_attention_keys(tmp_path: Path, train_file: Path) -> None:
+    lines = "bf16: auto\nfp16:\ntf32: false\nflash_attention: true\nwandb_project: p\nwandb_watch: false\n"
+    config = load_config(write(tmp_path, minimal(train_file) + lines))
+    assert (config.bf16, config.fp16, config.tf32, config.attention) == ("auto", None, False, "flash_attention_2")
+    assert config.wandb_watch == "false" and config.reports_to_wandb
+
+
+def test_strict_limits_overrides_to_the_yamls_keys(tmp_path: Path, train_file: Path) -> None:
+    path = write(tmp_path, minimal(train_file) + "strict: true\nseed: 1\n")
+    assert load_config(path, ["seed=2"]).seed == 2
+    assert problems(path, ["learning_rate=0.1"]) == [
+        f"--set learning_rate: {path} has strict: true, so --set may only change its keys"
+    ]
+    assert load_config(write(tmp_path, minimal(train_file) + "strict: false\n"), ["learning_rate=0.1"]).learning_rate == 0.1

@@ -34,7 +34,7 @@ def test_axolotl_keys_become_the_lora_mitigation(base_config: dict[str, Any]) ->
     config = validate_config({**base_config, **axolotl})
     assert spec(config) == {
         "name": "lora", "r": 4, "lora_alpha": 32.0, "lora_dropout": 0.1, "target_modules": "all-linear",
-        "modules_to_save": None, "use_dora": False,
+        "modules_to_save": None, "use_dora": False, "fan_in_fan_out": False, "lora_model_dir": None,
     }  # fmt: skip
     assert "adapter" not in config.model_dump()  # one spelling in the resolved config
     resolved = validate_config(config.model_dump(mode="json"))  # a run's config.yml validates again
@@ -56,7 +56,6 @@ def test_peft_use_dora_selects_dora_and_qlora_needs_4bit(base_config: dict[str, 
         ({"lora_r": 8}, "lora_r is an Axolotl adapter key and needs `adapter: lora`"),
         ({"adapter": "qlora"}, "adapter: qlora needs load_in_4bit: true"),
         ({"adapter": "ia3"}, "adapter: 'ia3' is not one of: lora, qlora"),
-        ({"adapter": "lora", "lora_target_linear": True, "lora_target_modules": ["q_proj"]}, "keep one"),
         ({"load_in_4bit": True}, "load_in_4bit: a quantized base trains only through an adapter"),
         ({"load_in_4bit": True, "load_in_8bit": True, "mitigations": ["lora"]}, "cannot both be true"),
         ({"teacher": {"load_in_4bit": True}, "mitigations": ["lora"]}, "teacher: with the 'lora' adapter"),

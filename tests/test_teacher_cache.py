@@ -156,6 +156,8 @@ def test_the_key_changes_with_top_k_data_and_teacher_precision(base_config: dict
     assert key != cache_key(cache_config(base_config, tmp_path, top_k=8), blocks(seed=1))
     cheap = validate_config({**base_config, "teacher": {"dtype": "bfloat16"}, "teacher_cache": {"top_k": 8}})
     assert key != cache_key(cheap, blocks())
+    grown = {**base_config, "special_tokens": {"pad_token": "<|pad|>"}}  # the teacher's vocabulary grows
+    assert key != cache_key(cache_config(grown, tmp_path, top_k=8), blocks())
 
 
 @pytest.mark.slow

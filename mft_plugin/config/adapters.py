@@ -30,9 +30,12 @@ AXOLOTL_LORA_KEYS = {
     "lora_dropout": "lora_dropout",
     "lora_target_modules": "target_modules",
     "lora_modules_to_save": "modules_to_save",
+    "lora_fan_in_fan_out": "fan_in_fan_out",
+    "lora_model_dir": "lora_model_dir",
 }
 AXOLOTL_ADAPTERS = {"lora": "lora", "qlora": "lora"}  # `adapter:` value -> mitigation name
 AXOLOTL_FLAGS = ("lora_target_linear", "peft_use_dora")
+ALL_LINEAR = "all-linear"  # peft's name for every linear layer but the output head
 
 
 class QuantizationKeys(BaseModel):
@@ -43,10 +46,10 @@ class QuantizationKeys(BaseModel):
     load_in_4bit: bool = Field(False, description="4-bit (NF4/FP4) base weights; train through an adapter (QLoRA)")
     load_in_8bit: bool = Field(False, description="8-bit (LLM.int8) base weights; train through an adapter")
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
-    bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="dtype of the 4-bit matmuls (bfloat16 is faster on GPUs; CPUs take float32 or bfloat16)"
+    bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="dtype of the 4-bit matmuls; empty: the model's compute dtype, as in Axolotl (bf16/fp16 or float32)"
     )
-    bnb_4bit_use_double_quant: bool = Field(False, description="quantize the quantization constants too (~0.4 bit/weight)")
+    bnb_4bit_use_double_quant: bool = Field(True, description="quantize the quantization constants too (~0.4 bit/weight; Axolotl's default)")
 
     @model_validator(mode="after")
     def _one_width(self) -> QuantizationKeys:
@@ -85,18 +88,21 @@ def adapter_from_axolotl_keys(data: Any, adapter_names: set[str]) -> Any:
     """``data`` with Axolotl's top-level adapter keys rewritten into a ``mitigations`` entry.
 
     ``adapter: lora`` (or ``qlora``, which also needs ``load_in_4bit``) selects ``lora``, or
-    ``dora`` with ``peft_use_dora: true``; ``lora_target_linear: true`` is peft's ``"all-linear"``.
+    ``dora`` with ``peft_use_dora: true``; ``lora_target_linear: true`` is peft's ``"all-linear"``, joined
+    with ``lora_target_modules`` when both are given (Axolotl takes their union). An empty ``adapter:``
+    is full finetuning.
     ``adapter_names`` are the registered mitigations of the adapter group, for the conflict check.
     """
     if not isinstance(data, dict):
         return data
-    given = [key for key in (*AXOLOTL_LORA_KEYS, *AXOLOTL_FLAGS) if key in data]
-    if "adapter" not in data:
+    axolotl_keys = ("adapter", *AXOLOTL_LORA_KEYS, *AXOLOTL_FLAGS)  # empty (or a flag false): not given
+    data = {key: value for key, value in data.items() if not (key in axolotl_keys and value in (None, False) and (value is None or key in AXOLOTL_FLAGS))}
+    given = [key for key in axolotl_keys[1:] if key in data]
+    if "adapter" not in data:  # absent or left empty: full finetuning (Axolotl)
         if given:
             message = "{key} is an Axolotl adapter key and needs `adapter: lora` (or write the mitigation: {hint})"
             raise PydanticCustomError("adapter_key", message, {"key": given[0], "hint": "mitigations: [{name: lora, r: 8}]"})
         return data
-    data = dict(data)
     adapter = data.pop("adapter")
     if adapter not in AXOLOTL_ADAPTERS:
         message = "adapter: {value} is not one of: lora, qlora (IA3 is `mitigations: [ia3]`)"
@@ -105,11 +111,9 @@ def adapter_from_axolotl_keys(data: Any, adapter_names: set[str]) -> Any:
         raise PydanticCustomError("adapter", "adapter: qlora needs load_in_4bit: true (QLoRA is LoRA on a 4-bit base)")
     name = "dora" if data.pop("peft_use_dora", False) else AXOLOTL_ADAPTERS[adapter]
     entry = {"name": name, **{param: data.pop(key) for key, param in AXOLOTL_LORA_KEYS.items() if key in data}}
-    if data.pop("lora_target_linear", False):
-        if "target_modules" in entry:
-            message = "lora_target_linear: true and lora_target_modules both choose the target modules; keep one"
-            raise PydanticCustomError("adapter_key", message)
-        entry["target_modules"] = "all-linear"
+    if data.pop("lora_target_linear", False):  # every linear layer, plus the named ones (Axolotl's union)
+        named = entry.get("target_modules") or []
+        entry["target_modules"] = [ALL_LINEAR, *([named] if isinstance(named, str) else named)] if named else ALL_LINEAR
     chosen = [other for other in _entry_names(data.get("mitigations")) if other in adapter_names]
     if chosen:
         message = "adapter: {adapter} and mitigations: {other} both choose an adapter; keep one of them"

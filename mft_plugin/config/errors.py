@@ -310,8 +310,11 @@ def load_config(
         raise ConfigError([f"{path}: config file not found"])
     data, root = read_yaml(path)
     overridden = set()
+    strict = data.get("strict") is True  # Axolotl's rule: overrides may only change keys the YAML gives
     for text in overrides or []:
         key_path, value = parse_override(text)
+        if strict and key_path[0] not in data:
+            raise ConfigError([f"--set {'.'.join(key_path)}: {path} has strict: true, so --set may only change its keys"])
         apply_override(data, key_path, value)
         overridden.add(".".join(key_path))
     return validate_config(data, registry, str(path), root, overridden)

@@ -32,6 +32,7 @@ from mft_plugin.config.adapters import (
     adapter_from_axolotl_keys,
     adapter_problems,
 )
+from mft_plugin.config.axolotl_keys import RefusedAxolotlKeys
 from mft_plugin.config.engines import FSDPConfig
 from mft_plugin.config.loss import LossImpl, TeacherCacheConfig, loss_impl_problem
 from mft_plugin.registry import Kind, Registry, UnknownStrategyError
@@ -140,11 +141,32 @@ class DatasetConfig(DatasetSource):
         return field
 
 
-class MFTConfigBase(StrictModel, QuantizationKeys):
+class SpecialTokens(StrictModel):
+    """``special_tokens:``, Axolotl's tokenizer roles; a token new to the tokenizer is added and the
+    embeddings (student and teacher alike) grow to the tokenizer's length."""
+
+    bos_token: str | None = None
+    eos_token: str | None = None
+    pad_token: str | None = None
+    unk_token: str | None = None
+    additional_special_tokens: list[str] | None = None
+
+
+class CheckpointingKwargs(StrictModel):
+    """``gradient_checkpointing_kwargs:``, passed to ``torch.utils.checkpoint`` by transformers."""
+
+    use_reentrant: bool | None = None
+
+
+ATTENTION_FLAGS = {"flash_attention": "flash_attention_2", "sdp_attention": "sdpa", "eager_attention": "eager", "flex_attention": "flex_attention"}
+
+
+class MFTConfigBase(StrictModel, QuantizationKeys, RefusedAxolotlKeys):
     """Everything but the strategy unions, which :func:`config_model` adds from the registry.
 
     The base's bitsandbytes keys (``load_in_4bit``, ...) come from :class:`QuantizationKeys`;
-    Axolotl's ``adapter``/``lora_*`` keys are rewritten into a mitigation (``adapter_config``).
+    Axolotl's ``adapter``/``lora_*`` keys are rewritten into a mitigation (``adapter_config``);
+    Axolotl keys that do not apply are refused with their reason (:mod:`mft_plugin.config.axolotl_keys`).
     """
 
     # model and tokenizer
@@ -152,6 +174,14 @@ class MFTConfigBase(StrictModel, QuantizationKeys):
     tokenizer_config: str | None = Field(None, description="tokenizer location if not base_model's")
     tokenizer_type: str = Field("AutoTokenizer", description="transformers tokenizer class name")
     trust_remote_code: bool = False
+    model_type: str = Field("AutoModelForCausalLM", description="transformers class name of the model (a ...ForCausalLM)")
+    special_tokens: SpecialTokens | None = None
+    tokens: list[str] | None = Field(None, description="new (non-special) tokens to add to the tokenizer; embeddings grow")
+    attn_implementation: str | None = Field(None, description="transformers attention: eager, sdpa, flex_attention, flash_attention_2, ...")
+    flash_attention: bool | None = Field(None, description="Axolotl's spelling of attn_implementation: flash_attention_2")
+    sdp_attention: bool | None = Field(None, description="Axolotl's spelling of attn_implementation: sdpa")
+    eager_attention: bool | None = Field(None, description="Axolotl's spelling of attn_implementation: eager")
+    flex_attention: bool | None = Field(None, description="Axolotl's spelling of attn_implementation: flex_attention")
     teacher: TeacherConfig | None = Field(None, description="full finetuning: hold the frozen teacher quantized or in a lower dtype")
     merge_adapter: bool = Field(False, description="also save the adapter merged into the base, as a plain model in output_dir/merged")
 
@@ -182,9 +212,16 @@ class MFTConfigBase(StrictModel, QuantizationKeys):
     optimizer: str = Field("adamw_torch", description="a transformers OptimizerNames value (checked by preflight)")
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, ge=0.0)
-    bf16: bool = False
-    fp16: bool = False
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    adam_epsilon: float = Field(1e-8, gt=0.0)
+    bf16: bool | Literal["auto"] = Field(False, description="auto: bf16 on a GPU that has it, else fp16 unless fp16: false (Axolotl)")
+    fp16: bool | None = Field(None, description="empty: false, unless bf16: auto finds no bf16 GPU (Axolotl)")
+    tf32: bool | None = Field(None, description="TF32 matmuls on Ampere+ CUDA GPUs; empty: transformers' default")
     gradient_checkpointing: bool = False
+    gradient_checkpointing_kwargs: CheckpointingKwargs | None = None
+    group_by_length: bool = Field(False, description="batch training rows of similar length together (transformers' sampler)")
+    ddp_find_unused_parameters: bool | None = None
     seed: int = Field(42, ge=0, le=2**32 - 1, description="numpy's seed range")
     dataloader_num_workers: int = Field(0, ge=0)
     skip_nonfinite_batches: bool = Field(
@@ -206,11 +243,22 @@ class MFTConfigBase(StrictModel, QuantizationKeys):
     resume_from_checkpoint: bool | str | None = None
     logging_steps: int = Field(10, ge=1)
     eval_steps: int | None = Field(None, ge=1)
+    evals_per_epoch: int | None = Field(None, ge=1, description="instead of eval_steps: evaluations per epoch (Axolotl)")
     save_steps: int | None = Field(None, ge=1)
+    saves_per_epoch: int | None = Field(None, ge=1, description="instead of save_steps; must divide evals_per_epoch when evaluating")
     save_total_limit: int | None = Field(None, ge=1)
+    early_stopping_patience: int | None = Field(None, ge=1, description="stop after this many evaluations without a better spec perplexity")
+    loss_watchdog_threshold: float | None = Field(None, description="stop when the logged loss exceeds this ...")
+    loss_watchdog_patience: int | None = Field(None, ge=1, description="... this many logged steps in a row (default 3)")
+    strict: bool = Field(False, description="--set may only change keys that the YAML gives (Axolotl's CLI rule)")
+    use_wandb: bool | None = Field(None, description="report to wandb (implied by wandb_project)")
     wandb_project: str | None = None
     wandb_entity: str | None = None
     wandb_name: str | None = None
+    wandb_run_id: str | None = None
+    wandb_mode: Literal["online", "offline", "disabled"] | None = None
+    wandb_watch: Literal["false", "gradients", "parameters", "all"] | None = None
+    wandb_log_model: Literal["false", "checkpoint", "end"] | None = None
     use_tensorboard: bool = False
 
     # the degeneralization budget (paper Sec. 2; mft_plugin.train.budget), fractions as logged
@@ -234,9 +282,71 @@ class MFTConfigBase(StrictModel, QuantizationKeys):
             raise PydanticCustomError("budget_unmeasured", message, {"limit": limit})
         return limit
 
+    @field_validator("wandb_watch", "wandb_log_model", mode="before")
+    @classmethod
+    def _yaml_false(cls, value: Any) -> Any:
+        """``wandb_watch: false`` is read by YAML as a boolean; wandb reads the string."""
+        return "false" if value is False else value
+
+    @field_validator("model_type")
+    @classmethod
+    def _causal_lm_class(cls, name: str) -> str:
+        if not name.endswith("ForCausalLM"):
+            message = "{name} is not a causal LM class; use AutoModelForCausalLM or a ...ForCausalLM class"
+            raise PydanticCustomError("model_type", message, {"name": repr(name)})
+        return name
+
+    @field_validator("evals_per_epoch", "saves_per_epoch")
+    @classmethod
+    def _per_epoch(cls, count: int | None, info: ValidationInfo) -> int | None:
+        """Axolotl's per-epoch intervals: instead of the step keys, and saves on evaluated steps."""
+        if count is None:
+            return count
+        steps = {"evals_per_epoch": "eval_steps", "saves_per_epoch": "save_steps"}[info.field_name]
+        evaluates = bool(info.data.get("test_datasets")) or info.data.get("val_set_size", 0) > 0
+        evals = info.data.get("evals_per_epoch")
+        if info.data.get(steps):
+            raise PydanticCustomError("per_epoch", "{steps} sets the interval too; keep one", {"steps": steps})
+        if info.field_name == "evals_per_epoch" and not evaluates:
+            raise PydanticCustomError("per_epoch", "needs a specialized validation set (test_datasets or val_set_size)")
+        if info.field_name == "saves_per_epoch" and evaluates and not (evals and evals % count == 0):
+            message = "{count} must divide evals_per_epoch ({evals}): the best checkpoint is chosen among evaluated saves"
+            raise PydanticCustomError("per_epoch", message, {"count": count, "evals": evals or "not set"})
+        return count
+
+    @field_validator("early_stopping_patience", "loss_watchdog_patience")
+    @classmethod
+    def _stop_is_watched(cls, patience: int | None, info: ValidationInfo) -> int | None:
+        """A patience whose stop could never fire is an error, not a no-op."""
+        if patience is None:
+            return patience
+        if info.field_name == "loss_watchdog_patience" and info.data.get("loss_watchdog_threshold") is None:
+            raise PydanticCustomError("patience", "needs loss_watchdog_threshold (the loss it watches for)")
+        if info.field_name == "early_stopping_patience" and not (info.data.get("test_datasets") or info.data.get("val_set_size")):
+            raise PydanticCustomError("patience", "needs a specialized validation set (test_datasets or val_set_size)")
+        return patience
+
+    @field_validator("wandb_entity", "wandb_run_id", "wandb_mode", "wandb_watch", "wandb_log_model")
+    @classmethod
+    def _wandb_is_on(cls, value: str | None, info: ValidationInfo) -> str | None:
+        use_wandb = info.data.get("use_wandb")
+        if value is not None and not (use_wandb if use_wandb is not None else info.data.get("wandb_project")):
+            message = "read only when reporting to wandb; set wandb_project (or use_wandb: true)"
+            raise PydanticCustomError("wandb", message)
+        return value
+
+    @field_validator(*ATTENTION_FLAGS)
+    @classmethod
+    def _one_attention(cls, flag: bool | None, info: ValidationInfo) -> bool | None:
+        chosen = [key for key in ("attn_implementation", *ATTENTION_FLAGS) if key != info.field_name and info.data.get(key)]
+        if flag and chosen:
+            message = "{other} chooses the attention implementation too; keep one"
+            raise PydanticCustomError("attention", message, {"other": chosen[0]})
+        return flag
+
     @model_validator(mode="after")
     def _consistent(self) -> MFTConfigBase:
-        if self.bf16 and self.fp16:
+        if self.bf16 is True and self.fp16:
             raise PydanticCustomError("precision", "bf16 and fp16 cannot both be true; choose one")
         if self.deepspeed and self.fsdp_enabled:
             raise PydanticCustomError("engine", "deepspeed and fsdp/fsdp_config cannot both be set; choose one engine")
@@ -271,6 +381,23 @@ class MFTConfigBase(StrictModel, QuantizationKeys):
         return path
 
     @property
+    def attention_choice(self) -> tuple[str, str] | None:
+        """The key that chose the attention implementation and that implementation (None: the model's default)."""
+        if self.attn_implementation:
+            return "attn_implementation", self.attn_implementation
+        return next(((key, impl) for key, impl in ATTENTION_FLAGS.items() if getattr(self, key)), None)
+
+    @property
+    def attention(self) -> str | None:
+        """The attention implementation asked for, under either spelling (None: the model's default)."""
+        return self.attention_choice[1] if self.attention_choice else None
+
+    @property
+    def reports_to_wandb(self) -> bool:
+        """Axolotl's rule: a wandb project turns wandb on; ``use_wandb`` decides when given."""
+        return self.use_wandb if self.use_wandb is not None else bool(self.wandb_project)
+
+    @property
     def fsdp_enabled(self) -> bool:
         """``fsdp: true``, or an ``fsdp_config`` block without ``fsdp: false`` (Axolotl's reading)."""
         return bool(self.fsdp) or (self.fsdp is None and self.fsdp_config is not None)
@@ -279,6 +406,15 @@ class MFTConfigBase(StrictModel, QuantizationKeys):
     def engine_name(self) -> Literal["ddp", "fsdp", "deepspeed"]:
         """The engine the keys select (``mft_plugin.train.engine.Engine``); ``ddp`` is also one process."""
         return "deepspeed" if self.deepspeed else "fsdp" if self.fsdp_enabled else "ddp"
+
+
+def empty_means_default(data: Any, fields: Any) -> Any:
+    """``data`` without the keys left empty (``key:`` with no value): as in Axolotl, they take the default.
+
+    Only keys of the schema; an unknown key stays, to be reported as one."""
+    if not isinstance(data, dict):
+        return data
+    return {key: value for key, value in data.items() if not (value is None and key in fields)}
 
 
 def _strategy_spec_model(kind: Kind, name: str, params: type[StrategyParams]) -> type[StrategyParams]:
@@ -425,7 +561,7 @@ def config_model(registry: Registry) -> type[MFTConfigBase]:
     adapter_names = {n for n, e in registry.entries["mitigation"].items() if e.cls.exclusive_group == ADAPTER_GROUP}
 
     def axolotl_adapter_keys(cls: type, data: Any) -> Any:
-        return adapter_from_axolotl_keys(data, adapter_names)
+        return adapter_from_axolotl_keys(empty_means_default(data, cls.model_fields), adapter_names)
 
     def mitigations_fit(self: MFTConfigBase) -> MFTConfigBase:
         """Each mitigation against the rest of the config, and the adapter-dependent keys."""

@@ -2,62 +2,127 @@
 
 Quantized loads (bitsandbytes, ``load_in_4bit``/``load_in_8bit``) serve two ends: the base under
 an adapter (QLoRA; the teacher is that same quantized base) and, for full finetuning, a cheap
-frozen teacher (``teacher:``). Also the merge of a trained adapter into a plain model.
+frozen teacher (``teacher:``). Tokens added by ``special_tokens``/``tokens`` grow the embeddings of
+every model loaded here the same way, so the frozen teacher is the student's starting point exactly.
+Also the merge of a trained adapter into a plain model.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import transformers
 from safetensors import SafetensorError
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+from tokenizers import AddedToken
+from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from mft_plugin.config.adapters import QuantizationKeys, TeacherConfig
 from mft_plugin.config.schema import MFTConfigBase
 
 
-def load_tokenizer(config: MFTConfigBase) -> PreTrainedTokenizerBase:
-    """The tokenizer named by ``tokenizer_config`` (default: ``base_model``), with a pad token."""
+def load_tokenizer(config: MFTConfigBase, with_added_tokens: bool = True) -> PreTrainedTokenizerBase:
+    """The tokenizer named by ``tokenizer_config`` (default: ``base_model``), with a pad token and,
+    unless told otherwise, the ``special_tokens`` and ``tokens`` the YAML adds (as Axolotl adds them)."""
     tokenizer_class = getattr(transformers, config.tokenizer_type, None)
     if tokenizer_class is None or not hasattr(tokenizer_class, "from_pretrained"):
         raise ValueError(f"tokenizer_type: {config.tokenizer_type!r} is not a transformers tokenizer class")
     tokenizer = tokenizer_class.from_pretrained(
         config.tokenizer_config or config.base_model, trust_remote_code=config.trust_remote_code
     )
+    if with_added_tokens:
+        add_configured_tokens(tokenizer, config)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out, so any id will do
     return tokenizer
 
 
-def quantization_config(keys: QuantizationKeys) -> BitsAndBytesConfig | None:
-    """The ``BitsAndBytesConfig`` the keys ask for, or None for full-precision weights."""
+def add_configured_tokens(tokenizer: PreTrainedTokenizerBase, config: MFTConfigBase) -> None:
+    """``special_tokens`` roles (new ones added, never split or normalized), then ``tokens``, then
+    ``additional_special_tokens``, in Axolotl's order (``axolotl.loaders.tokenizer``)."""
+    roles = config.special_tokens.model_dump(exclude_none=True) if config.special_tokens else {}
+    additional = roles.pop("additional_special_tokens", None)
+    for role, token in roles.items():
+        tokenizer.add_special_tokens({role: AddedToken(token, rstrip=False, lstrip=False, normalized=False)})
+    if config.tokens:
+        tokenizer.add_tokens([AddedToken(token, rstrip=False, lstrip=False, normalized=False) for token in config.tokens])
+    if additional:
+        tokenizer.add_special_tokens({"additional_special_tokens": additional})
+
+
+def mixed_precision(config: MFTConfigBase) -> Literal["bf16", "fp16"] | None:
+    """``bf16``/``fp16`` as Axolotl resolves them: ``bf16: auto`` is bf16 on a GPU that supports it;
+    otherwise fp16, unless ``fp16: false`` (``axolotl.utils.config.resolve_dtype``)."""
+    if config.bf16 == "auto":
+        if config.fp16:
+            return "fp16"
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return "bf16"
+        return None if config.fp16 is False else "fp16"
+    return "bf16" if config.bf16 else "fp16" if config.fp16 else None
+
+
+def compute_dtype(config: MFTConfigBase) -> torch.dtype:
+    """The dtype the model computes in: that of the mixed precision, else float32."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, None: torch.float32}[mixed_precision(config)]
+
+
+def quantization_config(keys: QuantizationKeys, model_dtype: torch.dtype = torch.float32) -> BitsAndBytesConfig | None:
+    """The ``BitsAndBytesConfig`` the keys ask for, or None for full-precision weights.
+
+    Unset, the 4-bit compute dtype is the model's (``model_dtype``), as Axolotl sets it."""
     if keys.load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
     if keys.load_in_4bit:
+        dtype = getattr(torch, keys.bnb_4bit_compute_dtype) if keys.bnb_4bit_compute_dtype else model_dtype
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=keys.bnb_4bit_quant_type,
-            bnb_4bit_compute_dtype=getattr(torch, keys.bnb_4bit_compute_dtype),
+            bnb_4bit_compute_dtype=dtype,
             bnb_4bit_use_double_quant=keys.bnb_4bit_use_double_quant,
         )
     return None
 
 
+def model_class(config: MFTConfigBase) -> Any:
+    """The transformers class ``model_type`` names (preflight checks that it exists)."""
+    return getattr(transformers, config.model_type)
+
+
 def load_model(config: MFTConfigBase, **overrides: Any) -> PreTrainedModel:
-    """The base causal LM as the student starts from it: quantized if the top-level keys say so."""
+    """The base causal LM as the student starts from it: quantized if the top-level keys say so,
+    with the attention implementation asked for and embeddings grown for added tokens."""
     # Weights load in float32 even for bf16/fp16 runs: those are mixed-precision compute (autocast).
     kwargs: dict[str, Any] = {"dtype": torch.float32, "trust_remote_code": config.trust_remote_code}
-    kwargs["quantization_config"] = quantization_config(config)
+    kwargs["quantization_config"] = quantization_config(config, compute_dtype(config))
+    if config.attention is not None:
+        kwargs["attn_implementation"] = config.attention
     kwargs.update(overrides)
     try:
-        model = AutoModelForCausalLM.from_pretrained(config.base_model, **kwargs)
+        model = model_class(config).from_pretrained(config.base_model, **kwargs)
     except (OSError, ValueError, RuntimeError, SafetensorError) as error:
         raise ModelLoadError(describe_load_error(config.base_model, error)) from error
     keep_4bit_layout_on_cpu(model)
+    grow_embeddings(model, config)
     return model
+
+
+def grow_embeddings(model: PreTrainedModel, config: MFTConfigBase) -> None:
+    """Embeddings (and an untied head) grown to the tokenizer's length when tokens were added.
+
+    transformers initializes the new rows from the old ones' mean and covariance, a random draw:
+    it is seeded with ``seed`` so that every load (student, frozen teacher, the base of a merge)
+    gets the same rows, and the teacher is exactly the student's starting point.
+    """
+    if not (config.special_tokens or config.tokens):
+        return
+    size = len(load_tokenizer(config))
+    if model.get_input_embeddings().num_embeddings >= size:
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model.resize_token_embeddings(size)
 
 
 class ModelLoadError(RuntimeError):
@@ -92,7 +157,8 @@ def load_frozen_teacher(config: MFTConfigBase) -> PreTrainedModel:
     the quantized/rounded model's distribution, not the float32 base's (README "Cheap teacher").
     """
     options = config.teacher or TeacherConfig()
-    return load_model(config, dtype=getattr(torch, options.dtype), quantization_config=quantization_config(options))
+    dtype = getattr(torch, options.dtype)
+    return load_model(config, dtype=dtype, quantization_config=quantization_config(options, dtype))
 
 
 def keep_4bit_layout_on_cpu(model: torch.nn.Module) -> None:

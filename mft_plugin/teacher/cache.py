@@ -118,12 +118,16 @@ def blocks_digest(blocks: Dataset) -> str:
 def cache_key(config: MFTConfigBase, blocks: Dataset) -> str:
     """What the cached outputs depend on: the base model's files, how the teacher is held, the data."""
     teacher = config.teacher.model_dump() if config.teacher is not None else None
-    quantization = {k: getattr(config, k) for k in ("load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type")}
+    bnb = ("load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype")
+    quantization = {k: getattr(config, k) for k in bnb}
+    grown = config.special_tokens or config.tokens  # added tokens: new embedding rows, drawn with the seed
+    added = {"special": config.special_tokens.model_dump() if config.special_tokens else None, "tokens": config.tokens}
     settings = {
         "format": FORMAT_VERSION,
         "top_k": config.teacher_cache.top_k,
         "teacher": teacher,
         "base_quantization": quantization,
+        "added_tokens": {**added, "seed": config.seed} if grown else None,
         "blocks": blocks_digest(blocks),
     }
     return fingerprint(config.base_model, settings=settings)

@@ -11,7 +11,11 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+import transformers
 from transformers import AutoConfig, PreTrainedTokenizerBase
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils.import_utils import is_flash_attn_2_available, is_torch_tf32_available
 from transformers.trainer_utils import SchedulerType
 from transformers.training_args import OptimizerNames
 
@@ -24,8 +28,54 @@ from mft_plugin.train.outputs import OutputDirError, prepare_output_dir
 logger = logging.getLogger(__name__)
 
 
+EMBEDDING_MODULES = ("embed_tokens", "lm_head")  # Llama, Mistral, Qwen, Gemma, Phi-3 spell them so
+
+
 def _one_of(key: str, value: str, allowed: list[str]) -> list[str]:
     return [] if value in allowed else [f"{key}: {value!r} is not one of: {', '.join(sorted(allowed))}"]
+
+
+def machine_problems(config: MFTConfigBase) -> list[str]:
+    """Keys asking for what this machine or the installed libraries lack: CUDA-only switches on a CPU."""
+    problems = []
+    if config.tf32 and not is_torch_tf32_available():
+        problems.append("tf32: true needs an Ampere or newer CUDA GPU (TF32 is a GPU matmul mode); set tf32: false")
+    key, attention = config.attention_choice or (None, None)
+    if attention is not None and attention != "eager" and attention not in ALL_ATTENTION_FUNCTIONS.valid_keys():
+        allowed = ", ".join(["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()])
+        problems.append(f"{key}: {attention!r} is not an attention implementation of transformers; one of: {allowed}")
+    elif attention is not None and attention.startswith("flash_attention") and not is_flash_attn_2_available():
+        problems.append(
+            f"{key}: {attention} needs a CUDA GPU and the flash-attn package, and this machine has "
+            f"{'no CUDA GPU' if not torch.cuda.is_available() else 'no flash-attn'}; use attn_implementation: sdpa"
+        )
+    if not hasattr(transformers, config.model_type):
+        problems.append(f"model_type: {config.model_type!r} is not a class of transformers {transformers.__version__}")
+    return problems
+
+
+def token_problems(config: MFTConfigBase, tokenizer: PreTrainedTokenizerBase, model_vocab: int | None) -> list[str]:
+    """The tokenizer against the model, before ``special_tokens``/``tokens`` grow the embeddings.
+
+    With an adapter, a new token other than padding would keep a random, frozen embedding: as in
+    Axolotl, the embeddings and the head must then be trained in full (``lora_modules_to_save``)."""
+    problems = []
+    if model_vocab is not None and len(tokenizer) > model_vocab:
+        problems.append(
+            f"tokenizer_config: the tokenizer has {len(tokenizer)} tokens but {config.base_model} embeds only "
+            f"{model_vocab}; use the model's own tokenizer (or resize the embeddings before finetuning)"
+        )
+    roles = config.special_tokens.model_dump(exclude_none=True) if config.special_tokens else {}
+    roles.pop("pad_token", None)  # padding is masked out of the loss: its embedding is never learned from
+    wanted = [t for v in roles.values() for t in (v if isinstance(v, list) else [v])] + list(config.tokens or [])
+    new = [token for token in wanted if token not in tokenizer.get_vocab()]
+    saved = [set(getattr(spec, "modules_to_save", None) or []) for spec in config.mitigations if hasattr(spec, "modules_to_save")]
+    if new and saved and not set(EMBEDDING_MODULES) <= saved[0]:
+        problems.append(
+            f"special_tokens: {', '.join(new)} would be new tokens with frozen random embeddings under the adapter; "
+            f"set lora_modules_to_save: [{', '.join(EMBEDDING_MODULES)}] to train them (as Axolotl requires)"
+        )
+    return problems
 
 
 def preflight(config: MFTConfigBase, source: str | None = None, overrides: Sequence[str] = ()) -> None:
@@ -37,6 +87,7 @@ def preflight(config: MFTConfigBase, source: str | None = None, overrides: Seque
     problems = _output_problems(config)
     problems += _one_of("lr_scheduler", config.lr_scheduler, [s.value for s in SchedulerType])
     problems += _one_of("optimizer", config.optimizer, [o.value for o in OptimizerNames])
+    problems += machine_problems(config)
     try:
         model_config = AutoConfig.from_pretrained(config.base_model, trust_remote_code=config.trust_remote_code)
     except (OSError, ValueError) as error:  # not a model folder (no config.json), nor a reachable hub name
@@ -49,18 +100,14 @@ def preflight(config: MFTConfigBase, source: str | None = None, overrides: Seque
             f"(max_position_embeddings of {config.base_model}); use at most {positions}"
         )
     try:
-        tokenizer = load_tokenizer(config)
+        tokenizer = load_tokenizer(config, with_added_tokens=False)
     except (OSError, ValueError) as error:  # an unknown tokenizer_type, a missing or broken tokenizer_config
         key = "tokenizer_type" if "tokenizer_type" in str(error) else "tokenizer_config" if config.tokenizer_config else "base_model"
         problems.append(f"{key}: cannot load the tokenizer: {_one_line(error)}")
         raise ConfigError(with_locations(problems, source, overrides)) from None
-    model_vocab = getattr(model_config, "vocab_size", None)
-    if model_vocab is not None and len(tokenizer) > model_vocab:
-        problems.append(
-            f"tokenizer_config: the tokenizer has {len(tokenizer)} tokens but {config.base_model} embeds only "
-            f"{model_vocab}; use the model's own tokenizer (or resize the embeddings before finetuning)"
-        )
-    elif config.tokenizer_config:
+    vocab_problems = token_problems(config, tokenizer, getattr(model_config, "vocab_size", None))
+    problems += vocab_problems
+    if not vocab_problems and config.tokenizer_config:
         _warn_if_other_vocabulary(config, tokenizer)
     if problems:
         raise ConfigError(with_locations(problems, source, overrides))
@@ -93,7 +140,7 @@ def _warn_if_other_vocabulary(config: MFTConfigBase, tokenizer: PreTrainedTokeni
     Such a tokenizer may fit the embedding size, yet every token would be read as another one.
     """
     try:
-        own = load_tokenizer(config.model_copy(update={"tokenizer_config": None}))
+        own = load_tokenizer(config.model_copy(update={"tokenizer_config": None}), with_added_tokens=False)
     except (OSError, ValueError):  # the model ships no tokenizer: nothing to compare with
         return
     if own.get_vocab() != tokenizer.get_vocab():

@@ -7,6 +7,7 @@ then (inside the Trainer's loss) their penalties.
 from __future__ import annotations
 
 import math
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,13 @@ from mft_plugin.data.prepared import TRAIN, prepared_datasets, prepared_key
 from mft_plugin.eval.metrics import GENERAL, SPEC
 from mft_plugin.files import atomic_write_text
 from mft_plugin.loss.chunked import select_loss_impl
-from mft_plugin.models.loading import load_frozen_teacher, load_model, load_tokenizer, save_merged_model
+from mft_plugin.models.loading import (
+    load_frozen_teacher,
+    load_model,
+    load_tokenizer,
+    mixed_precision,
+    save_merged_model,
+)
 from mft_plugin.registry import Registry, default_registry
 from mft_plugin.strategy import Mitigation, Objective
 from mft_plugin.teacher.cache import cached_teacher
@@ -44,6 +51,7 @@ from mft_plugin.train.outputs import (
 )
 from mft_plugin.train.safety import SKIPPED_KEY, check_finite_weights, skipped_steps
 from mft_plugin.train.signals import StopOnSignal, TrainingInterrupted
+from mft_plugin.train.stopping import stopping_callbacks
 from mft_plugin.train.trainer import MFTTrainer
 
 EVALUATIONS_PER_RUN = 10
@@ -83,15 +91,56 @@ def build_datasets(config: MFTConfigBase, context: RecipeContext) -> tuple[Datas
     return datasets.pop(TRAIN), datasets
 
 
+def _sampling_argument(group_by_length: bool) -> dict[str, Any]:
+    """``group_by_length`` as the installed transformers spells it (5.16 has the flag, later ones a strategy)."""
+    if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__:
+        return {"train_sampling_strategy": "group_by_length" if group_by_length else "random"}
+    return {"group_by_length": group_by_length}
+
+
+def wandb_environment(config: MFTConfigBase) -> dict[str, str]:
+    """Axolotl's ``wandb_*`` keys as the environment variables wandb and transformers' ``WandbCallback``
+    read (``WANDB_ENTITY``, ``WANDB_WATCH``, ``WANDB_LOG_MODEL``, ...; ``axolotl.utils.wandb_``)."""
+    keys = ("wandb_project", "wandb_entity", "wandb_name", "wandb_run_id", "wandb_mode", "wandb_watch", "wandb_log_model")
+    return {key.upper(): value for key in keys if (value := getattr(config, key))} if config.reports_to_wandb else {}
+
+
+def evaluation_intervals(config: MFTConfigBase, total_steps: int, evaluate: bool) -> tuple[int, int]:
+    """``eval_steps`` and ``save_steps``, from the step keys or Axolotl's per-epoch ones.
+
+    ``evals_per_epoch: n`` is Axolotl's fraction 1 / (n * num_epochs) of the run, which the Trainer
+    rounds up to whole steps. When evaluating, a save falls on every (evals / saves per epoch)-th
+    evaluation, since the best checkpoint is chosen among evaluated saves (the schema checks that one
+    divides the other); without evaluation, ``saves_per_epoch`` is Axolotl's fraction as well.
+    """
+    def per_epoch(count: int) -> int:
+        return min(total_steps, math.ceil(total_steps / (count * config.num_epochs)))
+
+    # save_steps alone: evaluate at each save, since the best checkpoint is chosen among evaluated ones
+    eval_steps = config.eval_steps or config.save_steps or max(1, total_steps // EVALUATIONS_PER_RUN)
+    if config.evals_per_epoch and evaluate:
+        eval_steps = per_epoch(config.evals_per_epoch)
+    save_steps = config.save_steps or eval_steps
+    if config.saves_per_epoch:
+        every = config.evals_per_epoch // config.saves_per_epoch if evaluate else None
+        save_steps = eval_steps * every if every else per_epoch(config.saves_per_epoch)
+    return eval_steps, save_steps
+
+
 def training_arguments(
     config: MFTConfigBase, train_blocks: int, evaluate: bool, engine: Engine | None = None
 ) -> TrainingArguments:
-    """Axolotl-style keys mapped onto ``TrainingArguments`` (best checkpoint by spec perplexity)."""
+    """Axolotl-style keys mapped onto ``TrainingArguments`` (best checkpoint by spec perplexity).
+
+    Also exports the ``wandb_*`` keys to the environment, where the Trainer's wandb reporting reads them.
+    """
     steps_per_epoch = math.ceil(math.ceil(train_blocks / config.micro_batch_size) / config.gradient_accumulation_steps)
     total_steps = config.max_steps or math.ceil(config.num_epochs * steps_per_epoch)
-    # save_steps alone: evaluate at each save, since the best checkpoint is chosen among evaluated ones
-    eval_steps = config.eval_steps or config.save_steps or max(1, total_steps // EVALUATIONS_PER_RUN)
-    report_to = (["wandb"] if config.wandb_project else []) + (["tensorboard"] if config.use_tensorboard else [])
+    eval_steps, save_steps = evaluation_intervals(config, total_steps, evaluate)
+    report_to = (["wandb"] if config.reports_to_wandb else []) + (["tensorboard"] if config.use_tensorboard else [])
+    os.environ.update(wandb_environment(config))
+    precision = mixed_precision(config)
+    checkpointing_kwargs = config.gradient_checkpointing_kwargs
     return TrainingArguments(
         output_dir=config.output_dir,
         per_device_train_batch_size=config.micro_batch_size,
@@ -103,24 +152,31 @@ def training_arguments(
         lr_scheduler_type=config.lr_scheduler,
         warmup_steps=config.warmup_steps or config.warmup_ratio,
         optim=config.optimizer,
+        adam_beta1=config.adam_beta1,
+        adam_beta2=config.adam_beta2,
+        adam_epsilon=config.adam_epsilon,
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
-        bf16=config.bf16,
-        fp16=config.fp16,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        tf32=config.tf32,
         **{CHECKPOINTING_ARGUMENT: config.gradient_checkpointing},
+        **{f"{CHECKPOINTING_ARGUMENT}_kwargs": checkpointing_kwargs.model_dump(exclude_none=True) if checkpointing_kwargs else None},
+        **_sampling_argument(config.group_by_length),
+        ddp_find_unused_parameters=config.ddp_find_unused_parameters,
         seed=config.seed,
         data_seed=config.seed,
         logging_steps=config.logging_steps,
         eval_strategy="steps" if evaluate else "no",
         eval_steps=eval_steps,
         save_strategy="steps",
-        save_steps=config.save_steps or eval_steps,
+        save_steps=save_steps,
         save_total_limit=config.save_total_limit,
         load_best_model_at_end=evaluate,
         metric_for_best_model=SPEC_METRIC if evaluate else None,
         greater_is_better=False if evaluate else None,
         report_to=report_to,
-        run_name=config.wandb_name,
+        run_name=config.wandb_name or config.wandb_run_id,
         project=config.wandb_project or "huggingface",
         remove_unused_columns=False,
         dataloader_num_workers=config.dataloader_num_workers,
@@ -182,6 +238,7 @@ def _run(config: MFTConfigBase, registry: Registry) -> dict[str, Any]:
         budget=Budget.from_config(config),  # stops training, and bounds the choice of the final checkpoint
         chunked_loss=chunked_loss,
         engine=engine,  # places the teacher, and says when the base is measured
+        callbacks=stopping_callbacks(config),  # loss_watchdog_*, early_stopping_patience
     )
     trainer.set_base_perplexities(  # measured once; cached for resumed runs and sweep siblings
         load_base_perplexities(output_dir, config), lambda measured: save_base_perplexities(output_dir, config, measured)

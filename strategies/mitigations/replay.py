@@ -80,14 +80,16 @@ class ReplayMitigation(Mitigation):
 
     @classmethod
     def config_problems(cls, params: ReplayParams, config: Any) -> list[str]:
-        if new_rows_per_batch(params.ratio, config.micro_batch_size) is not None:
-            return []
-        problem = (
-            f"mitigations.replay.ratio: {params.ratio} x micro_batch_size {config.micro_batch_size} = "
-            f"{params.ratio * config.micro_batch_size:g} new rows per micro-batch; it must be a whole number "
-            "of at least 1 (e.g. ratio 0.5 with an even micro_batch_size)"
-        )
-        return [problem]
+        problems = []
+        if getattr(config, "group_by_length", False):  # the micro-batch sampler keeps each batch's composition
+            problems.append("group_by_length: replay composes every micro-batch, so rows cannot be regrouped by length")
+        if new_rows_per_batch(params.ratio, config.micro_batch_size) is None:
+            problems.append(
+                f"mitigations.replay.ratio: {params.ratio} x micro_batch_size {config.micro_batch_size} = "
+                f"{params.ratio * config.micro_batch_size:g} new rows per micro-batch; it must be a whole number "
+                "of at least 1 (e.g. ratio 0.5 with an even micro_batch_size)"
+            )
+        return problems
 
     def prepare_data(self, train_dataset: Dataset, context: RunContext) -> Dataset:
         """The specialized rows followed by every general row, flagged; :meth:`epoch_order` composes them."""

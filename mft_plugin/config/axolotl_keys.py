@@ -1,0 +1,171 @@
+"""Axolotl's top-level keys that mft-run refuses, each with the reason it does not apply.
+
+Every key of Axolotl 0.19's example YAMLs is either a field of the schema (implemented with
+Axolotl's meaning) or listed here (README "Axolotl's keys"). A refused key given its "off" value
+(empty, ``false``; for a few, the value mft-run always uses) asks for nothing and is accepted, so
+an Axolotl YAML that spells out its defaults validates unchanged; any other value is an error
+naming the key, the value and why, never a key accepted and ignored. Keys of the data side
+(``datasets`` entry types, ``sample_packing``, ``chat_template``, ...) are not listed here: they
+belong to the data formats.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, create_model, field_validator
+from pydantic_core import PydanticCustomError
+
+OFF = (None, False)
+
+_CUDA = "a CUDA-only kernel (Triton/CUDA); mft-run's loss is its own chunked fused loss (loss_impl)"
+_PARALLEL = "tensor/context/expert parallelism is not an engine of mft-run (DDP, FSDP2, DeepSpeed ZeRO)"
+_RL = "a preference/RL or reward-model trainer of Axolotl; mft-run trains causal LMs with MFT's objectives"
+_CLOUD = "an Axolotl cloud launcher setting (axolotl cloud), not a training key"
+_VISION = "a multimodal (vision/audio) setting; mft-run trains text-only causal LMs"
+_METHOD = "another finetuning method of Axolotl; MFT's alternatives are mft-run strategies (mft-run --list)"
+_QUANT = "a quantization scheme mft-run does not load; bitsandbytes load_in_4bit/load_in_8bit are supported"
+_LOGGER = "a tracker mft-run does not report to; use wandb_project or use_tensorboard"
+
+# key -> (why it is refused, the values that ask for nothing and are accepted)
+REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
+    # kernels and patches
+    **{
+        key: (_CUDA, OFF)
+        for key in (
+            "liger_rope", "liger_rms_norm", "liger_rms_norm_gated", "liger_glu_activation", "liger_layer_norm",
+            "liger_fused_linear_cross_entropy", "cut_cross_entropy", "flash_attn_cross_entropy",
+            "flash_attn_fuse_mlp", "lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "use_kernels",
+            "fused_attn_kernel", "use_scattermoe", "use_sonicmoe", "use_dsv4_kernels", "use_glm_dsa_kernels",
+            "flash_optimum", "dsv4_fp4_grouped_mode", "tiled_mlp", "activation_offloading",
+            "llama4_linearized_experts", "gemma4_hybrid_attn_impl", "pretrain_multipack_attn",
+        )
+    },
+    "xformers_attention": ("xformers is a CUDA-only attention patch of Axolotl; use attn_implementation: sdpa", OFF),
+    "flex_attn_compile_kwargs": ("torch.compile of flex attention is not run by mft-run", OFF),
+    "experts_implementation": ("a mixture-of-experts kernel choice; mft-run trains dense causal LMs", OFF),
+    "torch_compile": ("torch.compile is not validated against the reference loss here (exactness first)", OFF),
+    "torch_compile_mode": ("torch.compile is not validated against the reference loss here (exactness first)", OFF),
+    "fp8": ("fp8 training needs Hopper/Ada GPUs and changes the loss; not supported", OFF),
+    "fp8_enable_fsdp_float8_all_gather": ("fp8 training needs Hopper/Ada GPUs and changes the loss; not supported", OFF),
+    "bfloat16": ("loads the weights in bfloat16 (pure bf16 training); mft-run keeps float32 weights: use bf16: true", OFF),
+    "float16": ("loads the weights in float16 (pure fp16 training); mft-run keeps float32 weights: use fp16: true", OFF),
+    "torch_dtype": ("the weights' dtype follows bf16/fp16 (mixed precision over float32 weights)", OFF),
+    # parallelism and placement
+    **{key: (_PARALLEL, (None, 1)) for key in (
+        "tensor_parallel_size", "context_parallel_size", "expert_parallel_size", "dp_replicate_size", "dp_shard_size",
+    )},
+    "context_parapllel_size": (_PARALLEL, (None, 1)),  # sic: a misspelling in one of Axolotl's examples
+    "expert_parallel_num_nvl_bytes": (_PARALLEL, OFF),
+    "expert_parallel_token_capacity": (_PARALLEL, OFF),
+    "device_map": ("placement is the engine's (DDP/FSDP2/DeepSpeed), not a device_map", OFF),
+    "ddp": ("DDP needs no key: launch with --num-processes or torchrun (README 'Scaling out')", OFF),
+    "local_rank": ("set by the launcher (LOCAL_RANK), not by the YAML", (None,)),
+    "use_ray": ("Ray is not a launcher of mft-run; use --num-processes or torchrun", OFF),
+    "ray_num_workers": ("Ray is not a launcher of mft-run; use --num-processes or torchrun", OFF),
+    "experimental_skip_move_to_device": ("placement is the engine's; not supported", OFF),
+    # other trainers and methods
+    **{key: (_RL, OFF) for key in (
+        "rl", "rl_beta", "trl", "vllm", "kto_desirable_weight", "orpo_alpha", "reward_model", "process_reward_model",
+        "center_rewards_coefficient", "num_labels", "ebft", "diffusion", "cls_model_config",
+    )},
+    **{key: (_METHOD, OFF) for key in (
+        "relora", "relora_cpu_offload", "relora_prune_ratio", "jagged_restart_steps", "jagged_restart_warmup_steps",
+        "jagged_restart_anneal_steps", "lisa_n_layers", "lisa_step_interval", "lisa_layers_attribute", "use_eaft",
+        "eaft_alpha", "eaft_k", "qat", "llmcompressor", "use_onebitllms", "reinit_weights", "peft",
+        "peft_use_rslora", "lora_target_parameters", "unfrozen_parameters",
+    )},
+    "pretraining_dataset": ("streaming pretraining data; mft-run finetunes on datasets", OFF),
+    "streaming": ("streaming datasets are not read by mft-run", OFF),
+    "streaming_multipack_buffer_size": ("streaming datasets are not read by mft-run", OFF),
+    "curriculum_sampling": ("the data order is the Trainer's seeded shuffle", OFF),
+    "sample_packing_sequentially": ("the data order is the Trainer's seeded shuffle", OFF),
+    "shuffle_merged_datasets": ("merged datasets are always shuffled by the Trainer's seeded sampler", (None, True)),
+    "dataset_exact_deduplication": ("datasets are read as given; deduplicate the files", OFF),
+    "min_sample_len": ("records are kept or cut by the data format", OFF),
+    "skip_prepare_dataset": ("mft-run always tokenizes the datasets itself", OFF),
+    "push_dataset_to_hub": ("no hub uploads (offline)", OFF),
+    "hub_model_id": ("no hub uploads (offline); the model is saved in output_dir", OFF),
+    "hf_use_auth_token": ("use the HF_TOKEN environment variable", OFF),
+    "revision_of_model": ("pin the revision by downloading the model folder first", OFF),
+    "shrink_embeddings": ("embeddings are only grown, for added tokens", OFF),
+    "resize_token_embeddings_to_32x": ("embeddings are resized to the tokenizer's length exactly", OFF),
+    # quantization schemes
+    **{key: (_QUANT, OFF) for key in (
+        "gptq", "gptq_disable_exllama", "model_quantization_config", "model_quantization_config_kwargs",
+        "quantize_moe_experts", "nvfp4_merge_aware", "bnb_config_kwargs",
+    )},
+    # multimodal
+    **{key: (_VISION, OFF) for key in ("processor_type", "freeze_mm_modules")},
+    "tokenizer_use_mistral_common": ("the tokenizer is a transformers tokenizer (tokenizer_type)", OFF),
+    "tokenizer_legacy": ("the tokenizer loads with its own saved settings", OFF),
+    "tokenizer_use_fast": ("the tokenizer loads with its own saved settings", (None, True)),
+    "model_config": ("the model's config.json is used as saved", OFF),
+    "low_cpu_mem_usage": ("transformers 5 always loads with low memory; the key no longer exists", (None, True)),
+    # training loop variants
+    "save_strategy": ("checkpoints are saved at evaluations (save_steps), where the best one is chosen", (None, "steps")),
+    "eval_strategy": ("evaluation runs every eval_steps (or evals_per_epoch)", (None, "steps")),
+    "evaluation_strategy": ("evaluation runs every eval_steps (or evals_per_epoch)", (None, "steps")),
+    "save_only_model": ("checkpoints keep optimizer states so that a killed run resumes exactly", OFF),
+    "save_safetensors": ("weights are always saved as safetensors", (None, True)),
+    "remove_unused_columns": ("the batch's routing columns are needed by the loss", (None, False)),
+    "cosine_min_lr_ratio": ("the schedule is transformers' lr_scheduler as named; no floor", OFF),
+    "cosine_constant_lr_ratio": ("the schedule is transformers' lr_scheduler as named", OFF),
+    "lr_quadratic_warmup": ("the warmup is transformers' linear warmup", OFF),
+    "eta_min": ("the schedule is transformers' lr_scheduler as named; no floor", OFF),
+    "do_causal_lm_eval": ("evaluation is perplexity, S and DG (paper Sec. 3.1)", OFF),
+    "eval_causal_lm_metrics": ("evaluation is perplexity, S and DG (paper Sec. 3.1)", OFF),
+    "eval_max_new_tokens": ("evaluation is perplexity, S and DG (paper Sec. 3.1)", OFF),
+    "eval_table_size": ("evaluation is perplexity, S and DG (paper Sec. 3.1)", (None, 0)),
+    "debug": ("the resolved config is printed by --validate; tokenized-sample dumps are not implemented", OFF),
+    "test_value": ("not a training key", OFF),
+    "adam_eps": ("not a key of Axolotl's schema, which drops it silently; the key is adam_epsilon", OFF),
+    "accelerator_config": ("accelerate's state is set up by mft-run's engine (README 'Scaling out')", OFF),
+    "fsdp_version": ("write it inside the FSDP block: fsdp_config: {fsdp_version: 2}", OFF),
+    "full_finetune": ("full finetuning is the default: leave adapter empty", OFF),
+    "torchdistx_path": ("torchdistx is not used; transformers 5 loads with low memory", OFF),
+    "plugins": ("Axolotl plugins run inside `axolotl train` (README 'Axolotl plugin'), not mft-run", OFF),
+    # trackers
+    **{key: (_LOGGER, OFF) for key in (
+        "use_swanlab", "swanlab_project", "swanlab_experiment_name", "swanlab_description", "swanlab_mode",
+        "swanlab_workspace", "swanlab_log_model", "swanlab_log_completions", "swanlab_completion_log_interval",
+        "swanlab_completion_max_buffer", "trackio_project_name", "trackio_run_name", "trackio_space_id",
+        "use_otel_metrics", "otel_metrics_host", "otel_metrics_port", "use_comet", "use_mlflow",
+    )},
+    # cloud launchers
+    **{key: (_CLOUD, OFF) for key in (
+        "provider", "gpu", "gpu_count", "node_count", "project_name", "secrets", "branch", "dockerfile_commands",
+        "memory", "memory_preprocess", "timeout", "timeout_preprocess", "volumes",
+    )},
+}
+
+
+def _field_name(key: str) -> str:
+    """pydantic reserves ``model_config``; such a key is a field under another name, aliased."""
+    return f"{key}_" if key == "model_config" else key
+
+
+def _refuse(cls: type, value: Any, info: Any) -> Any:
+    reason, accepted = REFUSED[info.field_name.removesuffix("_")]
+    if any(value is v or (type(value) is type(v) and value == v) for v in accepted):  # 0 is not false
+        return value
+    raise PydanticCustomError(
+        "axolotl_refused",
+        "{value} is not supported: {reason} (Axolotl key; allowed here: {allowed})",
+        {"value": _as_yaml(value), "reason": reason, "allowed": " or ".join(map(_as_yaml, accepted))},
+    )
+
+
+def _as_yaml(value: Any) -> str:
+    """A value as the YAML spells it: empty, true/false, or its repr."""
+    return "empty" if value is None else str(value).lower() if isinstance(value, bool) else repr(value)
+
+
+RefusedAxolotlKeys = create_model(
+    "RefusedAxolotlKeys",
+    __validators__={"refuse": field_validator(*map(_field_name, REFUSED), mode="before")(classmethod(_refuse))},
+    **{  # excluded: never in the resolved config
+        _field_name(key): (Any, Field(None, exclude=True, alias=key if key != _field_name(key) else None)) for key in REFUSED
+    },
+)
+"""A mixin of the schema: each refused key, accepted only with a value that asks for nothing."""
