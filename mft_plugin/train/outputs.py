@@ -1,18 +1,27 @@
-"""The output folder: refusing to clobber another run, the base-perplexity cache, the best eval."""
+"""The output folder: refusing to clobber another run, the base-perplexity cache, the best eval, metrics.json."""
 
 from __future__ import annotations
 
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import yaml
 
 from mft_plugin.config.schema import MFTConfigBase
+from mft_plugin.eval.metrics import SPEC
 from mft_plugin.files import atomic_write_text, fingerprint
 from mft_plugin.train.launch import is_main_process
+from mft_plugin.train.safety import SKIPPED_KEY, skipped_steps
+
+if TYPE_CHECKING:
+    from mft_plugin.train.trainer import MFTTrainer
 
 BASE_PPL_FILE = "base_perplexity.json"
 METRICS_FILE = "metrics.json"  # written last and atomically: a run with it is finished
+CONFIG_FILE = "config.yml"  # the resolved config, beside metrics.json
+SPEC_METRIC = f"eval_{SPEC}_ppl"  # the best checkpoint has the least specialized perplexity (paper Sec. 3.1)
 
 
 class OutputDirError(RuntimeError):
@@ -94,3 +103,30 @@ def best_evaluation(log_history: list[dict[str, Any]], best_model_checkpoint: st
     step = int(Path(best_model_checkpoint).name.rsplit("-", 1)[1])
     evaluations = [entry for entry in log_history if entry.get("step") == step and any(k.startswith("eval_") for k in entry)]
     return {k: v for k, v in evaluations[-1].items() if k.startswith("eval_") or k == "step"} if evaluations else None
+
+
+def final_metrics(trainer: MFTTrainer, train_metrics: dict[str, float]) -> dict[str, Any]:
+    """Base perplexities, the selected (best) evaluation with its S/DG/DG/S, and training stats.
+
+    What ``metrics.json`` holds, for ``mft-run`` and ``axolotl train`` with the plugin alike.
+    """
+    metrics: dict[str, Any] = {f"base_{k}_ppl": v for k, v in trainer.base_perplexities.items()}
+    metrics.update(train_metrics)
+    metrics[SKIPPED_KEY] = skipped_steps(trainer.state.log_history)
+    best = best_evaluation(trainer.state.log_history, trainer.state.best_model_checkpoint)
+    if best is None and trainer.eval_sets:  # no evaluation, or none within the budget: the final model's
+        best = trainer.paper_evaluation()
+    metrics.update(best or {})
+    evaluations = [entry for entry in trainer.state.log_history if SPEC_METRIC in entry]
+    stopped_early = trainer.state.global_step < trainer.state.max_steps
+    if evaluations and stopped_early and (reason := trainer.budget.stop_reason(evaluations[-1])):
+        metrics["stopped_by"] = reason  # max_degeneralization or target_specialization
+    if best and trainer.budget.max_degeneralization is not None:
+        metrics["within_budget"] = trainer.budget.admits(best)
+    return metrics
+
+
+def write_run_files(output_dir: Path, resolved_config: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """``config.yml`` then ``metrics.json`` (last: a folder with it holds a finished run), as ``mft-run report`` reads them."""
+    atomic_write_text(output_dir / CONFIG_FILE, yaml.safe_dump(resolved_config, sort_keys=False))
+    atomic_write_text(output_dir / METRICS_FILE, json.dumps(metrics, indent=2, sort_keys=True) + "\n")

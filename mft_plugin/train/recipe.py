@@ -6,14 +6,12 @@ then (inside the Trainer's loss) their penalties.
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from datasets import Dataset
 from transformers import PreTrainedModel, TrainingArguments, set_seed
 
@@ -21,7 +19,6 @@ from mft_plugin.config.schema import MFTConfigBase
 from mft_plugin.data.batches import PaddingCollator
 from mft_plugin.data.documents import load_all_documents, pack_documents, split_documents
 from mft_plugin.eval.metrics import GENERAL, SPEC
-from mft_plugin.files import atomic_write_text
 from mft_plugin.loss.chunked import select_loss_impl
 from mft_plugin.models.loading import load_frozen_teacher, load_model, load_tokenizer, save_merged_model
 from mft_plugin.registry import Registry, default_registry
@@ -33,18 +30,21 @@ from mft_plugin.train.checkpoints import resume_target
 from mft_plugin.train.context import RecipeContext
 from mft_plugin.train.engine import Engine
 from mft_plugin.train.outputs import (
-    METRICS_FILE,
-    best_evaluation,
+    SPEC_METRIC,
+    final_metrics,
     load_base_perplexities,
     prepare_output_dir,
     save_base_perplexities,
+    write_run_files,
 )
-from mft_plugin.train.safety import SKIPPED_KEY, skipped_steps
 from mft_plugin.train.signals import StopOnSignal, TrainingInterrupted
 from mft_plugin.train.trainer import MFTTrainer
 
 EVALUATIONS_PER_RUN = 10
-SPEC_METRIC = f"eval_{SPEC}_ppl"
+# gradient_checkpointing in transformers 5.16 (Axolotl 0.19's pin), activation_checkpointing in 5.24
+CHECKPOINTING_ARGUMENT = next(
+    name for name in ("activation_checkpointing", "gradient_checkpointing") if name in TrainingArguments.__dataclass_fields__
+)
 MERGED_DIR = "merged"  # merge_adapter: the adapter merged into the base, a plain transformers model
 
 
@@ -90,7 +90,7 @@ def training_arguments(
         max_grad_norm=config.max_grad_norm,
         bf16=config.bf16,
         fp16=config.fp16,
-        activation_checkpointing=config.gradient_checkpointing,
+        **{CHECKPOINTING_ARGUMENT: config.gradient_checkpointing},
         seed=config.seed,
         data_seed=config.seed,
         logging_steps=config.logging_steps,
@@ -171,10 +171,9 @@ def run(config: MFTConfigBase, registry: Registry | None = None) -> dict[str, An
     if config.merge_adapter and trainer.is_world_process_zero():
         save_merged_model(config, output_dir, output_dir / MERGED_DIR)
     trainer.save_state()  # trainer_state.json: every evaluation, for the curves of `mft-run report`
-    metrics = _final_metrics(trainer, train_metrics)
+    metrics = final_metrics(trainer, train_metrics)
     if trainer.is_world_process_zero():
-        atomic_write_text(output_dir / "config.yml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-        atomic_write_text(output_dir / METRICS_FILE, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        write_run_files(output_dir, config.model_dump(mode="json"), metrics)
     plugin_manager.hook.mft_run_end(config=config, output_dir=str(output_dir), metrics=metrics)
     return metrics
 
@@ -196,20 +195,3 @@ def _train(trainer: MFTTrainer, config: MFTConfigBase, output_dir: Path) -> dict
         raise TrainingInterrupted(stop.received or signal.SIGTERM, step, str(saved))
     return result.metrics
 
-
-def _final_metrics(trainer: MFTTrainer, train_metrics: dict[str, float]) -> dict[str, Any]:
-    """Base perplexities, the selected (best) evaluation with its S/DG/DG/S, and training stats."""
-    metrics: dict[str, Any] = {f"base_{k}_ppl": v for k, v in trainer.base_perplexities.items()}
-    metrics.update(train_metrics)
-    metrics[SKIPPED_KEY] = skipped_steps(trainer.state.log_history)
-    best = best_evaluation(trainer.state.log_history, trainer.state.best_model_checkpoint)
-    if best is None and trainer.eval_sets:  # no evaluation, or none within the budget: the final model's
-        best = trainer.paper_evaluation()
-    metrics.update(best or {})
-    evaluations = [entry for entry in trainer.state.log_history if SPEC_METRIC in entry]
-    stopped_early = trainer.state.global_step < trainer.state.max_steps
-    if evaluations and stopped_early and (reason := trainer.budget.stop_reason(evaluations[-1])):
-        metrics["stopped_by"] = reason  # max_degeneralization or target_specialization
-    if best and trainer.budget.max_degeneralization is not None:
-        metrics["within_budget"] = trainer.budget.admits(best)
-    return metrics
