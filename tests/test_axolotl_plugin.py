@@ -121,6 +121,11 @@ def test_best_checkpoint_is_chosen_by_specialized_perplexity_among_evaluated_che
         "is chosen among evaluated checkpoints"
     ]
     assert unsupported({"val_set_size": 0.1, "save_steps": 10, "eval_steps": 5}, []) == []
+    assert unsupported({"val_set_size": 0.1, "eval_steps": 5, "save_strategy": "no"}, []) == [
+        "save_strategy: 'no': the best checkpoint by specialized perplexity is chosen among checkpoints saved "
+        "at evaluations; remove it (eval_steps and save_steps set the schedule)"
+    ]
+    assert unsupported({"val_set_size": 0, "eval_steps": 5, "save_strategy": "no"}, []) == []  # nothing to choose
 
 
 def test_run_context_reads_the_keys_both_schemas_share(tiny_model: Path) -> None:
@@ -420,6 +425,7 @@ def test_mft_run_axolotl_trains_packed_mft_and_writes_the_papers_metrics(
     """sample_packing under the plugin, S/DG at each evaluation, the best checkpoint by specialized
     perplexity, metrics.json as mft-run writes it, and `mft-run report` on the output folder."""
     packed = {"sample_packing": True, "attn_implementation": "sdpa", "val_set_size": 0.2, "eval_steps": 1, "max_steps": 2}
+    packed |= {"save_strategy": None}  # checkpoints at evaluations, among which the best is chosen
     general = {"general_eval_datasets": [{"path": str(corpora["general_val"])}]}
     config = _with_plugin(axolotl_config, tmp_path, "packed", objective={"name": "mft", "tau": TAU}, **packed, **general)
     result = _axolotl_train(config, tmp_path, "mft-run", "axolotl")

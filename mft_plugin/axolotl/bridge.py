@@ -69,12 +69,33 @@ def unsupported(cfg: Mapping[str, Any], mitigations: Sequence[Mitigation]) -> li
     problems = []
     if cfg.get("rl") or cfg.get("reward_model") or cfg.get("process_reward_model"):
         problems.append("rl/reward_model: MFT is a supervised finetuning objective; use the plugin with SFT configs")
+    problems += evaluation_problems(cfg)
+    for mitigation in mitigations:
+        own = type(mitigation)
+        stages = [stage for stage in STAGES_AXOLOTL_OWNS if getattr(own, stage) is not getattr(Mitigation, stage)]
+        for stage in stages:
+            problems.append(f"mitigations: {mitigation.name!r} acts at the {stage} stage: {STAGES_AXOLOTL_OWNS[stage]}")
+        if not stages:  # what it says of the rest of the config, as mft-run asks it
+            problems += own.config_problems(mitigation.params, config_view(cfg))
+    return problems
+
+
+def evaluation_problems(cfg: Mapping[str, Any]) -> list[str]:
+    """Keys that would leave the final checkpoint or the budget to something other than the paper's
+    evaluation (the least specialized perplexity among evaluated checkpoints, Sec. 3.1)."""
+    problems = []
     if cfg.get("metric_for_best_model") not in (None, SPEC_METRIC):
         problems.append(
             f"metric_for_best_model: {cfg['metric_for_best_model']!r}: under the MFT plugin the best checkpoint is "
             f"the one with the least specialized perplexity ({SPEC_METRIC!r}, paper Sec. 3.1); remove the key"
         )
     steps = best_checkpoint_keys(cfg)
+    for key in ("save_strategy", "eval_strategy"):
+        if steps.get("save_steps") is not None and cfg.get(key) not in (None, "steps"):
+            problems.append(
+                f"{key}: {cfg[key]!r}: the best checkpoint by specialized perplexity is chosen among checkpoints "
+                "saved at evaluations; remove it (eval_steps and save_steps set the schedule)"
+            )
     if steps.get("save_steps") is not None and steps["save_steps"] % steps["eval_steps"]:
         problems.append(
             f"save_steps: {steps['save_steps']} must be a multiple of eval_steps ({steps['eval_steps']}): "
@@ -85,13 +106,6 @@ def unsupported(cfg: Mapping[str, Any], mitigations: Sequence[Mitigation]) -> li
             problems.append(f"{key}: needs a specialized validation set (test_datasets or val_set_size)")
     if cfg.get("max_degeneralization") is not None and not cfg.get("general_eval_datasets"):
         problems.append("max_degeneralization: needs general_eval_datasets: DG is measured on them")
-    for mitigation in mitigations:
-        own = type(mitigation)
-        stages = [stage for stage in STAGES_AXOLOTL_OWNS if getattr(own, stage) is not getattr(Mitigation, stage)]
-        for stage in stages:
-            problems.append(f"mitigations: {mitigation.name!r} acts at the {stage} stage: {STAGES_AXOLOTL_OWNS[stage]}")
-        if not stages:  # what it says of the rest of the config, as mft-run asks it
-            problems += own.config_problems(mitigation.params, config_view(cfg))
     return problems
 
 
