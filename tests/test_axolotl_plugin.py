@@ -1,8 +1,8 @@
 """The Axolotl plugin: its Axolotl-free part everywhere, the plugin and ``axolotl train`` where Axolotl is.
 
 Axolotl pins its own transformers/peft/accelerate/datasets, so it is not installed beside our
-pinned stack (CI); the ``needs_axolotl`` tests run in an environment of its own (README:
-"Axolotl plugin"). What proves MFT ran inside Axolotl: at the first step the student is the
+pinned stack; ``.ci/run`` runs this whole file again in a virtualenv of its own, with Axolotl,
+where the ``needs_axolotl`` tests run too (README: "Axolotl plugin"). What proves MFT ran inside Axolotl: at the first step the student is the
 teacher, so the MFT gradient is the FT gradient with each token's scaled by its label weight
 w. A random teacher is wrong nearly everywhere and near-uniform, where w = alpha =
 (d + tau) / (1 + d) with d = p^T_max - p^T_label small: w is tau or a little more. The tokens'
