@@ -270,6 +270,12 @@ def test_mft_run_axolotl_refuses_to_start_where_axolotl_would_not_run_mft(
     assert main(["axolotl", str(bad)]) == 2
     assert "plugins: must be a list" in capsys.readouterr().err
     assert main(["axolotl"]) == 2 and "usage: mft-run axolotl CONFIG.yml" in capsys.readouterr().err
+    typo = write_yaml(tmp_path / "c.yml", {"objectve": "mft", "general_eval_dataset": [], "learning_rate": 1e-3})
+    assert main(["axolotl", str(typo)]) == 2
+    error = capsys.readouterr().err
+    assert f"{typo}: objectve: unknown key; did you mean 'objective'? (Axolotl would ignore it)" in error
+    assert "general_eval_dataset: unknown key; did you mean 'general_eval_datasets'?" in error
+    assert "learning_rate" not in error  # Axolotl's own keys are Axolotl's to check
 
 
 def test_mft_run_axolotl_fails_when_training_ends_without_the_plugins_metrics(

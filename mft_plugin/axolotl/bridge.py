@@ -30,6 +30,7 @@ from mft_plugin.train.trainer import MFTTrainer
 AXOLOTL_SHAPED_KEYS = {"datasets", "test_datasets", "general_eval_datasets", "fsdp", "fsdp_config"}
 # mft-run's evaluation keys that Axolotl's schema lacks: the plugin adds them, defined as in ours.
 EVALUATION_KEYS = ("general_eval_datasets", "max_degeneralization", "target_specialization")
+PLUGIN_KEYS = ("objective", "mitigations", *EVALUATION_KEYS)  # what the plugin adds to Axolotl's schema
 # transformers reads packed rows (sample_packing: positions restarting, no attention mask) off
 # position_ids only when the forward builds no KV cache: a model whose config says use_cache would
 # attend across the packed sequences. Teacher and student are both held without one.
@@ -50,8 +51,7 @@ def args_model(registry: Registry) -> type[BaseModel]:
 
 def plugin_args(cfg: Mapping[str, Any], registry: Registry) -> BaseModel:
     """Our keys of an Axolotl config, validated (default objective: mft)."""
-    keys = ("objective", "mitigations", *EVALUATION_KEYS)
-    return args_model(registry).model_validate({key: cfg[key] for key in keys if cfg.get(key) is not None})
+    return args_model(registry).model_validate({key: cfg[key] for key in PLUGIN_KEYS if cfg.get(key) is not None})
 
 
 def selected_strategies(cfg: Mapping[str, Any], registry: Registry) -> tuple[Objective, list[Mitigation]]:

@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from mft_plugin.axolotl.bridge import PLUGIN_KEYS
 from mft_plugin.train.outputs import METRICS_FILE
 
 PLUGIN = "mft_plugin.axolotl.MFTPlugin"
@@ -32,6 +33,16 @@ USAGE = "usage: mft-run axolotl CONFIG.yml [axolotl train options...]"
 
 class PluginNotLoadable(RuntimeError):
     """The YAML's plugins cannot all be loaded: ``axolotl train`` would silently skip one."""
+
+
+def misspelled_keys(config_path: str, cfg: dict[str, Any]) -> list[str]:
+    """Top-level keys that look like the plugin's but are not: Axolotl's schema would drop them silently."""
+    problems = []
+    for key in cfg.keys() - set(PLUGIN_KEYS):
+        close = difflib.get_close_matches(str(key), PLUGIN_KEYS, n=1, cutoff=0.8)
+        if close:
+            problems.append(f"{config_path}: {key}: unknown key; did you mean {close[0]!r}? (Axolotl would ignore it)")
+    return problems
 
 
 def plugin_problems(config_path: str, cfg: dict[str, Any]) -> list[str]:
@@ -76,7 +87,7 @@ def main(argv: Sequence[str]) -> int:
     except (OSError, yaml.YAMLError) as error:
         print(f"{config_path}: cannot be read: {error}", file=sys.stderr)
         return 2
-    problems = plugin_problems(config_path, cfg)
+    problems = misspelled_keys(config_path, cfg) or plugin_problems(config_path, cfg)
     if problems:
         print("mft-run axolotl: not starting, Axolotl would not run MFT:\n  " + "\n  ".join(problems), file=sys.stderr)
         return 2
