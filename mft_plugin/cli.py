@@ -6,6 +6,7 @@
     mft-run --list                                     every strategy, its plugin and parameters
     mft-run sweep config.yml [--grid KEY=[V1,V2] ...]  train a grid of runs, then tabulate them (mft_plugin.sweep)
     mft-run report OUTPUT_DIR...                       tables and plots from finished runs (mft_plugin.report)
+    mft-run axolotl CONFIG.yml [ARGS...]               `axolotl train` that fails unless the MFT plugin loads (mft_plugin.axolotl.command)
 """
 
 from __future__ import annotations
@@ -74,6 +75,10 @@ def main(argv: Sequence[str] | None = None, registry: Registry | None = None) ->
         from mft_plugin.report import tables as report
 
         return report.main(argv[1:])
+    if argv[:1] == ["axolotl"]:
+        from mft_plugin.axolotl import command
+
+        return command.main(argv[1:])
     args = build_parser().parse_args(argv)
     from mft_plugin.config.errors import ConfigError, load_config
     from mft_plugin.registry import default_registry

@@ -1,8 +1,8 @@
 """The Axolotl plugin: its Axolotl-free part everywhere, the plugin and ``axolotl train`` where Axolotl is.
 
 Axolotl pins its own transformers/peft/accelerate/datasets, so it is not installed beside our
-pinned stack (CI); the ``needs_axolotl`` tests run in an environment of its own (README:
-"Axolotl plugin"). What proves MFT ran inside Axolotl: at the first step the student is the
+pinned stack; ``.ci/run`` runs this whole file again in a virtualenv of its own, with Axolotl,
+where the ``needs_axolotl`` tests run too (README: "Axolotl plugin"). What proves MFT ran inside Axolotl: at the first step the student is the
 teacher, so the MFT gradient is the FT gradient with each token's scaled by its label weight
 w. A random teacher is wrong nearly everywhere and near-uniform, where w = alpha =
 (d + tau) / (1 + d) with d = p^T_max - p^T_label small: w is tau or a little more. The tokens'
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
+import math
 import os
 import re
 import subprocess
@@ -24,19 +26,28 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+import yaml
+from datasets import Dataset
 from pydantic import ValidationError
 
 from mft_plugin.axolotl.bridge import (
     args_model,
+    best_checkpoint_keys,
+    evaluation_sets,
+    frozen_copy_loader,
+    plugin_args,
     run_context,
     selected_strategies,
     trainer_class,
     unsupported,
 )
+from mft_plugin.data.labels import IGNORE_INDEX
 from mft_plugin.registry import default_registry
 from mft_plugin.teacher.sources import FrozenCopyTeacher
 from mft_plugin.train.engine import Engine
-from tests.tiny import REPO, write_yaml
+from mft_plugin.train.trainer import MFTTrainer
+from tests.tiny import REPO, build_tiny_model, write_yaml
 
 TAU = 0.25
 
@@ -49,11 +60,18 @@ needs_axolotl = pytest.mark.skipif(importlib.util.find_spec("axolotl") is None, 
 # --- without Axolotl: the keys, the checks, the trainer class ------------------------------------
 
 
-def test_axolotl_schema_gains_exactly_objective_and_mitigations() -> None:
+def test_axolotl_schema_gains_exactly_our_strategy_and_evaluation_keys(corpora: dict[str, Path]) -> None:
     model = args_model(default_registry())
-    assert set(model.model_fields) == {"objective", "mitigations"}
+    assert set(model.model_fields) == {"objective", "mitigations", "general_eval_datasets", "max_degeneralization", "target_specialization"}
     defaults = model.model_validate({})
     assert (defaults.objective.name, defaults.objective.tau, defaults.mitigations) == ("mft", 0.25, [])
+    assert (defaults.general_eval_datasets, defaults.max_degeneralization) == (None, None)
+    general = model.model_validate({"general_eval_datasets": [{"path": str(corpora["general_val"])}]})
+    assert general.general_eval_datasets[0].field == "text"  # our dataset entries, validated as mft-run's
+    with pytest.raises(ValidationError, match="general_eval_datasets.0.path"):
+        model.model_validate({"general_eval_datasets": [{"path": "no/such/file.jsonl"}]})
+    with pytest.raises(ValidationError, match="max_degeneralization"):
+        model.model_validate({"max_degeneralization": -0.1})
     with pytest.raises(ValidationError, match="tua"):
         model.model_validate({"objective": {"name": "mft", "tua": 0.5}})
     with pytest.raises(ValidationError, match="cannot be combined"):
@@ -72,14 +90,42 @@ def test_what_axolotl_owns_is_refused_with_the_key_to_use_instead(corpora: dict[
     general = [{"path": str(corpora["general_val"])}]
     chosen = {"mitigations": ["lora", {"name": "replay", "datasets": general}, {"name": "ewc", "datasets": general}]}
     _, mitigations = selected_strategies(chosen, default_registry())
-    problems = unsupported({"sample_packing": True, "rl": "dpo"}, mitigations)
-    assert len(problems) == 4
+    problems = unsupported({"sample_packing": True, "rl": "dpo", "metric_for_best_model": "eval_loss"}, mitigations)
+    assert len(problems) == 4  # sample_packing is no longer refused
     assert problems[0].startswith("rl/reward_model:")
-    assert problems[1].startswith("sample_packing:") and "sample_packing: false" in problems[1]
+    assert problems[1].startswith("metric_for_best_model: 'eval_loss'") and "'eval_spec_ppl'" in problems[1]
     assert "'lora' acts at the prepare_model stage" in problems[2] and "adapter: lora" in problems[2]
     assert "'replay' acts at the prepare_data stage" in problems[3] and "datasets:" in problems[3]
-    assert unsupported({"sample_packing": False}, mitigations[2:]) == []  # ewc acts on the loss: fine
+    assert unsupported({"sample_packing": True}, mitigations[2:]) == []  # ewc acts on the loss: fine
     assert "ewc works with DDP only" in unsupported({"fsdp_config": {"fsdp_version": 2}}, mitigations[2:])[0]
+    budget = unsupported({"max_degeneralization": 0.1, "target_specialization": 0.5}, [])
+    assert budget == [
+        "max_degeneralization: needs a specialized validation set (test_datasets or val_set_size)",
+        "target_specialization: needs a specialized validation set (test_datasets or val_set_size)",
+        "max_degeneralization: needs general_eval_datasets: DG is measured on them",
+    ]
+    assert unsupported({"max_degeneralization": 0.1, "val_set_size": 0.1, "general_eval_datasets": general}, []) == []
+
+
+def test_best_checkpoint_is_chosen_by_specialized_perplexity_among_evaluated_checkpoints() -> None:
+    assert best_checkpoint_keys({"val_set_size": 0}) == {}  # no specialized evaluation: nothing to choose by
+    keys = best_checkpoint_keys({"test_datasets": [{"path": "x"}], "eval_steps": 20})
+    assert keys == {
+        "metric_for_best_model": "eval_spec_ppl", "greater_is_better": False, "load_best_model_at_end": True,
+        "eval_steps": 20, "save_steps": 20,
+    }  # fmt: skip
+    assert best_checkpoint_keys({"val_set_size": 0.1, "save_steps": 10})["eval_steps"] == 10
+    assert "eval_steps" not in best_checkpoint_keys({"val_set_size": 0.1})  # Axolotl's evals_per_epoch decides
+    assert unsupported({"val_set_size": 0.1, "save_steps": 10, "eval_steps": 4}, []) == [
+        "save_steps: 10 must be a multiple of eval_steps (4): the best checkpoint by specialized perplexity "
+        "is chosen among evaluated checkpoints"
+    ]
+    assert unsupported({"val_set_size": 0.1, "save_steps": 10, "eval_steps": 5}, []) == []
+    assert unsupported({"val_set_size": 0.1, "eval_steps": 5, "save_strategy": "no"}, []) == [
+        "save_strategy: 'no': the best checkpoint by specialized perplexity is chosen among checkpoints saved "
+        "at evaluations; remove it (eval_steps and save_steps set the schedule)"
+    ]
+    assert unsupported({"val_set_size": 0, "eval_steps": 5, "save_strategy": "no"}, []) == []  # nothing to choose
 
 
 def test_run_context_reads_the_keys_both_schemas_share(tiny_model: Path) -> None:
@@ -126,7 +172,7 @@ def _first_grad_norm(objective_name: str, tiny_model: Path, corpora: dict[str, P
         assert isinstance(trainer.teacher, FrozenCopyTeacher) and loaded == [student]
     else:
         assert trainer.teacher is None and not loaded
-    assert trainer.evaluate.__func__ is Trainer.evaluate  # the base trainer's own evaluation
+    assert trainer.evaluate.__func__ is MFTTrainer.evaluate  # mft-run's evaluation, not the base trainer's
     trainer.train()
     return next(entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry)
 
@@ -135,6 +181,125 @@ def test_mft_trainer_class_on_a_base_trainer_scales_the_first_gradient_by_tau(
     tiny_model: Path, corpora: dict[str, Path], tmp_path: Path
 ) -> None:
     assert_scaled_by_tau(_first_grad_norm("mft", tiny_model, corpora, tmp_path), _first_grad_norm("ft", tiny_model, corpora, tmp_path))
+
+
+def test_the_plugins_trainer_evaluates_perplexities_s_and_dg_as_mft_run_does(
+    tiny_model: Path, corpora: dict[str, Path], tmp_path: Path
+) -> None:
+    """general_eval_datasets are packed as mft-run packs them; evaluate() is MFTTrainer's, and its
+    perplexity is exp(total NLL / predicted tokens) computed here by hand; the base scores S = DG = 0."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    cfg = {"sequence_len": 64, "val_set_size": 0.1, "general_eval_datasets": [{"path": str(corpora["general_val"])}]}
+    args = plugin_args(cfg, default_registry())
+    spec = Dataset.from_list([{"input_ids": ids, "labels": ids} for ids in tokenizer(["Licensed under the terms", "of the MIT licence"])["input_ids"]])
+    sets = lambda tok, spec_set: evaluation_sets(args, cfg, tok, spec_set)  # noqa: E731
+    objective, _ = selected_strategies({"objective": "ft"}, default_registry())
+    cls = trainer_class(Trainer, objective, [], lambda student: student, Engine(), sets)
+    training = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_eval_batch_size=3)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True)  # Axolotl's collators pad as this one
+    trainer = cls(model=model, args=training, eval_dataset=spec, processing_class=tokenizer, data_collator=collator)
+    assert set(trainer.eval_sets) == {"spec", "general"} and trainer.eval_sets["spec"] is spec
+    general = trainer.eval_sets["general"]
+    assert {len(ids) for ids in general["input_ids"][:-1]} == {64} and general["labels"] == general["input_ids"]
+
+    trainer.set_base_perplexities(None, lambda measured: None)
+    metrics = trainer.evaluate()
+    assert (metrics["eval_S"], metrics["eval_DG"]) == (0.0, 0.0)
+    with torch.no_grad():
+        nll = [torch.nn.functional.cross_entropy(model(torch.tensor([ids])).logits[0, :-1], torch.tensor(ids[1:]), reduction="sum")
+               for ids in general["input_ids"]]  # fmt: skip
+    expected = math.exp(sum(nll).item() / sum(len(ids) - 1 for ids in general["input_ids"]))
+    assert metrics["eval_general_ppl"] == pytest.approx(expected, rel=1e-5)
+
+
+def _packed(rows: list[list[int]]) -> dict[str, torch.Tensor]:
+    """``rows`` packed into one row as a multipack collator packs them: positions restart at each
+    sequence, the first token of each is no label (no sequence predicts it from the one before),
+    and no attention mask (transformers then attends within each sequence, read off position_ids)."""
+    ids = [token for row in rows for token in row]
+    labels = [IGNORE_INDEX if i == 0 else token for row in rows for i, token in enumerate(row)]
+    positions = [i for row in rows for i in range(len(row))]
+    return {key: torch.tensor([value]) for key, value in zip(("input_ids", "labels", "position_ids"), (ids, labels, positions))}
+
+
+def _step(trainer: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in trainer.model.parameters()]
+
+
+def test_a_packed_mft_step_equals_the_same_rows_unpacked(tiny_model: Path, tmp_path: Path) -> None:
+    """sample_packing: the teacher gets exactly the student's packed inputs (position_ids included),
+    so loss and gradients are those of the same sequences as separate padded rows."""
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from mft_plugin.data.batches import PaddingCollator
+
+    other = build_tiny_model(tmp_path / "teacher", seed=1)  # a teacher unlike the student: p^T matters
+    objective, _ = selected_strategies({"objective": "mft"}, default_registry())
+    cls = trainer_class(Trainer, objective, [], frozen_copy_loader({"base_model": str(other)}), Engine())
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True)
+    trainer = cls(model=AutoModelForCausalLM.from_pretrained(tiny_model), args=args)
+    generator = torch.Generator().manual_seed(0)
+    rows = [torch.randint(3, 4000, (n,), generator=generator).tolist() for n in (17, 9, 30)]
+
+    packed_loss, packed_grads = _step(trainer, _packed(rows))
+    unpacked_loss, unpacked_grads = _step(trainer, PaddingCollator(0)([{"input_ids": row} for row in rows]))
+    torch.testing.assert_close(packed_loss, unpacked_loss, rtol=1e-5, atol=0)
+    for packed, unpacked in zip(packed_grads, unpacked_grads):
+        torch.testing.assert_close(packed, unpacked, rtol=1e-4, atol=1e-7)
+    crossed = {key: value for key, value in _packed(rows).items() if key != "position_ids"}
+    assert not torch.allclose(trainer.compute_loss(trainer.model, crossed), unpacked_loss)  # positions matter
+
+
+def test_mft_run_axolotl_refuses_to_start_where_axolotl_would_not_run_mft(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mft_plugin.cli import main
+
+    config = write_yaml(tmp_path / "a.yml", {"base_model": "m", "plugins": ["mft_plugin.axolotl.MFTPlugin"]})
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "axolotl" else real_find_spec(name, *a))
+    assert main(["axolotl", str(config)]) == 2
+    assert "Axolotl is not installed in this environment" in capsys.readouterr().err
+    bad = write_yaml(tmp_path / "b.yml", {"plugins": "mft_plugin.axolotl.MFTPlugin"})
+    assert main(["axolotl", str(bad)]) == 2
+    assert "plugins: must be a list" in capsys.readouterr().err
+    assert main(["axolotl"]) == 2 and "usage: mft-run axolotl CONFIG.yml" in capsys.readouterr().err
+    typo = write_yaml(tmp_path / "c.yml", {"objectve": "mft", "general_eval_dataset": [], "learning_rate": 1e-3})
+    assert main(["axolotl", str(typo)]) == 2
+    error = capsys.readouterr().err
+    assert f"{typo}: objectve: unknown key; did you mean 'objective'? (Axolotl would ignore it)" in error
+    assert "general_eval_dataset: unknown key; did you mean 'general_eval_datasets'?" in error
+    assert "learning_rate" not in error  # Axolotl's own keys are Axolotl's to check
+
+
+def test_mft_run_axolotl_fails_when_training_ends_without_the_plugins_metrics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mft_plugin.axolotl import command
+
+    out = tmp_path / "out"
+    config = write_yaml(tmp_path / "a.yml", {"output_dir": str(out), "plugins": [command.PLUGIN]})
+    monkeypatch.setattr(command, "plugin_problems", lambda path, cfg: [])
+    calls: list[list[str]] = []
+
+    def train(path: str, extra: list[str], write: bool) -> int:
+        calls.append([path, *extra])
+        if write:
+            out.mkdir(exist_ok=True)
+            (out / "metrics.json").write_text("{}")
+        return 0
+
+    monkeypatch.setattr(command, "axolotl_train", lambda path, extra: train(path, extra, write=False))
+    assert command.main([str(config), "--num-processes", "1"]) == 1
+    assert "ended without writing" in capsys.readouterr().err and calls == [[str(config), "--num-processes", "1"]]
+    monkeypatch.setattr(command, "axolotl_train", lambda path, extra: train(path, extra, write=True))
+    assert command.main([str(config)]) == 0
 
 
 # --- with Axolotl -----------------------------------------------------------------------------
@@ -156,13 +321,15 @@ def test_plugin_loads_and_merges_its_keys_into_axolotls_schema() -> None:
         del manager.plugins["mft_plugin.axolotl.MFTPlugin"]
 
 
-def _axolotl_train(config: dict[str, Any], folder: Path) -> subprocess.CompletedProcess[str]:
+def _axolotl_train(config: dict[str, Any], folder: Path, *command: str) -> subprocess.CompletedProcess[str]:
+    """``axolotl train CONFIG`` (or ``command`` CONFIG, e.g. ``mft-run axolotl``) from this environment."""
     path = write_yaml(folder / f"{config['output_dir'].rsplit('/', 1)[-1]}.yml", config)
     bin_dir = str(Path(sys.executable).parent)  # `axolotl train` runs `accelerate launch` from PATH
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "AXOLOTL_DO_NOT_TRACK": "1", "OMP_NUM_THREADS": "1"}
+    program, *args = command or ("axolotl", "train")
     return subprocess.run(
-        [os.path.join(bin_dir, "axolotl"), "train", str(path)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False,
+        [os.path.join(bin_dir, program), *args, str(path)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False,
     )  # fmt: skip
 
 
@@ -236,3 +403,54 @@ def test_axolotl_train_applies_loss_stage_mitigations_and_refuses_the_others(
     refused = _axolotl_train(replay, tmp_path)
     assert refused.returncode != 0
     assert "mitigations: 'replay' acts at the prepare_data stage" in refused.stdout + refused.stderr
+
+
+@needs_axolotl
+def test_mft_run_axolotl_fails_loudly_on_a_typo_in_the_plugin_line(
+    axolotl_config: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What `axolotl train` would run as plain finetuning, exit code 0, is refused before anything loads."""
+    from mft_plugin.cli import main
+
+    config = write_yaml(tmp_path / "typo.yml", {**axolotl_config, "plugins": ["mft_plugin.axolotl.MFTPlugn"]})
+    assert main(["axolotl", str(config)]) == 2
+    error = capsys.readouterr().err
+    assert f"{config}: plugins: ['mft_plugin.axolotl.MFTPlugn'] does not list mft_plugin.axolotl.MFTPlugin; did you mean" in error
+    assert "'mft_plugin.axolotl.MFTPlugn' cannot be loaded: AttributeError" in error
+    module = write_yaml(tmp_path / "module.yml", {**axolotl_config, "plugins": ["mft_plugn.axolotl.MFTPlugin"]})
+    assert main(["axolotl", str(module)]) == 2
+    assert "'mft_plugn.axolotl.MFTPlugin' cannot be loaded: ModuleNotFoundError" in capsys.readouterr().err
+    assert not (tmp_path / "prepared").exists()  # refused before Axolotl prepared any data
+
+
+@needs_axolotl
+@pytest.mark.slow
+def test_mft_run_axolotl_trains_packed_mft_and_writes_the_papers_metrics(
+    axolotl_config: dict[str, Any], corpora: dict[str, Path], tmp_path: Path
+) -> None:
+    """sample_packing under the plugin, S/DG at each evaluation, the best checkpoint by specialized
+    perplexity, metrics.json as mft-run writes it, and `mft-run report` on the output folder."""
+    packed = {"sample_packing": True, "attn_implementation": "sdpa", "val_set_size": 0.2, "eval_steps": 1, "max_steps": 2}
+    packed |= {"save_strategy": None}  # checkpoints at evaluations, among which the best is chosen
+    general = {"general_eval_datasets": [{"path": str(corpora["general_val"])}]}
+    config = _with_plugin(axolotl_config, tmp_path, "packed", objective={"name": "mft", "tau": TAU}, **packed, **general)
+    result = _axolotl_train(config, tmp_path, "mft-run", "axolotl")
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-5000:]
+    assert log.count("mft_plugin.axolotl.MFTPlugin active: objective {'tau': 0.25, 'name': 'mft'}; mitigations none; teacher: frozen copy") == 1
+
+    out = Path(config["output_dir"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    evaluations = [entry for entry in history if "eval_S" in entry and entry["step"] > 0]
+    assert [entry["step"] for entry in evaluations] == [1, 2]
+    best = min(evaluations, key=lambda entry: entry["eval_spec_ppl"])
+    assert (metrics["step"], metrics["eval_spec_ppl"], metrics["eval_DG"]) == (best["step"], best["eval_spec_ppl"], best["eval_DG"])
+    assert metrics["eval_S"] == pytest.approx((metrics["base_spec_ppl"] - metrics["eval_spec_ppl"]) / metrics["base_spec_ppl"])
+    assert metrics["eval_DG"] == pytest.approx((metrics["eval_general_ppl"] - metrics["base_general_ppl"]) / metrics["base_general_ppl"])
+    assert yaml.safe_load((out / "config.yml").read_text())["objective"] == {"name": "mft", "tau": TAU}
+
+    from mft_plugin.cli import main
+
+    assert main(["report", str(out)]) == 0
+    assert f"| 1 | {100 * metrics['eval_S']:.1f} | {100 * metrics['eval_DG']:.1f} |" in (out / "results.md").read_text()

@@ -5,9 +5,12 @@
     objective: {name: mft, tau: 0.25}
     mitigations: [{name: ewc, datasets: [{path: data/general/train.jsonl}]}]
 
-Axolotl keeps what it owns (loading, its ``adapter: lora`` keys, datasets, its trainer); the
-plugin adds what mft-run adds to finetuning: the objective's loss against the teacher, and
-loss-stage mitigations. Axolotl is an optional extra (``pip install 'mft-plugin[axolotl]'``).
+Axolotl keeps what it owns (loading, its ``adapter: lora`` keys, datasets and packing, its trainer);
+the plugin adds what mft-run adds to finetuning: the objective's loss against the teacher,
+loss-stage mitigations, and the paper's evaluation (S, DG, DG/S on ``general_eval_datasets``, the
+best checkpoint, ``metrics.json``), from mft-run's own code. ``mft-run axolotl CONFIG.yml``
+(:mod:`mft_plugin.axolotl.command`) refuses to start where Axolotl would silently drop the plugin.
+Axolotl is an optional extra (``pip install 'mft-plugin[axolotl]'``).
 
 ``MFTPlugin`` (an Axolotl ``BasePlugin``) and ``MFTArgs`` (the pydantic model Axolotl merges
 into its schema) are resolved on first use (PEP 562): Axolotl is imported only then, so that

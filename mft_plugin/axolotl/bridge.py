@@ -10,36 +10,58 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from datasets import Dataset
+from pydantic import BaseModel, create_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
 from mft_plugin.config.schema import MFTConfigBase, strategies_model
-from mft_plugin.train.context import RecipeContext
-from mft_plugin.train.engine import Engine
-from mft_plugin.train.recipe import build_strategies
+from mft_plugin.eval.metrics import GENERAL, SPEC
 from mft_plugin.registry import Registry
 from mft_plugin.strategy import Mitigation, Objective
-from mft_plugin.teacher.sources import build_teacher
+from mft_plugin.teacher.sources import FrozenCopyTeacher, SharedBaseTeacher, Teacher, build_teacher
+from mft_plugin.train.budget import Budget
+from mft_plugin.train.context import RecipeContext
+from mft_plugin.train.engine import Engine
+from mft_plugin.train.outputs import SPEC_METRIC
+from mft_plugin.train.recipe import build_strategies
 from mft_plugin.train.trainer import MFTTrainer
 
 # Keys both schemas have but shape differently (Axolotl's dataset entries, its FSDP block).
 AXOLOTL_SHAPED_KEYS = {"datasets", "test_datasets", "general_eval_datasets", "fsdp", "fsdp_config"}
+# mft-run's evaluation keys that Axolotl's schema lacks: the plugin adds them, defined as in ours.
+EVALUATION_KEYS = ("general_eval_datasets", "max_degeneralization", "target_specialization")
+PLUGIN_KEYS = ("objective", "mitigations", *EVALUATION_KEYS)  # what the plugin adds to Axolotl's schema
+# transformers reads packed rows (sample_packing: positions restarting, no attention mask) off
+# position_ids only when the forward builds no KV cache: a model whose config says use_cache would
+# attend across the packed sequences. Teacher and student are both held without one.
+NO_KV_CACHE = {"use_cache": False}
 STAGES_AXOLOTL_OWNS = {
-    "prepare_data": "Axolotl prepares the data; add the extra data as another entry of its datasets:",
+    "prepare_data": "Axolotl prepares the data; add the extra data as another entry of its datasets: "
+    "(README, 'Axolotl plugin': why Axolotl's pipeline cannot keep an exact per-micro-batch ratio)",
     "prepare_model": "Axolotl attaches adapters; use its own keys (adapter: lora, lora_r, ...)",
 }
 
 
 def args_model(registry: Registry) -> type[BaseModel]:
-    """The model Axolotl merges into its schema: exactly ``objective`` and ``mitigations``, validated
-    against our registry as mft-run validates them (unknown keys and names are errors)."""
-    return strategies_model(registry, BaseModel, name="MFTArgs")
+    """The model Axolotl merges into its schema: ``objective``, ``mitigations`` and the evaluation keys,
+    validated against our registry and schema as mft-run validates them (unknown keys and names are errors)."""
+    fields = {key: (MFTConfigBase.model_fields[key].annotation, MFTConfigBase.model_fields[key]) for key in EVALUATION_KEYS}
+    return strategies_model(registry, create_model("MFTEvaluationKeys", **fields), name="MFTArgs")  # type: ignore[call-overload]
+
+
+def plugin_args(cfg: Mapping[str, Any], registry: Registry) -> BaseModel:
+    """Our keys of an Axolotl config, validated (default objective: mft)."""
+    return args_model(registry).model_validate({key: cfg[key] for key in PLUGIN_KEYS if cfg.get(key) is not None})
 
 
 def selected_strategies(cfg: Mapping[str, Any], registry: Registry) -> tuple[Objective, list[Mitigation]]:
     """The objective and mitigations an Axolotl config selects (default objective: mft)."""
-    given = {key: cfg[key] for key in ("objective", "mitigations") if cfg.get(key) is not None}
-    return build_strategies(args_model(registry).model_validate(given), registry)  # type: ignore[arg-type]
+    return build_strategies(plugin_args(cfg, registry), registry)  # type: ignore[arg-type]
+
+
+def has_spec_eval(cfg: Mapping[str, Any]) -> bool:
+    """Whether Axolotl evaluates on specialized data (its ``test_datasets`` or ``val_set_size``)."""
+    return bool(cfg.get("test_datasets") or cfg.get("val_set_size"))
 
 
 def unsupported(cfg: Mapping[str, Any], mitigations: Sequence[Mitigation]) -> list[str]:
@@ -47,11 +69,7 @@ def unsupported(cfg: Mapping[str, Any], mitigations: Sequence[Mitigation]) -> li
     problems = []
     if cfg.get("rl") or cfg.get("reward_model") or cfg.get("process_reward_model"):
         problems.append("rl/reward_model: MFT is a supervised finetuning objective; use the plugin with SFT configs")
-    if cfg.get("sample_packing"):
-        problems.append(
-            "sample_packing: the MFT trainer gives teacher and student input_ids and attention_mask only, "
-            "but packed samples need their position_ids; set sample_packing: false"
-        )
+    problems += evaluation_problems(cfg)
     for mitigation in mitigations:
         own = type(mitigation)
         stages = [stage for stage in STAGES_AXOLOTL_OWNS if getattr(own, stage) is not getattr(Mitigation, stage)]
@@ -60,6 +78,49 @@ def unsupported(cfg: Mapping[str, Any], mitigations: Sequence[Mitigation]) -> li
         if not stages:  # what it says of the rest of the config, as mft-run asks it
             problems += own.config_problems(mitigation.params, config_view(cfg))
     return problems
+
+
+def evaluation_problems(cfg: Mapping[str, Any]) -> list[str]:
+    """Keys that would leave the final checkpoint or the budget to something other than the paper's
+    evaluation (the least specialized perplexity among evaluated checkpoints, Sec. 3.1)."""
+    problems = []
+    if cfg.get("metric_for_best_model") not in (None, SPEC_METRIC):
+        problems.append(
+            f"metric_for_best_model: {cfg['metric_for_best_model']!r}: under the MFT plugin the best checkpoint is "
+            f"the one with the least specialized perplexity ({SPEC_METRIC!r}, paper Sec. 3.1); remove the key"
+        )
+    steps = best_checkpoint_keys(cfg)
+    for key in ("save_strategy", "eval_strategy"):
+        if steps.get("save_steps") is not None and cfg.get(key) not in (None, "steps"):
+            problems.append(
+                f"{key}: {cfg[key]!r}: the best checkpoint by specialized perplexity is chosen among checkpoints "
+                "saved at evaluations; remove it (eval_steps and save_steps set the schedule)"
+            )
+    if steps.get("save_steps") is not None and steps["save_steps"] % steps["eval_steps"]:
+        problems.append(
+            f"save_steps: {steps['save_steps']} must be a multiple of eval_steps ({steps['eval_steps']}): "
+            "the best checkpoint by specialized perplexity is chosen among evaluated checkpoints"
+        )
+    for key in ("max_degeneralization", "target_specialization"):
+        if cfg.get(key) is not None and not has_spec_eval(cfg):
+            problems.append(f"{key}: needs a specialized validation set (test_datasets or val_set_size)")
+    if cfg.get("max_degeneralization") is not None and not cfg.get("general_eval_datasets"):
+        problems.append("max_degeneralization: needs general_eval_datasets: DG is measured on them")
+    return problems
+
+
+def best_checkpoint_keys(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The Axolotl keys that make the final model the checkpoint of least specialized perplexity
+    (paper Sec. 3.1), as mft-run does: saved at evaluations, so that each checkpoint is a candidate
+    (``save_steps`` defaults to ``eval_steps`` and the reverse; Axolotl loads the best one only when
+    ``save_steps`` is a multiple of ``eval_steps``, which :func:`unsupported` checks)."""
+    if not has_spec_eval(cfg):
+        return {}
+    keys = {"metric_for_best_model": SPEC_METRIC, "greater_is_better": False, "load_best_model_at_end": True}
+    eval_steps = cfg.get("eval_steps") or cfg.get("save_steps")
+    if eval_steps is not None:
+        keys |= {"eval_steps": eval_steps, "save_steps": cfg.get("save_steps") or eval_steps}
+    return keys
 
 
 def config_view(cfg: Mapping[str, Any]) -> MFTConfigBase:
@@ -72,22 +133,59 @@ def config_view(cfg: Mapping[str, Any]) -> MFTConfigBase:
     return MFTConfigBase.model_construct(**shared, fsdp=bool(cfg.get("fsdp") or cfg.get("fsdp_config")))
 
 
+def resolved_config(cfg: Mapping[str, Any], args: BaseModel) -> dict[str, Any]:
+    """What ``config.yml`` holds for ``mft-run report``: the shared keys as Axolotl resolved them, and ours."""
+    shared = config_view(cfg)
+    return {**shared.model_dump(mode="json", include=shared.model_fields_set, warnings=False), **args.model_dump(mode="json")}
+
+
 def run_context(cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase) -> RecipeContext:
     """The context a mitigation's ``on_train_begin`` gets (e.g. EWC packs its Fisher data with it)."""
     config = config_view(cfg)
     return RecipeContext(config=config, tokenizer=tokenizer, output_dir=Path(config.output_dir))
 
 
+def evaluation_sets(args: BaseModel, cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, spec: Dataset | None) -> dict[str, Dataset]:
+    """The paper's two evaluation sets: Axolotl's own eval set (specialized) and ``general_eval_datasets``,
+    packed into ``sequence_len`` blocks as mft-run packs them, with the columns Axolotl's collators pad."""
+    sets = {SPEC: spec} if spec is not None else {}
+    if args.general_eval_datasets:  # type: ignore[attr-defined]
+        blocks = run_context(cfg, tokenizer).packed_blocks(args.general_eval_datasets)  # type: ignore[attr-defined]
+        sets[GENERAL] = blocks.map(lambda row: {"labels": row["input_ids"], "attention_mask": [1] * len(row["input_ids"])})
+    return sets
+
+
 def frozen_copy_loader(cfg: Mapping[str, Any]) -> Callable[[PreTrainedModel], PreTrainedModel]:
-    """Full finetuning's teacher: ``base_model`` again, in the dtype Axolotl gave the student."""
+    """Full finetuning's teacher: ``base_model`` again, in the dtype Axolotl gave the student, without
+    a KV cache (:data:`NO_KV_CACHE`)."""
 
     def load(student: PreTrainedModel) -> PreTrainedModel:
         from transformers import AutoModelForCausalLM
 
         trust = bool(cfg.get("trust_remote_code"))
-        return AutoModelForCausalLM.from_pretrained(cfg["base_model"], dtype=student.dtype, trust_remote_code=trust)
+        return AutoModelForCausalLM.from_pretrained(cfg["base_model"], dtype=student.dtype, trust_remote_code=trust, **NO_KV_CACHE)
 
     return load
+
+
+def describe_teacher(teacher: Teacher | None) -> str:
+    if isinstance(teacher, SharedBaseTeacher):
+        return "shared base (the student's own base with its adapter off; no second copy)"
+    if isinstance(teacher, FrozenCopyTeacher):
+        return f"frozen copy of the base ({sum(p.numel() for p in teacher.model.parameters()):,} parameters)"
+    return "none (the objective needs no teacher)" if teacher is None else type(teacher).__name__
+
+
+def announcement(trainer: MFTTrainer) -> str:
+    """The plugin's one startup line in Axolotl's log: proof that MFT, not plain finetuning, runs."""
+    objective = trainer.objective.params.model_dump(mode="json")
+    mitigations = [m.params.model_dump(mode="json") for m in trainer.mitigations]
+    evaluation = ", ".join(f"{name} ({len(data)} rows)" for name, data in trainer.eval_sets.items()) or "none"
+    return (
+        f"mft_plugin.axolotl.MFTPlugin active: objective {objective}; mitigations {mitigations or 'none'}; "
+        f"teacher: {describe_teacher(trainer.teacher)}; loss: plain (float32 CE(p^C, p^S) on the student's logits); "
+        f"evaluation: {evaluation}, S/DG/DG-S against the base; best checkpoint by {SPEC_METRIC}; budget {trainer.budget}"
+    )
 
 
 def trainer_class(
@@ -96,22 +194,29 @@ def trainer_class(
     mitigations: Sequence[Mitigation],
     load_frozen_copy: Callable[[PreTrainedModel], PreTrainedModel],
     engine: Engine,
+    eval_sets: Callable[[PreTrainedTokenizerBase, Dataset | None], dict[str, Dataset]] = lambda tokenizer, spec: {},
+    budget: Budget | None = None,
 ) -> type[MFTTrainer]:
-    """MFTTrainer's loss on top of Axolotl's trainer class ``base``, keeping Axolotl's evaluation.
+    """MFTTrainer (loss and evaluation) on top of Axolotl's trainer class ``base``.
 
     Axolotl instantiates the class with its usual arguments; the teacher is built from the
     student it passes (the shared base under an adapter, else a frozen copy), and placed on the
     student's device, sharded like it under FSDP2/ZeRO-3 (:meth:`mft_plugin.train.engine.Engine.place_teacher`).
+    ``eval_sets`` makes the evaluation sets from the tokenizer and Axolotl's eval dataset;
+    ``evaluate`` is MFTTrainer's: perplexities, S, DG, DG/S.
     """
 
     class AxolotlMFTTrainer(MFTTrainer, base):  # type: ignore[misc, valid-type]
-        evaluate = base.evaluate  # Axolotl's eval_loss: here the objective's loss on the eval set
-
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             student = kwargs["model"]
+            student.config.update(NO_KV_CACHE)  # the shared-base teacher is the student
+            if kwargs["args"].metric_for_best_model == SPEC_METRIC:  # Axolotl drops a false greater_is_better,
+                kwargs["args"].greater_is_better = False  # and the Trainer would take a perplexity for a score
             teacher = build_teacher(objective.needs_teacher, student, lambda: load_frozen_copy(student))
+            sets = eval_sets(kwargs.get("processing_class"), kwargs.get("eval_dataset"))
             super().__init__(
-                *args, objective=objective, teacher=teacher, mitigations=mitigations, engine=engine, **kwargs
-            )
+                *args, objective=objective, teacher=teacher, mitigations=mitigations, engine=engine,
+                eval_sets=sets, budget=budget, **kwargs,
+            )  # fmt: skip
 
     return AxolotlMFTTrainer

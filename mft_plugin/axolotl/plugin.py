@@ -2,20 +2,30 @@
 
 Hooks used, in the order Axolotl calls them: ``get_input_args`` (our keys join Axolotl's
 schema), ``register`` (the strategies are built and checked against the rest of the config,
-before any data or weights load), ``get_trainer_cls`` (the MFT trainer on top of Axolotl's),
-``post_trainer_create`` (mitigations' ``on_train_begin``, e.g. EWC's Fisher).
+before any data or weights load; the best-checkpoint keys are set), ``get_trainer_cls`` (the MFT
+trainer on top of Axolotl's), ``post_trainer_create`` (the base perplexities, mitigations'
+``on_train_begin``, and the startup line in Axolotl's log), ``post_train`` (``metrics.json``
+as mft-run writes it, from the same code: :func:`mft_plugin.train.outputs.final_metrics`).
 """
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
 
 from axolotl.integrations.base import BasePlugin
+from pydantic import BaseModel
 from transformers import Trainer
 
 from mft_plugin.axolotl.bridge import (
+    announcement,
+    best_checkpoint_keys,
     config_view,
+    evaluation_sets,
     frozen_copy_loader,
+    plugin_args,
+    resolved_config,
     run_context,
     selected_strategies,
     trainer_class,
@@ -23,7 +33,13 @@ from mft_plugin.axolotl.bridge import (
 )
 from mft_plugin.registry import default_registry
 from mft_plugin.strategy import Mitigation, Objective
+from mft_plugin.train.budget import Budget
 from mft_plugin.train.engine import Engine
+from mft_plugin.train.outputs import final_metrics, write_run_files
+from mft_plugin.train.trainer import MFTTrainer
+
+LOG = logging.getLogger("axolotl.integrations.mft_plugin")  # under Axolotl's logger: in its log, rank 0
+TRAIN_METRICS = "train_runtime"  # the Trainer's last log entry, its TrainOutput metrics, has this key
 
 
 class MFTPlugin(BasePlugin):
@@ -31,25 +47,49 @@ class MFTPlugin(BasePlugin):
 
     def __init__(self) -> None:
         super().__init__()
+        self.args: BaseModel | None = None
         self.objective: Objective | None = None
         self.mitigations: list[Mitigation] = []
+        self.trainer: MFTTrainer | None = None
 
     def get_input_args(self) -> str:
         return "mft_plugin.axolotl.MFTArgs"
 
     def register(self, cfg: dict[str, Any]) -> None:
-        self.objective, self.mitigations = selected_strategies(cfg, default_registry())
+        registry = default_registry()
+        self.args = plugin_args(cfg, registry)
+        self.objective, self.mitigations = selected_strategies(cfg, registry)
         problems = unsupported(cfg, self.mitigations)
         if problems:
             raise ValueError("mft_plugin.axolotl.MFTPlugin:\n  " + "\n  ".join(problems))
+        for key, value in best_checkpoint_keys(cfg).items():
+            cfg[key] = value
 
     def get_trainer_cls(self, cfg: Any) -> type[Trainer]:
         from axolotl.core.trainers.base import AxolotlTrainer
 
         engine = Engine.from_config(config_view(cfg))  # the teacher is sharded as Axolotl shards the student
-        return trainer_class(AxolotlTrainer, self.objective, self.mitigations, frozen_copy_loader(cfg), engine)
+        sets = lambda tokenizer, spec: evaluation_sets(self.args, cfg, tokenizer, spec)  # noqa: E731
+        budget = Budget(cfg.get("max_degeneralization"), cfg.get("target_specialization"))
+        return trainer_class(AxolotlTrainer, self.objective, self.mitigations, frozen_copy_loader(cfg), engine, sets, budget)
 
     def post_trainer_create(self, cfg: Any, trainer: Trainer) -> None:
+        self.trainer = trainer  # type: ignore[assignment]
+        trainer.set_base_perplexities(None, lambda measured: None)  # type: ignore[attr-defined]
         context = run_context(cfg, trainer.processing_class)
         for mitigation in self.mitigations:
             mitigation.on_train_begin(trainer.model, context)
+        LOG.info(announcement(trainer))  # type: ignore[arg-type]
+
+    def post_train(self, cfg: Any, model: Any) -> None:
+        trainer, self.trainer = self.trainer, None  # Axolotl 0.19 calls post_train twice: write once
+        if trainer is None or self.args is None:
+            return
+        train_metrics = next(
+            ({k: v for k, v in entry.items() if k != "step"} for entry in reversed(trainer.state.log_history) if TRAIN_METRICS in entry), {}
+        )
+        metrics = final_metrics(trainer, train_metrics)
+        trainer.save_state()  # trainer_state.json: every evaluation, for the curves of `mft-run report`
+        if trainer.is_world_process_zero():
+            write_run_files(Path(cfg["output_dir"]), resolved_config(cfg, self.args), metrics)
+            LOG.info("mft_plugin.axolotl.MFTPlugin: metrics.json written to %s: %s", cfg["output_dir"], metrics)

@@ -1,4 +1,4 @@
-"""The output folder: refusing to clobber another run, the base-perplexity cache, the best eval."""
+"""The output folder: refusing to clobber another run, the base-perplexity cache, the best eval, metrics.json."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import yaml
 
 import filelock
 
@@ -23,6 +25,10 @@ from mft_plugin.eval.metrics import GENERAL, SPEC
 from mft_plugin.files import atomic_write_text, fingerprint
 from mft_plugin.train.checkpoints import RUN_CONFIG, check_resume_config, record_run_config, resume_checkpoint
 from mft_plugin.train.launch import is_main_process
+from mft_plugin.train.safety import SKIPPED_KEY, skipped_steps
+
+if TYPE_CHECKING:
+    from mft_plugin.train.trainer import MFTTrainer
 
 logger = logging.getLogger(__name__)
 BASE_PPL_FILE = "base_perplexity.json"
@@ -36,6 +42,8 @@ RESULTS = (
     "incomplete-*", "config.json", "generation_config.json", "model*.safetensors*", "pytorch_model*.bin*",
     "adapter_config.json", "adapter_model.*",
 )  # fmt: skip
+CONFIG_FILE = "config.yml"  # the resolved config, beside metrics.json
+SPEC_METRIC = f"eval_{SPEC}_ppl"  # the best checkpoint has the least specialized perplexity (paper Sec. 3.1)
 
 
 class OutputDirError(RuntimeError):
@@ -267,3 +275,30 @@ def best_evaluation(log_history: list[dict[str, Any]], best_model_checkpoint: st
     step = int(Path(best_model_checkpoint).name.rsplit("-", 1)[1])
     evaluations = [entry for entry in log_history if entry.get("step") == step and any(k.startswith("eval_") for k in entry)]
     return {k: v for k, v in evaluations[-1].items() if k.startswith("eval_") or k == "step"} if evaluations else None
+
+
+def final_metrics(trainer: MFTTrainer, train_metrics: dict[str, float]) -> dict[str, Any]:
+    """Base perplexities, the selected (best) evaluation with its S/DG/DG/S, and training stats.
+
+    What ``metrics.json`` holds, for ``mft-run`` and ``axolotl train`` with the plugin alike.
+    """
+    metrics: dict[str, Any] = {f"base_{k}_ppl": v for k, v in trainer.base_perplexities.items()}
+    metrics.update(train_metrics)
+    metrics[SKIPPED_KEY] = skipped_steps(trainer.state.log_history)
+    best = best_evaluation(trainer.state.log_history, trainer.state.best_model_checkpoint)
+    if best is None and trainer.eval_sets:  # no evaluation, or none within the budget: the final model's
+        best = trainer.paper_evaluation()
+    metrics.update(best or {})
+    evaluations = [entry for entry in trainer.state.log_history if SPEC_METRIC in entry]
+    stopped_early = trainer.state.global_step < trainer.state.max_steps
+    if evaluations and stopped_early and (reason := trainer.budget.stop_reason(evaluations[-1])):
+        metrics["stopped_by"] = reason  # max_degeneralization or target_specialization
+    if best and trainer.budget.max_degeneralization is not None:
+        metrics["within_budget"] = trainer.budget.admits(best)
+    return metrics
+
+
+def write_run_files(output_dir: Path, resolved_config: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """``config.yml`` then ``metrics.json`` (last: a folder with it holds a finished run), as ``mft-run report`` reads them."""
+    atomic_write_text(output_dir / CONFIG_FILE, yaml.safe_dump(resolved_config, sort_keys=False))
+    atomic_write_text(output_dir / METRICS_FILE, metrics_json(metrics))

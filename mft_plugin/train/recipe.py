@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from datasets import Dataset
 from transformers import PreTrainedModel, TrainingArguments, set_seed
 
@@ -22,7 +21,6 @@ from mft_plugin.data.batches import PaddingCollator
 from mft_plugin.data.packing import lay_out, split_records
 from mft_plugin.data.prepared import TRAIN, prepared_datasets, prepared_key
 from mft_plugin.eval.metrics import GENERAL, SPEC
-from mft_plugin.files import atomic_write_text
 from mft_plugin.loss.chunked import select_loss_impl
 from mft_plugin.models.loading import (
     load_frozen_teacher,
@@ -40,22 +38,21 @@ from mft_plugin.train.checkpoints import is_final, restore_final, resume_target
 from mft_plugin.train.context import RecipeContext
 from mft_plugin.train.engine import Engine
 from mft_plugin.train.outputs import (
-    METRICS_FILE,
+    SPEC_METRIC,
     begin_run,
-    best_evaluation,
     exclusive_output_dir,
+    final_metrics,
     load_base_perplexities,
-    metrics_json,
     prepare_output_dir,
     save_base_perplexities,
+    write_run_files,
 )
-from mft_plugin.train.safety import SKIPPED_KEY, check_finite_weights, skipped_steps
+from mft_plugin.train.safety import check_finite_weights
 from mft_plugin.train.signals import StopOnSignal, TrainingInterrupted
 from mft_plugin.train.stopping import stopping_callbacks
 from mft_plugin.train.trainer import MFTTrainer
 
 EVALUATIONS_PER_RUN = 10
-SPEC_METRIC = f"eval_{SPEC}_ppl"
 # transformers renamed `gradient_checkpointing` to `activation_checkpointing` (the old name stays an alias
 # until v6); our floor, 5.16 (Axolotl 0.19's), knows only the old one
 CHECKPOINTING_ARGUMENT = next(
@@ -253,10 +250,9 @@ def _run(config: MFTConfigBase, registry: Registry) -> dict[str, Any]:
     if config.merge_adapter and trainer.is_world_process_zero():
         save_merged_model(config, output_dir, output_dir / MERGED_DIR)
     trainer.save_state()  # trainer_state.json: every evaluation, for the curves of `mft-run report`
-    metrics = _final_metrics(trainer, train_metrics)
+    metrics = final_metrics(trainer, train_metrics)
     if trainer.is_world_process_zero():
-        atomic_write_text(output_dir / "config.yml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-        atomic_write_text(output_dir / METRICS_FILE, metrics_json(metrics))
+        write_run_files(output_dir, config.model_dump(mode="json"), metrics)
     registry.notify("mft_run_end", config=config, output_dir=str(output_dir), metrics=metrics)
     return metrics
 
@@ -281,20 +277,3 @@ def _train(trainer: MFTTrainer, config: MFTConfigBase, output_dir: Path) -> dict
         raise TrainingInterrupted(stop.received or signal.SIGTERM, step, str(saved))
     return result.metrics
 
-
-def _final_metrics(trainer: MFTTrainer, train_metrics: dict[str, float]) -> dict[str, Any]:
-    """Base perplexities, the selected (best) evaluation with its S/DG/DG/S, and training stats."""
-    metrics: dict[str, Any] = {f"base_{k}_ppl": v for k, v in trainer.base_perplexities.items()}
-    metrics.update(train_metrics)
-    metrics[SKIPPED_KEY] = skipped_steps(trainer.state.log_history)
-    best = best_evaluation(trainer.state.log_history, trainer.state.best_model_checkpoint)
-    if best is None and trainer.eval_sets:  # no evaluation, or none within the budget: the final model's
-        best = trainer.paper_evaluation()
-    metrics.update(best or {})
-    evaluations = [entry for entry in trainer.state.log_history if SPEC_METRIC in entry]
-    stopped_early = trainer.state.global_step < trainer.state.max_steps
-    if evaluations and stopped_early and (reason := trainer.budget.stop_reason(evaluations[-1])):
-        metrics["stopped_by"] = reason  # max_degeneralization or target_specialization
-    if best and trainer.budget.max_degeneralization is not None:
-        metrics["within_budget"] = trainer.budget.admits(best)
-    return metrics
