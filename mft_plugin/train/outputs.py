@@ -7,8 +7,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from mft_plugin.config.adapters import QuantizationKeys
 from mft_plugin.config.schema import MFTConfigBase
 from mft_plugin.files import atomic_write_text, fingerprint
+from mft_plugin.models.precision import precision_name
 from mft_plugin.train.launch import is_main_process
 
 BASE_PPL_FILE = "base_perplexity.json"
@@ -40,7 +42,8 @@ def prepare_output_dir(config: MFTConfigBase, create: bool = True) -> Path:
 
 
 def base_key(config: MFTConfigBase) -> str:
-    """Hash of what the base perplexities depend on: the base model and the evaluation data.
+    """Hash of what the base perplexities depend on: the base model, how it is held and computed
+    (precision, quantization, the loss path the evaluation shares), and the evaluation data.
 
     The files themselves are hashed (:func:`fingerprint`), not only their names: a model folder or a
     data file replaced in place makes the cache stale. The training data, ``val_set_size`` and
@@ -59,6 +62,9 @@ def base_key(config: MFTConfigBase) -> str:
         "spec": [d.model_dump() for d in eval_specs],
         "split": {"val_set_size": config.val_set_size, "seed": config.seed} if split_off_training_data else None,
         "general": [d.model_dump() for d in config.general_eval_datasets or []],
+        "precision": precision_name(config.bf16, config.fp16),
+        "quantization": {key: getattr(config, key) for key in QuantizationKeys.model_fields},
+        "loss_impl": config.loss_impl,
     }
     return fingerprint(*sources, settings=relevant)
 
