@@ -228,3 +228,22 @@ def test_runs_with_the_hidden_state_cache_and_online_train_alike_and_share_one_c
     assert cached[0]["train_loss"] == pytest.approx(online["train_loss"], rel=1e-5)
     assert cached[1]["train_loss"] == cached[0]["train_loss"]
     assert len(list((tmp_path / "caches").iterdir())) == 1
+
+
+def test_with_an_adapter_the_hidden_state_cache_uses_the_shared_base_head(tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from mft_plugin.teacher.sources import SharedBaseTeacher
+
+    student = get_peft_model(tiny_llama(0), LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    teacher, data, layout = SharedBaseTeacher(student), blocks(), HiddenStates()
+    write_cache(teacher, data, COLLATOR, tmp_path / "cache", layout)
+    cache = layout.open(open_fields(tmp_path / "cache", layout.kind), student)
+    assert cache.shared_head is output_head(student) and cache.weight is None  # no copy of the head
+    batch = training_batch(data, [4, 1])
+    labels = shift_for_causal_lm(batch["labels"])
+    online, stored = teacher.targets(batch), cache.targets(batch)
+    assert torch.equal(stored.weight, online.weight)
+    torch.testing.assert_close(stored.hidden, online.hidden, rtol=1e-6, atol=1e-6)
+    fused = ChunkedLoss(get_objective("mft"), output_head(student), chunk_size=5)
+    torch.testing.assert_close(fused(student, cache, batch, labels), fused(student, teacher, batch, labels), rtol=1e-5, atol=1e-6)
