@@ -9,7 +9,7 @@ minifinetuned on the legal corpus, evaluated on the legal and general validation
 metrics), logging every step, with the online teacher and each cache.
 
     OMP_NUM_THREADS=1 python bench/bench_cache_quality.py                  # float32: online, hidden, top-64
-    OMP_NUM_THREADS=1 python bench/bench_cache_quality.py --bf16 --top-k   # bf16 autocast: online, hidden
+    OMP_NUM_THREADS=1 python bench/bench_cache_quality.py --bf16 --top-k --max-steps 10   # bf16 autocast (slow on CPU)
 """
 
 from __future__ import annotations
@@ -39,10 +39,12 @@ def step_losses(output_dir: Path) -> list[float]:
     return [entry["loss"] for entry in history if "loss" in entry]
 
 
-def run_variant(data: dict[str, Any], top_k: int | None, cached: bool, work: Path, bf16: bool) -> dict[str, Any]:
+def run_variant(data: dict[str, Any], top_k: int | None, cached: bool, work: Path, bf16: bool, steps: int) -> dict[str, Any]:
     """The quickstart's final metrics and per-step losses, online or with a cache (``top_k`` None: hidden states)."""
     name = "online" if not cached else f"cache-k{top_k}" if top_k else "cache-hidden"
     config = {**data, "base_model": str(REPO / data["base_model"]), "output_dir": str(work / name), "logging_steps": 1, "bf16": bf16}
+    if steps != data["max_steps"]:
+        config.update(max_steps=steps, eval_steps=steps, save_steps=steps, warmup_steps=min(data["warmup_steps"], steps // 2))
     for key in ("datasets", "test_datasets", "general_eval_datasets"):
         config[key] = [{**spec, "path": str(REPO / spec["path"])} for spec in data[key]]
     if cached:
@@ -60,12 +62,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--top-k", type=int, nargs="*", default=[64], help="top-k caches to compare too")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (results in cache_quality-bf16-*.md)")
+    parser.add_argument("--max-steps", type=int, default=None, help="shorten the quickstart (default: as it is)")
     args = parser.parse_args()
     data, _ = read_yaml(QUICKSTART)
+    steps = args.max_steps or data["max_steps"]
     variants = [("online", None, False), ("hidden-state cache (exact)", None, True)]
     variants += [(f"top-{k} cache", k, True) for k in args.top_k]
     with tempfile.TemporaryDirectory(prefix="mft-bench-cache-") as folder:
-        results = {label: run_variant(data, k, cached, Path(folder), args.bf16) for label, k, cached in variants}
+        results = {label: run_variant(data, k, cached, Path(folder), args.bf16, steps) for label, k, cached in variants}
     online = results["online"]
     rows = []
     for label, r in results.items():
@@ -77,7 +81,7 @@ def main() -> None:
         ])  # fmt: skip
     precision = "bf16 autocast" if args.bf16 else "float32"
     sections = [
-        (f"yaml_examples/quickstart.yml ({data['max_steps']} steps, seq {data['sequence_len']}, batch "
+        (f"yaml_examples/quickstart.yml ({steps} steps, seq {data['sequence_len']}, batch "
         f"{data['micro_batch_size']}, tau {data['objective']['tau']}, logging every step) on the shipped reference "
         f"model, {precision}; S, DG, DG/S of the best checkpoint (by specialized perplexity), as `mft-run` reports "
         "them. Per-step loss: the largest relative difference of a step's logged training loss from the online "
