@@ -4,12 +4,14 @@ One step is ``MFTTrainer.compute_loss`` (the trainer's own loss path: teacher, o
 naive head) + backward + an AdamW step, on a fixed batch of random tokens. Models are built from
 configs (no downloads): the shipped reference model's architecture and a larger one.
 
-Goals (issue 6): full-finetuning MFT step / FT step <= 1.40 with an online teacher (the floor is
-about 1.33: one more forward against a forward + backward) and <= 1.10 with the teacher cache;
+Goals (issues 6, 13): full-finetuning MFT step / FT step <= 1.40 with an online teacher (the floor is
+about 1.33: one more forward against a forward + backward) and <= 1.10 with the exact (hidden-state)
+teacher cache, whose disk size per token is reported beside the top-64 cache's;
 LoRA+MFT peak memory / LoRA+FT <= 1.10, QLoRA likewise; and how step time and memory grow with the
 sequence length and the vocabulary.
 
     OMP_NUM_THREADS=1 python bench/bench_step.py      # CPU, a few minutes
+    OMP_NUM_THREADS=1 python bench/bench_step.py --only step-time   # bench/results/step-time-cpu.md
     python bench/bench_step.py --gpu-paper-size        # on a GPU: a ~270M model in bfloat16
 """
 
@@ -36,7 +38,9 @@ from mft_plugin.data.batches import PaddingCollator
 from mft_plugin.models.loading import keep_4bit_layout_on_cpu
 from mft_plugin.teacher.sources import FrozenCopyTeacher, SharedBaseTeacher
 from mft_plugin.data.batches import ROW_COLUMN
-from mft_plugin.teacher.cache import TeacherCache, write_cache
+from mft_plugin.teacher.cache import open_fields, write_cache
+from mft_plugin.teacher.hidden_states import HiddenStates
+from mft_plugin.teacher.top_k import TopK
 from mft_plugin.train.trainer import MFTTrainer
 
 SHIPPED = REPO / "models" / "mft-tiny-llama"
@@ -95,14 +99,27 @@ def with_lora(model: torch.nn.Module) -> torch.nn.Module:
     return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
 
 
-def teacher_cache(shape: Shape, model: torch.nn.Module, top_k: int) -> TeacherCache:
+CACHES = {"MFT hidden cache": None, "MFT top-64 cache": 64}  # variant: top_k (None: the exact hidden states)
+
+
+def cache_folder(shape: Shape, top_k: int | None) -> Path:
+    return WORK / f"cache-{shape.name.replace(' ', '_')}-{top_k or 'hidden'}"
+
+
+def teacher_cache(shape: Shape, model: torch.nn.Module, top_k: int | None) -> Any:
     """The cache of the benchmark batch's blocks, built with a frozen copy that is then dropped."""
     rows = batch(shape)["input_ids"].tolist()
-    folder = WORK / f"cache-{shape.name.replace(' ', '_')}-{top_k}"
+    folder, layout = cache_folder(shape, top_k), TopK(top_k) if top_k is not None else HiddenStates()
     if not folder.exists():
         write_cache(FrozenCopyTeacher(copy.deepcopy(model)), Dataset.from_dict({"input_ids": rows}),
-                    PaddingCollator(pad_token_id=0), folder, top_k)  # fmt: skip
-    return TeacherCache(folder)
+                    PaddingCollator(pad_token_id=0), folder, layout)  # fmt: skip
+    return layout.open(open_fields(folder, layout.kind), model)
+
+
+def disk_bytes_per_token(shape: Shape, top_k: int | None) -> float:
+    """The cache's per-token arrays (the frozen head, a fixed V x H, excluded) over the tokens they hold."""
+    files = [f for f in cache_folder(shape, top_k).glob("*.npy") if not f.name.startswith("head_")]
+    return sum(f.stat().st_size for f in files) / (shape.batch * shape.seq)
 
 
 def trainer_step(model: torch.nn.Module, objective: str, teacher: Any, fused: bool, inputs: dict) -> Callable[[], None]:
@@ -122,7 +139,7 @@ def trainer_step(model: torch.nn.Module, objective: str, teacher: Any, fused: bo
     return step
 
 
-def variant(shape: Shape, kind: str, top_k: int = 64) -> tuple[torch.nn.Module, str, Any]:
+def variant(shape: Shape, kind: str) -> tuple[torch.nn.Module, str, Any]:
     """(student, objective, teacher) of a named variant: FT, MFT online, MFT cache, LoRA/QLoRA +FT/+MFT."""
     adapter, _, objective = kind.partition("+")
     if adapter in ("LoRA", "QLoRA"):
@@ -131,8 +148,8 @@ def variant(shape: Shape, kind: str, top_k: int = 64) -> tuple[torch.nn.Module, 
     student = load(shape).to(device())
     if kind == "FT":
         return student, "ft", None
-    if kind == "MFT cache":
-        return student, "mft", teacher_cache(shape, student, top_k).to(device())
+    if kind in CACHES:
+        return student, "mft", teacher_cache(shape, student, CACHES[kind]).to(device())
     return student, "mft", FrozenCopyTeacher(copy.deepcopy(student))
 
 
@@ -155,21 +172,26 @@ def ratio(result: dict[str, dict[str, float]], a: str, b: str, key: str) -> str:
 
 
 def step_time_section(shapes: list[Shape], repeats: int) -> str:
-    """Goal 3. The cache needs the chunked loss, so the naive rows (for reference) have none."""
+    """Goal 3. The caches need the chunked loss, so the naive rows (for reference) have none."""
     rows = []
     for shape in shapes:
         for fused in (True, False):
-            kinds = ["FT", "MFT online", "MFT cache"] if fused else ["FT", "MFT online"]
+            kinds = ["FT", "MFT online", *CACHES] if fused else ["FT", "MFT online"]
             r = measure(shape, kinds, fused, repeats)
-            cache = ["-", "-"]
+            cache = ["-"] * 6
             if fused:
-                cache = [f"{r['MFT cache']['seconds'] * 1e3:,.0f}", f"{ratio(r, 'MFT cache', 'FT', 'seconds')} (<= 1.10)"]
+                cache = [
+                    f"{r['MFT hidden cache']['seconds'] * 1e3:,.0f}", f"{ratio(r, 'MFT hidden cache', 'FT', 'seconds')} (<= 1.10)",
+                    f"{disk_bytes_per_token(shape, None):,.0f}", f"{r['MFT top-64 cache']['seconds'] * 1e3:,.0f}",
+                    ratio(r, "MFT top-64 cache", "FT", "seconds"), f"{disk_bytes_per_token(shape, 64):,.0f}",
+                ]  # fmt: skip
             rows.append([
                 shape.name, "chunked (auto)" if fused else "naive", f"{r['FT']['seconds'] * 1e3:,.0f}",
                 f"{r['MFT online']['seconds'] * 1e3:,.0f}", f"{ratio(r, 'MFT online', 'FT', 'seconds')} (<= 1.40)",
                 *cache, f"{shape.batch * shape.seq / r['FT']['seconds']:,.0f}",
             ])  # fmt: skip
-    header = ["model", "loss", "FT ms", "MFT online ms", "MFT online / FT", "MFT cache (top-64) ms", "MFT cache / FT",
+    header = ["model", "loss", "FT ms", "MFT online ms", "MFT online / FT", "MFT hidden cache ms", "MFT hidden cache / FT",
+              "hidden cache bytes/token", "MFT top-64 cache ms", "MFT top-64 / FT", "top-64 bytes/token",
               "FT tokens/s"]  # fmt: skip
     return "## Full-finetuning step time\n\n" + markdown_table(header, rows)
 
@@ -209,6 +231,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--gpu-paper-size", action="store_true", help="a ~270M model, batch 8 x 1024 (needs a GPU)")
+    parser.add_argument("--only", choices=["step-time"], help="one section, written to bench/results/step-time-*.md")
     args = parser.parse_args()
     shipped = Shape("shipped 4.2M (V 4k)", 256, 4, 4096, batch=4, seq=256)
     larger = Shape("larger 29M (V 32k)", 512, 4, 32768, batch=2, seq=256, heads=8)
@@ -219,13 +242,17 @@ def main() -> None:
         (f"Medians of {args.repeats} interleaved steps; random tokens; {shapes[0].dtype} weights; AdamW over the trainable "
         "parameters. Peak memory: the variant's live tensors after a first step (weights, teacher, gradients, "
         "optimizer states) plus the extra bytes its step allocates at its peak (bench/_harness.py). "
-        "The teacher cache holds the top 64 probabilities per token."),
+        "The hidden cache holds the teacher's final hidden states (exact; its frozen head, V x H, not counted per "
+        "token); the top-64 cache the top 64 probabilities per token."),
         step_time_section(shapes, args.repeats),
-        adapter_memory_section(shapes, args.repeats),
-        scale_section(Shape("small", 256, 4, 4096, batch=2, seq=256), [128, 256, 512, 1024], [4096, 16384, 65536, 131072],
-                      args.repeats),
     ]  # fmt: skip
-    write_results("step", "Training-step time and memory (bench/bench_step.py)", sections)
+    if args.only is None:
+        sections += [
+            adapter_memory_section(shapes, args.repeats),
+            scale_section(Shape("small", 256, 4, 4096, batch=2, seq=256), [128, 256, 512, 1024],
+                          [4096, 16384, 65536, 131072], args.repeats),
+        ]  # fmt: skip
+    write_results(args.only or "step", "Training-step time and memory (bench/bench_step.py)", sections)
     shutil.rmtree(WORK, ignore_errors=True)
 
 

@@ -38,16 +38,18 @@ BLOCKS = [[1, 4, 2, 6, 3], [5, 5, 0, 2], [6, 1, 1, 3, 0, 4]]
 
 
 def hand_fisher(model: ToyLM) -> dict[str, torch.Tensor]:
-    """F_i = mean over blocks of (d/d theta_i of the block's mean next-token NLL)^2, the NLL spelled out."""
+    """F_i = sum over blocks of (d/d theta_i of the block's summed next-token NLL)^2, over all their
+    next-token predictions; the NLL spelled out."""
     squares = {name: torch.zeros_like(p) for name, p in model.named_parameters() if p.requires_grad}
     for block in BLOCKS:
         ids = torch.tensor(block)
         logits = model.head(torch.tanh(model.embed.weight[ids]))  # [seq, vocab]
         nll = [torch.logsumexp(logits[t], 0) - logits[t, ids[t + 1]] for t in range(len(block) - 1)]
-        grads = torch.autograd.grad(sum(nll) / len(nll), [model.head.weight, model.head.bias])
+        grads = torch.autograd.grad(sum(nll), [model.head.weight, model.head.bias])
         squares["head.weight"] += grads[0] ** 2
         squares["head.bias"] += grads[1] ** 2
-    return {name: s / len(BLOCKS) for name, s in squares.items()}
+    tokens = sum(len(block) - 1 for block in BLOCKS)
+    return {name: s / tokens for name, s in squares.items()}
 
 
 @pytest.fixture
@@ -99,15 +101,28 @@ def test_no_penalty_before_train_begin(corpora: dict[str, Path]) -> None:
     assert EWCMitigation(datasets=[{"path": str(corpora["general_train"])}]).penalty(ToyLM()) is None
 
 
-def test_minibatch_fisher_is_the_mean_of_squared_batch_gradients() -> None:
+def test_minibatch_fisher_is_the_squared_batch_gradient_per_token() -> None:
     model = ToyLM()
     blocks = Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5, 6]]})
     fisher = estimate_fisher(model, blocks, batch_size=2, pad_token_id=0)
     ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
     logits = model(ids).logits[:, :-1]
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 7), ids[:, 1:].reshape(-1))
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 7), ids[:, 1:].reshape(-1), reduction="sum")
     grad_bias = torch.autograd.grad(loss, model.head.bias)[0]
-    torch.testing.assert_close(fisher["head.bias"], grad_bias**2)
+    torch.testing.assert_close(fisher["head.bias"], grad_bias**2 / 4)
+
+
+def test_the_fisher_does_not_depend_on_the_block_length() -> None:
+    """The same six next-token predictions as one block of 7 tokens or three blocks of 3 (overlapping by
+    one). The toy model has no context, and every input token is distinct, so the per-token gradients
+    on the embedding fall on distinct rows (uncorrelated): the per-token Fisher is then the same for
+    both, where a Fisher of the mean NLL would be 3x larger for the short blocks."""
+    model = ToyLM()
+    model.embed.requires_grad_(True)
+    long = estimate_fisher(model, Dataset.from_dict({"input_ids": [[0, 1, 2, 3, 4, 5, 6]]}), 1, pad_token_id=0)
+    short = estimate_fisher(model, Dataset.from_dict({"input_ids": [[0, 1, 2], [2, 3, 4], [4, 5, 6]]}), 1, pad_token_id=0)
+    assert long["embed.weight"][:6].abs().min() > 0 and not long["embed.weight"][6].any()
+    torch.testing.assert_close(short["embed.weight"], long["embed.weight"], rtol=1e-6, atol=0)
 
 
 # --- with the real model, adapters and the saved Fisher -----------------------------------------

@@ -15,16 +15,22 @@ LossImpl = Literal["auto", "naive", "chunked"]
 
 
 class TeacherCacheConfig(BaseModel):
-    """``teacher_cache:``: the teacher's outputs computed once per training block and read from disk.
+    """``teacher_cache:``: the teacher computed once per training block and read from disk.
 
-    Per token: the exact p^T_l and p^T_max (so the correction weight is exact) and the ``top_k``
-    largest probabilities with their indices; the remaining mass is spread over the other tokens in
-    the student's own proportions, so that the distillation target stays a distribution.
+    By default (``teacher_cache: {}``) the teacher's final hidden states, one ``hidden_size`` vector per
+    token: p^T is recomputed from them and the frozen head inside the chunked loss, exactly the online
+    teacher's. ``top_k: k`` stores instead p^T_l, p^T_max and the k largest probabilities per token
+    (smaller on disk when hidden_size is large, no teacher head at training time), an approximation
+    of the distillation target's tail (README "Performance" states its bias).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    top_k: int = Field(64, ge=1, description="teacher probabilities kept per token (capped at the vocabulary size)")
+    top_k: int | None = Field(
+        None,
+        ge=1,
+        description="store the top_k teacher probabilities per token (an approximation) instead of the exact hidden states",
+    )
     path: str | None = Field(
         None,
         description="folder of caches, one per base model and data (default: output_dir/teacher_cache); share it across a sweep",

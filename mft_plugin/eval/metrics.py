@@ -17,6 +17,7 @@ from accelerate import Accelerator
 
 from mft_plugin.data.batches import model_inputs
 from mft_plugin.data.labels import shift_for_causal_lm, valid_mask
+from mft_plugin.loss.chunked import chunked_nll
 from mft_plugin.loss.corrected import nll_token_losses
 from mft_plugin.models.forms import eval_mode
 
@@ -24,15 +25,28 @@ SPEC, GENERAL = "spec", "general"
 
 
 @torch.no_grad()
-def perplexity(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], accelerator: Accelerator) -> float:
-    """Token-level perplexity of ``model`` over every batch (summed across processes)."""
+def perplexity(
+    model: torch.nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    accelerator: Accelerator,
+    head: torch.nn.Linear | None = None,
+) -> float:
+    """Token-level perplexity of ``model`` over every batch (summed across processes).
+
+    ``head``: the model's LM head when the loss is fused with it (:func:`mft_plugin.models.heads.fusable_head`):
+    the NLL is then computed through it chunk by chunk (:func:`mft_plugin.loss.chunked.chunked_nll`),
+    never from ``[batch, seq, vocab]`` logits; None: from the model's logits.
+    """
     total_nll = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     total_tokens = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     with eval_mode(model):
         for batch in batches:
             labels = shift_for_causal_lm(batch["labels"])
-            logits = model(**model_inputs(batch)).logits
-            per_row_nll = nll_token_losses(logits, labels).sum(dim=-1).double()
+            if head is not None:
+                token_nll = chunked_nll(model, head, batch, labels)
+            else:
+                token_nll = nll_token_losses(model(**model_inputs(batch)).logits, labels)
+            per_row_nll = token_nll.sum(dim=-1).double()
             per_row_tokens = valid_mask(labels).sum(dim=-1).double()
             # gather_for_metrics drops the samples accelerate duplicated to even out the last batch
             total_nll += accelerator.gather_for_metrics(per_row_nll).sum()

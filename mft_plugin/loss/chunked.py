@@ -6,14 +6,24 @@ paper's scale (16 x 2048 tokens, a 128k vocabulary) each is 16.8 GB in float32. 
 Liger-Kernel's fused linear cross-entropy, the loss starts from the student's final hidden states
 h ``[N, H]`` and the head weight W ``[V, H]`` and, for one chunk of tokens at a time, computes
 
-    z^S = h W^T,  p^T (from the teacher's hidden states and head, or the teacher cache),
+    z^S = h W^T (+ b),  p^T (from the teacher's hidden states and head, or the teacher cache),
     w = objective.label_weight(p^T_l, p^T_max)                      (paper Sec. 2 and 4)
     loss = (1 - w) CE(p^T, p^S) + w NLL_l(p^S)
     dloss/dz^S = softmax(z^S) - p^C,   p^C = (1 - w) p^T + w 1_l
-    dloss/dh = (dloss/dz^S) W,   dloss/dW += (dloss/dz^S)^T h
+    dloss/dh = (dloss/dz^S) W,   dloss/dW += (dloss/dz^S)^T h,   dloss/db += sum_tokens dloss/dz^S
 
 all in the forward pass; the backward pass only scales the saved gradients. Only a few
 ``[chunk, V]`` buffers live at a time, plus dloss/dh ``[N, H]`` and dloss/dW ``[V, H]``.
+
+dW is accumulated in the head weight's dtype (float32 master weights under mixed precision), each
+chunk's product g^T h computed in the compute dtype, as autocast's own backward of the head computes
+it: rounding a sum over N / chunk products to bfloat16 (8 significant bits) at every addition would
+lose the small updates of later chunks, while one rounding per chunk's product is what the plain path
+does per micro-batch too.
+
+Masking is ``where``-style (``masked_fill``, ``nansum``), never a multiplication by 0: a vocabulary
+entry both models give -inf is 0 * (-inf) = NaN in CE(p^T, p^S), and a NaN at an ignored position
+would survive a multiplication by the mask.
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ import torch
 from mft_plugin.config.schema import MFTConfigBase
 from mft_plugin.data.batches import RowRouting
 from mft_plugin.data.labels import valid_mask
-from mft_plugin.models.heads import UnfusableError, default_chunk_size, forward_hidden, output_head
+from mft_plugin.models.heads import UnfusableError, default_chunk_size, forward_hidden, fusable_head
 from mft_plugin.strategy import Objective
 from mft_plugin.teacher.sources import Teacher
 from mft_plugin.teacher.views import TeacherView, matmul_into
@@ -36,7 +46,7 @@ from mft_plugin.teacher.views import TeacherView, matmul_into
 class _Problem:
     """The fixed inputs of one fused loss: what every chunk reads."""
 
-    objective: Objective
+    objective: Objective | None  # None: plain NLL (evaluation)
     teacher: TeacherView | None
     labels: torch.Tensor  # [N], ignored ones replaced by 0
     valid: torch.Tensor  # [N] bool
@@ -66,7 +76,8 @@ def _chunk_losses(
     w = problem.objective.label_weight(problem.teacher.chunk(rows, labels, p_teacher, log_p_student)).to(nll.dtype)
     if problem.nll_rows is not None:
         w = w.masked_fill(problem.nll_rows[rows], 1.0)
-    distill = -torch.mul(p_teacher, log_p_student, out=buffers.product[:n]).sum(dim=1)  # CE(p^T, p^S)
+    # CE(p^T, p^S); nansum: 0 * log 0 = 0 where both models give an entry -inf (NaN only from that product)
+    distill = -torch.mul(p_teacher, log_p_student, out=buffers.product[:n]).nansum(dim=1)
     return (1.0 - w) * distill + w * nll, w, p_teacher
 
 
@@ -84,52 +95,68 @@ class _FusedCorrectedCrossEntropy(torch.autograd.Function):
     """Per-token losses ``[N]`` with their gradients computed in the forward pass.
 
     The backward pass is exact for dloss/dh with any upstream per-token gradient (a token's loss
-    depends only on its own hidden state) and for dloss/dW when that gradient is the same for every
-    labelled token (a sum or a mean, which is how the trainer reduces them).
+    depends only on its own hidden state) and for dloss/dW, dloss/db when that gradient is the same
+    for every labelled token (a sum or a mean, which is how the trainer reduces them).
     """
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, problem: _Problem, chunk_size: int):
-        want_hidden, want_weight = ctx.needs_input_grad[:2]
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, problem: _Problem, chunk_size: int):
+        want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
         accumulate = torch.promote_types(hidden.dtype, torch.float32)
         head = weight.to(problem.compute_dtype)
         rows_per_chunk = min(chunk_size, hidden.shape[0])
         buffers = _Buffers(rows_per_chunk, weight.shape[0], accumulate, hidden.device, problem.teacher is not None)
         token_losses = hidden.new_zeros(hidden.shape[0], dtype=accumulate)
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        grad_weight = None
-        if want_weight:
-            grad_weight = weight.new_zeros(weight.shape, dtype=torch.promote_types(weight.dtype, accumulate))
+        grad_weight = weight.new_zeros(weight.shape, dtype=torch.promote_types(weight.dtype, accumulate)) if want_weight else None
+        grad_bias = bias.new_zeros(bias.shape, dtype=torch.promote_types(bias.dtype, accumulate)) if want_bias else None
         with torch.autocast(hidden.device.type, enabled=False):  # the dtypes here are explicit
             for start in range(0, hidden.shape[0], chunk_size):
                 rows = slice(start, start + chunk_size)
                 h = hidden[rows].to(problem.compute_dtype)
                 log_p_student = matmul_into(buffers.student[: h.shape[0]], h, head.T)  # z^S [n, V]
+                if bias is not None:
+                    log_p_student.add_(bias)
                 torch.log_softmax(log_p_student, dim=1, out=log_p_student)
                 losses, w, p_teacher = _chunk_losses(problem, rows, log_p_student, buffers)
-                token_losses[rows] = losses.masked_fill(~problem.valid[rows], 0.0)
-                if grad_hidden is None and grad_weight is None:
+                valid = problem.valid[rows]
+                token_losses[rows] = losses.masked_fill(~valid, 0.0)
+                if grad_hidden is None and grad_weight is None and grad_bias is None:
                     continue
-                grad = _softmax_minus_target_(log_p_student.exp_(), p_teacher, w, problem.labels[rows], problem.valid[rows])
+                grad = _softmax_minus_target_(log_p_student.exp_(), p_teacher, w, problem.labels[rows], valid)
                 if grad_hidden is not None:
                     matmul_into(grad_hidden[rows], grad.to(head.dtype), head)
-                if grad_weight is not None:
-                    grad_weight.addmm_(grad.T, hidden[rows].to(grad_weight.dtype))
-        ctx.save_for_backward(grad_hidden, grad_weight, problem.valid)
-        ctx.weight_dtype = weight.dtype
+                if grad_weight is not None:  # h of ignored tokens zeroed: 0 * NaN there would poison all of dW
+                    _accumulate_product(grad_weight, grad, h.masked_fill(~valid.unsqueeze(1), 0.0))
+                if grad_bias is not None:
+                    grad_bias.add_(grad.sum(dim=0))
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, problem.valid)
+        ctx.dtypes = weight.dtype, None if bias is None else bias.dtype
         return token_losses
 
     @staticmethod
     def backward(ctx: Any, grad_tokens: torch.Tensor):
-        grad_hidden, grad_weight, valid = ctx.saved_tensors
+        grad_hidden, grad_weight, grad_bias, valid = ctx.saved_tensors
         if grad_hidden is not None:
             grad_hidden = grad_hidden * grad_tokens.unsqueeze(1).to(grad_hidden.dtype)
-        if grad_weight is not None:
+        if grad_weight is not None or grad_bias is not None:
             scale = _uniform_scale(grad_tokens, valid)
-            if bool(scale != 1):  # in place: a [V, H] copy would cost more than all the chunks; no double backward
-                grad_weight.mul_(scale)
-            grad_weight = grad_weight.to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None
+            for grad in (grad_weight, grad_bias):  # in place: a [V, H] copy would cost more than all the chunks
+                if grad is not None and bool(scale != 1):
+                    grad.mul_(scale)
+        weight_dtype, bias_dtype = ctx.dtypes
+        grad_weight = None if grad_weight is None else grad_weight.to(weight_dtype)
+        grad_bias = None if grad_bias is None else grad_bias.to(bias_dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None
+
+
+def _accumulate_product(total: torch.Tensor, grad: torch.Tensor, h: torch.Tensor) -> None:
+    """``total += grad^T h``: the product in ``h``'s (the compute) dtype, the sum in ``total``'s (see the
+    module docstring)."""
+    if h.dtype == total.dtype:
+        total.addmm_(grad.T, h)
+    else:
+        total.add_(grad.T.to(h.dtype) @ h)
 
 
 def _uniform_scale(grad_tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -149,30 +176,44 @@ def chunked_token_losses(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    objective: Objective,
+    objective: Objective | None,
     teacher: TeacherView | None,
     chunk_size: int | None = None,
     nll_rows: torch.Tensor | None = None,
     compute_dtype: torch.dtype | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token CE(p^C, p^S) ``[N]`` float32, 0 at ignored labels, as ``objective.token_losses`` gives
-    for logits ``hidden @ weight.T``, without ever holding ``[N, V]`` logits.
+    for logits ``hidden @ weight.T + bias``, without ever holding ``[N, V]`` logits.
 
-    ``hidden`` ``[N, H]``: the student's final hidden states; ``weight`` ``[V, H]``: its head;
-    ``labels`` ``[N]`` aligned with ``hidden`` (already shifted); ``teacher``: p^T chunk by chunk
-    (None for an objective that needs no teacher); ``nll_rows`` ``[N]`` bool: tokens whose weight is
-    w = 1 whatever the objective (plain NLL, e.g. replayed data); ``compute_dtype``: of the matmuls
-    (default ``hidden``'s; softmaxes and gradients are float32 whatever it is). Differentiable w.r.t.
-    ``hidden`` and ``weight``; reduce the result with a sum or a mean over labelled tokens.
+    ``hidden`` ``[N, H]``: the student's final hidden states; ``weight`` ``[V, H]`` and ``bias`` ``[V]``
+    (or None): its head; ``labels`` ``[N]`` aligned with ``hidden`` (already shifted); ``objective``:
+    None for plain NLL; ``teacher``: p^T chunk by chunk (None for an objective that needs no teacher);
+    ``nll_rows`` ``[N]`` bool: tokens whose weight is w = 1 whatever the objective (plain NLL, e.g.
+    replayed data); ``compute_dtype``: of the matmuls (default ``hidden``'s; softmaxes and gradients
+    are float32 whatever it is). Differentiable w.r.t. ``hidden``, ``weight`` and ``bias``; reduce the
+    result with a sum or a mean over labelled tokens.
     """
-    if teacher is None and objective.needs_teacher:
+    if teacher is None and objective is not None and objective.needs_teacher:
         raise ValueError(f"objective {objective.name!r} needs a teacher")
     valid = valid_mask(labels)
     problem = _Problem(
         objective, teacher, labels.masked_fill(~valid, 0), valid, nll_rows, compute_dtype or hidden.dtype
     )
-    chunk_size = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0], teacher is not None)
-    return _FusedCorrectedCrossEntropy.apply(hidden, weight, problem, chunk_size)
+    chunk_size = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0], teacher is not None, weight.shape[1])
+    return _FusedCorrectedCrossEntropy.apply(hidden, weight, bias, problem, chunk_size)
+
+
+@torch.no_grad()
+def chunked_nll(model: torch.nn.Module, head: torch.nn.Linear, batch: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """Plain NLL per token ``[batch, seq]`` of ``model`` on ``batch`` (``labels`` already shifted) through
+    the chunked head: the evaluation never needs more memory than a training step."""
+    captured = forward_hidden(model, head, batch)
+    losses = chunked_token_losses(
+        captured.hidden.flatten(0, -2), head.weight, labels.flatten(), None, None,
+        compute_dtype=captured.compute_dtype, bias=head.bias,
+    )
+    return losses.view_as(labels)
 
 
 def is_label_weight_objective(objective: Objective) -> bool:
@@ -205,7 +246,7 @@ class ChunkedLoss:
         token_nll = nll_rows.unsqueeze(1).expand_as(labels).flatten() if nll_rows is not None else None
         losses = chunked_token_losses(
             captured.hidden.flatten(0, -2), self.head.weight, labels.flatten(), self.objective, view,
-            self.chunk_size, token_nll, captured.compute_dtype,
+            self.chunk_size, token_nll, captured.compute_dtype, self.head.bias,
         )
         return losses.view_as(labels)
 
@@ -216,7 +257,7 @@ def select_loss_impl(config: MFTConfigBase, objective: Objective, model: torch.n
 
     It does not apply under fsdp/deepspeed (the head weight is sharded outside its module's
     forward), to objectives outside the label-weight family, or to models whose logits are not
-    ``hidden @ head.weight.T``.
+    ``hidden @ head.weight.T + head.bias``, which a probe forward measures (:func:`fusable_head`).
     """
     if config.loss_impl == "naive":
         return None
@@ -225,7 +266,7 @@ def select_loss_impl(config: MFTConfigBase, objective: Objective, model: torch.n
             raise UnfusableError(f"the run shards parameters ({config.engine_name})")
         if not is_label_weight_objective(objective):
             raise UnfusableError(f"objective {objective.name!r} overrides token_losses (not a label-weight objective)")
-        return ChunkedLoss(objective, output_head(model))
+        return ChunkedLoss(objective, fusable_head(model))
     except UnfusableError as error:
         if config.teacher_cache is not None and objective.needs_teacher:
             raise UnfusableError(f"teacher_cache needs the chunked loss, which cannot be used: {error}") from None

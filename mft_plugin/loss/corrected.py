@@ -13,7 +13,8 @@ target against the student's distribution p^S gives
 so the loss never needs p^C itself, and its gradient w.r.t. the student logits is
 softmax(z^S) - p^C. This module holds that expansion once, in float32 whatever the model
 dtype (float64 inputs stay float64, e.g. for gradcheck), so each objective module only states
-its ``w``.
+its ``w``. Masks select (``torch.where``), never multiply: 0 * log p^S is 0 where both models give
+a vocabulary entry -inf (p^T = 0), and a NaN or inf at an ignored position gives a loss of exactly 0.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def nll_token_losses(student_logits: torch.Tensor, labels: torch.Tensor) -> torc
     """Plain finetuning loss per token, ``[batch, seq]`` float32, 0 where the label is ignored."""
     log_p_student = torch.log_softmax(upcast(student_logits), dim=-1)
     nll = -log_p_student.gather(-1, safe_labels(labels).unsqueeze(-1)).squeeze(-1)
-    return nll * valid_mask(labels)
+    return torch.where(valid_mask(labels), nll, 0.0)
 
 
 def corrected_token_losses(
@@ -57,10 +58,10 @@ def corrected_token_losses(
     """
     log_p_student = torch.log_softmax(upcast(student_logits), dim=-1)
     p_teacher = torch.softmax(upcast(teacher_logits.detach()), dim=-1)
-    distill = -(p_teacher * log_p_student).sum(dim=-1)  # CE(p^T, p^S), [batch, seq]
+    distill = -torch.where(p_teacher > 0, p_teacher * log_p_student, 0.0).sum(dim=-1)  # CE(p^T, p^S), [batch, seq]
     nll = -log_p_student.gather(-1, safe_labels(labels).unsqueeze(-1)).squeeze(-1)
     w = label_weight.detach().to(log_p_student.dtype)
-    return ((1.0 - w) * distill + w * nll) * valid_mask(labels)
+    return torch.where(valid_mask(labels), (1.0 - w) * distill + w * nll, 0.0)
 
 
 def masked_mean(token_losses: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

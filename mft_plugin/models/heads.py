@@ -1,8 +1,10 @@
 """The model side of the fused loss: the LM head, and the final hidden states that feed it.
 
-The chunked loss (:mod:`mft_plugin.loss.chunked`), the teacher (:mod:`mft_plugin.teacher`) and the
-teacher cache all compute logits as ``hidden @ head.weight.T``, a chunk of tokens at a time. This
-module finds that head, captures its input during a model's own forward, and sizes the chunks.
+The chunked loss (:mod:`mft_plugin.loss.chunked`), the teacher (:mod:`mft_plugin.teacher`), the
+teacher cache and the evaluation all compute logits as ``hidden @ head.weight.T (+ head.bias)``, a
+chunk of tokens at a time. This module finds that head, proves on a probe forward that the model's
+logits are exactly that (:func:`fusable_head`), captures its input during a model's own forward, and
+sizes the chunks.
 """
 
 from __future__ import annotations
@@ -14,41 +16,99 @@ from dataclasses import dataclass
 import torch
 
 from mft_plugin.data.batches import model_inputs
+from mft_plugin.models.forms import eval_mode
 
-# A chunk's float32 ``[chunk, V]`` buffers hold max(CHUNK_BUDGET_BYTES, MIN_CHUNK_ROWS x V x 4) bytes in
-# all (at most the batch's tokens' worth), whatever the objective: so the chunked MFT loss has the
-# peak memory of the fused plain cross-entropy (one buffer, three times the rows). The floor keeps
-# >= 128 rows per MFT chunk, for the update dW += g^T h reads and writes all of dW [V, H] per chunk.
+# Chunk rows follow the V/H ratio as in Liger-Kernel's fused linear cross-entropy: a [rows, V] buffer
+# then holds about as many numbers as the [N, H] hidden states, so the loss never needs more memory
+# than the activations it reads. On a CPU (small N, or V/H in the hundreds) that would give a few rows
+# per chunk, and each chunk's update dW += g^T h reads and writes all of dW [V, H]: the rows never go
+# below the old floor, max(CHUNK_BUDGET_BYTES of float32 buffers, MIN_CHUNK_ROWS), which is what the
+# CPU benchmarks were measured with.
 CHUNK_BUDGET_BYTES = 32 << 20
 MIN_CHUNK_ROWS = 384
-# Config keys of models whose forward changes the logits after the head (softcapping, scaling):
-# the fused path computes h W^T only, so those models take the plain path.
+# Config keys of models known to change the logits after the head (softcapping, scaling). A probe
+# forward (:func:`fusable_head`) catches the others; these are refused even where the probe's logits
+# are too small for the change to show (a softcap is nearly the identity near 0).
 LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+PROBE_TOKENS = 16
+# Relative tolerance of the probe: the head's own matmul against ours in the same dtype (cuBLAS/oneDNN may
+# pick other kernels for other shapes); a logit scale or softcap is off by far more.
+PROBE_RTOL = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
 class UnfusableError(ValueError):
     """The chunked path cannot reproduce this model's or objective's loss (the reason says why)."""
 
 
-def default_chunk_size(tokens: int, vocab: int, with_teacher: bool) -> int:
-    """Tokens per chunk, so that the chunk's buffers fit the budget (see ``CHUNK_BUDGET_BYTES``):
-    with a teacher, three buffers of a third of the rows plain cross-entropy's single one has."""
-    buffer_rows = min(tokens, max(CHUNK_BUDGET_BYTES // (4 * vocab), MIN_CHUNK_ROWS))
+def default_chunk_size(tokens: int, vocab: int, with_teacher: bool, hidden_size: int | None = None) -> int:
+    """Tokens per chunk (see ``CHUNK_BUDGET_BYTES``): buffer rows from the V/H ratio (Liger-Kernel:
+    the next power of 2 of N / ceil(V / H)), at least the old floor; with a teacher, three buffers
+    of a third of the rows plain cross-entropy's single one has (the same peak memory)."""
+    floor = max(CHUNK_BUDGET_BYTES // (4 * vocab), MIN_CHUNK_ROWS)
+    liger = 0
+    if hidden_size:
+        per_chunk = -(-tokens // -(-vocab // hidden_size))
+        liger = 1 << max(per_chunk - 1, 0).bit_length()
+    buffer_rows = min(tokens, max(liger, floor))
     return max(1, -(-buffer_rows // (3 if with_teacher else 1)))
 
 
 def output_head(model: torch.nn.Module) -> torch.nn.Linear:
-    """The model's LM head if its logits are exactly ``hidden @ head.weight.T``; else UnfusableError."""
+    """The model's LM head if it is a plain ``torch.nn.Linear`` (with or without bias) and no known
+    config key changes the logits after it; else UnfusableError. :func:`fusable_head` also measures."""
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
-    if type(head) is not torch.nn.Linear or head.bias is not None:
+    if type(head) is not torch.nn.Linear:
+        name = f"{type(head).__module__}.{type(head).__qualname__}"
+        raise UnfusableError(f"its output layer is {name}, not a torch.nn.Linear (e.g. an adapter on lm_head)")
+    configs = [getattr(model, "config", None)]
+    get_text_config = getattr(configs[0], "get_text_config", None)
+    if callable(get_text_config):
+        configs.append(get_text_config())
+    for config in configs:
+        for key in LOGIT_POSTPROCESSING:
+            if getattr(config, key, None) not in (None, 1, 1.0):
+                raise UnfusableError(f"its config sets {key} = {getattr(config, key)} (logits are changed after the head)")
+    return head
+
+
+def head_logits(hidden: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
+    """``hidden @ head.weight.T (+ head.bias)`` in ``hidden``'s dtype: the logits the fused path assumes."""
+    bias = None if head.bias is None else head.bias.to(hidden.dtype)
+    return torch.nn.functional.linear(hidden, head.weight.to(hidden.dtype), bias)
+
+
+@torch.no_grad()
+def fusable_head(model: torch.nn.Module) -> torch.nn.Linear:
+    """:func:`output_head`, once one probe forward shows that the model's logits are exactly the head
+    applied to its final hidden states (within the dtype's tolerance, ``PROBE_RTOL``).
+
+    A model that scales or caps its logits under a config key nobody listed (or in its ``forward``)
+    would otherwise train the fused loss on other logits than its own, silently.
+    """
+    head = output_head(model)
+    device = head.weight.device
+    tokens = min(PROBE_TOKENS, head.weight.shape[0])
+    input_ids = torch.arange(tokens, device=device).unsqueeze(0)
+    seen: list[torch.Tensor] = []
+    handle = head.register_forward_hook(lambda module, args, output: seen.append(args[0]))
+    try:
+        with eval_mode(model):
+            logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits
+    finally:
+        handle.remove()
+    if not seen:
+        raise UnfusableError("its forward never called its output layer")
+    expected = head_logits(seen[-1], head)[:, -logits.shape[1] :].float()
+    got = logits.float()
+    rtol = PROBE_RTOL.get(seen[-1].dtype, 2e-2)
+    error = (got - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    if got.shape != expected.shape or not error <= rtol * max(scale, 1e-6):
         raise UnfusableError(
-            f"its output layer is {type(head).__name__}, not a bias-free torch.nn.Linear (e.g. an adapter on lm_head)"
+            f"its logits are not its head applied to its final hidden states (probe forward: largest difference "
+            f"{error:.3g} at logits up to {scale:.3g}; the model changes them after the head)"
         )
-    config = getattr(model, "config", None)
-    for key in LOGIT_POSTPROCESSING:
-        if getattr(config, key, None) not in (None, 1, 1.0):
-            raise UnfusableError(f"its config sets {key} = {getattr(config, key)} (logits are changed after the head)")
     return head
 
 

@@ -1,31 +1,30 @@
-"""The teacher's outputs, computed once per training block and memory-mapped from disk (README "Performance").
+"""The teacher computed once per training block and memory-mapped from disk (README "Performance").
 
-The paper trains 1000 steps over 4M tokens (Sec. 3.1): every context is seen about 8 times, and
-an online teacher recomputes the same p^T each time. ``teacher_cache: {top_k: 64}`` runs the
-teacher once over the training blocks before training and keeps, per token,
+The paper trains 1000 steps over 4M tokens (Sec. 3.1): every context is seen about 8 times, and an
+online teacher recomputes the same p^T each time. ``teacher_cache:`` runs the teacher once over the
+training blocks before training and stores, per token, either
 
-- p^T_l and p^T_max exactly, so the correction weight w (alpha, beta; Sec. 2) is exact
-  (the argmax is the first top-k index);
-- the ``top_k`` largest probabilities and their indices, and the remaining mass, which the
-  distillation target spreads over the other tokens as the student's own p^S does there:
-  p~^T stays a distribution, and its tail is the teacher's own at the start of training.
+- its final hidden states (the default, :mod:`.hidden_states`): p^T is then recomputed exactly, chunk
+  by chunk, from them and the frozen head; no other teacher weight is held during training;
+- or p^T_l, p^T_max and the ``top_k`` largest probabilities (:mod:`.top_k`): an approximation.
 
-During training no teacher model is held in memory at all. The cache lives in
-``{path}/{key}``, where the key hashes the base model's files, the teacher's precision, ``top_k``
-and the tokens of every block: runs of a sweep that share the base model and data share the cache.
-It is written to a temporary folder renamed into place when complete, so that a killed build
-leaves nothing half-written, and two processes never mix their writes.
+This module owns what both share. The cache lives in ``{path}/{key}``, where the key hashes the base
+model's files, how the teacher is held, the run's precision, what is stored and the tokens of every
+block: runs of a sweep that share those share the cache. It is written to a temporary folder renamed
+into place when complete, so that a killed build leaves nothing half-written, and two processes never
+mix their writes. A cache found damaged (a truncated array, a missing or unreadable ``meta.json``, a
+leftover folder) is logged, discarded and rebuilt.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -35,76 +34,24 @@ from tqdm.auto import tqdm
 from transformers import TrainingArguments
 
 from mft_plugin.config.schema import MFTConfigBase
-from mft_plugin.data.batches import ROW_COLUMN, PaddingCollator, RowRouting
-from mft_plugin.data.labels import safe_labels, shift_for_causal_lm
+from mft_plugin.data.batches import ROW_COLUMN, PaddingCollator
+from mft_plugin.data.labels import shift_for_causal_lm
 from mft_plugin.files import fingerprint
 from mft_plugin.models.forms import is_quantized
-from mft_plugin.models.heads import default_chunk_size
-from mft_plugin.teacher.sources import FrozenCopyTeacher, SharedBaseTeacher
-from mft_plugin.strategy import TeacherStats
-from mft_plugin.teacher.views import TeacherHead
+from mft_plugin.models.precision import precision_name, run_autocast
+from mft_plugin.teacher.hidden_states import HiddenStates
+from mft_plugin.teacher.sources import FrozenCopyTeacher, SharedBaseTeacher, Teacher
+from mft_plugin.teacher.stored import STORAGE, CacheLayout, Field
+from mft_plugin.teacher.top_k import TopK
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 META_FILE = "meta.json"
-FIELDS = {  # name: (numpy dtype, trailing shape is top_k)
-    "p_label": (np.float32, False),
-    "p_max": (np.float32, False),
-    "rest": (np.float32, False),
-    "top_probs": (np.float32, True),
-    "top_ids": (np.int32, True),
-}
 BUILD_BATCH_ROWS = 8
+logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class CachedTeacherChunks:
-    """One batch's cached teacher outputs, per token (``[N]`` and ``[N, k]``), as the chunked loss reads them."""
-
-    p_label: torch.Tensor
-    p_max: torch.Tensor
-    rest: torch.Tensor
-    top_probs: torch.Tensor
-    top_ids: torch.Tensor
-
-    def chunk(self, rows: slice, labels: torch.Tensor, out: torch.Tensor, log_p_student: torch.Tensor) -> TeacherStats:
-        """p~^T into ``out`` ``[n, V]``: the top-k probabilities, and the rest of the mass over the other
-        tokens in the proportions of the student's own p^S there (a constant target, like all of p~^T).
-
-        The student starts as the teacher (self-distillation), so this tail is exactly the teacher's at
-        the start; it then only asks the tail to keep its total mass, not to take any given shape.
-        """
-        top_ids = self.top_ids[rows]
-        tail = torch.exp(log_p_student, out=out).scatter_(1, top_ids, 0.0)  # p^S outside the top k
-        tail.mul_((self.rest[rows] / tail.sum(dim=1).clamp(min=torch.finfo(out.dtype).tiny)).unsqueeze(1))
-        out.scatter_(1, top_ids, self.top_probs[rows].to(out.dtype))
-        return TeacherStats(p_label=self.p_label[rows], p_max=self.p_max[rows])
-
-
-class TeacherCache:
-    """The cache of one base model and training set, read batch by batch (a teacher for ``MFTTrainer``)."""
-
-    def __init__(self, folder: Path, device: torch.device | str = "cpu") -> None:
-        self.folder = Path(folder)
-        self.meta = json.loads((self.folder / META_FILE).read_text(encoding="utf-8"))
-        self.arrays = {name: np.load(self.folder / f"{name}.npy", mmap_mode="r") for name in FIELDS}
-        self.device = torch.device(device)
-
-    def to(self, device: torch.device | str) -> TeacherCache:
-        self.device = torch.device(device)
-        return self
-
-    def targets(self, batch: Mapping[str, torch.Tensor], rows: torch.Tensor | None = None) -> CachedTeacherChunks:
-        """The cached outputs of the batch's blocks (its ``teacher_row`` routing column), all rows
-        (reading is free)."""
-        blocks = RowRouting.of(batch).cache_rows.cpu().numpy()
-        width = batch["input_ids"].shape[1]
-        read = lambda name: torch.from_numpy(np.ascontiguousarray(self.arrays[name][blocks, :width]))  # noqa: E731
-        fields = {name: read(name).to(self.device).flatten(0, 1) for name in FIELDS}
-        fields["top_ids"] = fields["top_ids"].long()
-        return CachedTeacherChunks(**fields)
-
-    def logits(self, batch: Mapping[str, torch.Tensor], rows: torch.Tensor | None = None) -> torch.Tensor:
-        raise TypeError("the teacher cache stores no logits: it serves the chunked loss only (loss_impl: auto/chunked)")
+class CacheDamaged(ValueError):
+    """A cache folder that cannot be read as its ``meta.json`` describes it (the message says why)."""
 
 
 def blocks_digest(blocks: Dataset) -> str:
@@ -115,8 +62,22 @@ def blocks_digest(blocks: Dataset) -> str:
     return digest.hexdigest()
 
 
+def cache_layout(config: MFTConfigBase) -> CacheLayout:
+    """What ``teacher_cache:`` stores: the exact hidden states, or the top-k approximation."""
+    top_k = config.teacher_cache.top_k
+    return TopK(top_k) if top_k is not None else HiddenStates()
+
+
+def cache_folder(config: MFTConfigBase, blocks: Dataset) -> Path:
+    """``{teacher_cache.path}/{key}`` (default path: ``output_dir/teacher_cache``)."""
+    root = Path(config.teacher_cache.path or Path(config.output_dir) / "teacher_cache")
+    return root / cache_key(config, blocks)
+
+
 def cache_key(config: MFTConfigBase, blocks: Dataset) -> str:
-    """What the cached outputs depend on: the base model's files, how the teacher is held, the data."""
+    """What the cached outputs depend on: the base model's files, how the teacher is held and in which
+    precision it runs, what is stored, the data."""
+    layout = cache_layout(config)
     teacher = config.teacher.model_dump() if config.teacher is not None else None
     bnb = ("load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype")
     quantization = {k: getattr(config, k) for k in bnb}
@@ -124,61 +85,47 @@ def cache_key(config: MFTConfigBase, blocks: Dataset) -> str:
     added = {"special": config.special_tokens.model_dump() if config.special_tokens else None, "tokens": config.tokens}
     settings = {
         "format": FORMAT_VERSION,
-        "top_k": config.teacher_cache.top_k,
+        "store": {"kind": layout.kind, **layout.settings()},
         "teacher": teacher,
         "base_quantization": quantization,
         "added_tokens": {**added, "seed": config.seed} if grown else None,
+        "precision": precision_name(config.bf16, config.fp16),
         "blocks": blocks_digest(blocks),
     }
     return fingerprint(config.base_model, settings=settings)
 
 
-def _write_batch(arrays: dict[str, np.ndarray], start: int, head: TeacherHead, labels: torch.Tensor, k: int) -> None:
-    """The outputs of one batch of blocks (``labels`` ``[batch, seq]``, shifted), chunk by chunk."""
-    batch, seq = labels.shape
-    flat = safe_labels(labels).flatten()
-    vocab = head.weight.shape[0]
-    chunk = default_chunk_size(flat.shape[0], vocab, with_teacher=False)
-    buffer = torch.empty((chunk, vocab), dtype=torch.promote_types(head.hidden.dtype, torch.float32),
-                         device=head.hidden.device)
-    out: dict[str, list[torch.Tensor]] = {name: [] for name in FIELDS}
-    for first in range(0, flat.shape[0], chunk):
-        rows = slice(first, first + chunk)
-        p_teacher = buffer[: flat[rows].shape[0]]
-        stats = head.chunk(rows, flat[rows], p_teacher, None)
-        top = p_teacher.topk(k, dim=1)
-        out["p_label"].append(stats.p_label)
-        out["p_max"].append(stats.p_max)
-        out["top_probs"].append(top.values)
-        out["top_ids"].append(top.indices)
-        out["rest"].append((1.0 - top.values.float().sum(dim=1)).clamp(min=0.0))
-    for name, parts in out.items():
-        values = torch.cat(parts).float() if name != "top_ids" else torch.cat(parts)
-        arrays[name][start : start + batch, :seq] = values.reshape(batch, seq, *values.shape[1:]).cpu().numpy()
+def _batches(blocks: Dataset, collator: PaddingCollator, device: torch.device) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    for start in tqdm(range(0, len(blocks), BUILD_BATCH_ROWS), desc="Building the teacher cache (batches)"):
+        batch = collator([blocks[i] for i in range(start, min(start + BUILD_BATCH_ROWS, len(blocks)))])
+        yield start, {key: value.to(device) for key, value in batch.items()}
 
 
 def write_cache(
-    teacher: FrozenCopyTeacher | SharedBaseTeacher, blocks: Dataset, collator: PaddingCollator, folder: Path, top_k: int
+    teacher: FrozenCopyTeacher | SharedBaseTeacher, blocks: Dataset, collator: PaddingCollator, folder: Path, layout: CacheLayout
 ) -> None:
-    """Run ``teacher`` over every block and store its outputs in ``folder`` (built aside, renamed into place)."""
+    """Run ``teacher`` over every block and store what ``layout`` keeps in ``folder`` (built aside, renamed
+    into place). Run it in the run's precision context (:func:`mft_plugin.models.precision.run_autocast`)."""
     device = next(teacher.model.parameters()).device
     width = max(len(ids) for ids in blocks["input_ids"])
-    k = min(top_k, teacher.model.get_output_embeddings().weight.shape[0])
     temporary = folder.with_name(f".{folder.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     temporary.mkdir(parents=True)
     try:
-        shapes = {False: (len(blocks), width), True: (len(blocks), width, k)}
-        arrays = {
-            name: np.lib.format.open_memmap(temporary / f"{name}.npy", mode="w+", dtype=dtype, shape=shapes[ranked])
-            for name, (dtype, ranked) in FIELDS.items()
-        }
-        for start in tqdm(range(0, len(blocks), BUILD_BATCH_ROWS), desc="Building the teacher cache (batches)"):
-            batch = collator([blocks[i] for i in range(start, min(start + BUILD_BATCH_ROWS, len(blocks)))])
-            batch = {key: value.to(device) for key, value in batch.items()}
-            _write_batch(arrays, start, teacher.targets(batch), shift_for_causal_lm(batch["labels"]), k)
+        arrays: dict[str, np.ndarray] = {}
+        specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        for start, batch in _batches(blocks, collator, device):
+            view = teacher.targets(batch)
+            if not arrays:
+                specs = layout.fields(view, len(blocks), width)
+                arrays = {
+                    name: np.lib.format.open_memmap(temporary / f"{name}.npy", mode="w+", dtype=STORAGE[dtype], shape=shape)
+                    for name, (dtype, shape) in specs.items()
+                }
+            layout.write_batch(arrays, start, view, shift_for_causal_lm(batch["labels"]))
         for array in arrays.values():
             array.flush()
-        meta = {"format": FORMAT_VERSION, "blocks": len(blocks), "width": width, "top_k": k}
+        fields = {name: {"dtype": str(dtype).removeprefix("torch."), "shape": list(shape)} for name, (dtype, shape) in specs.items()}
+        meta = {"format": FORMAT_VERSION, "kind": layout.kind, "blocks": len(blocks), "width": width, "fields": fields}
         (temporary / META_FILE).write_text(json.dumps(meta), encoding="utf-8")
         os.replace(temporary, folder)
     except OSError:
@@ -188,23 +135,61 @@ def write_cache(
         shutil.rmtree(temporary, ignore_errors=True)
 
 
+def open_fields(folder: Path, kind: str) -> dict[str, Field]:
+    """The arrays of a complete cache of ``kind``, memory-mapped; CacheDamaged if any is not as
+    ``meta.json`` describes it (missing, truncated, another shape or dtype)."""
+    try:
+        meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+        if meta.get("format") != FORMAT_VERSION or meta.get("kind") != kind:
+            raise CacheDamaged(f"{META_FILE} says format {meta.get('format')!r}, kind {meta.get('kind')!r}")
+        fields = {}
+        for name, spec in meta["fields"].items():
+            dtype, shape = getattr(torch, spec["dtype"]), tuple(spec["shape"])
+            array = np.load(folder / f"{name}.npy", mmap_mode="r")
+            if array.shape != shape or array.dtype != STORAGE[dtype]:
+                raise CacheDamaged(f"{name}.npy holds {array.dtype} {array.shape}, {META_FILE} says {spec}")
+            fields[name] = Field(array, dtype)
+        return fields
+    except CacheDamaged as error:
+        raise CacheDamaged(f"{folder}: {error}") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:  # truncated, missing, not JSON
+        raise CacheDamaged(f"{folder}: {type(error).__name__}: {error}") from None
+
+
+def _usable(folder: Path, kind: str) -> dict[str, Field] | None:
+    """The cache's arrays, or None when it must be built (absent; damaged, which is logged and discarded)."""
+    if not folder.exists():
+        return None
+    try:
+        return open_fields(folder, kind)
+    except CacheDamaged as error:
+        logger.warning("teacher cache damaged, rebuilding it: %s", error)
+        discarded = folder.with_name(f".{folder.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.damaged")
+        os.replace(folder, discarded)  # out of the way at once; a half-deleted folder never looks like a cache
+        shutil.rmtree(discarded, ignore_errors=True)
+        return None
+
+
 def cached_teacher(
     config: MFTConfigBase,
     blocks: Dataset,
     make_teacher: Callable[[], FrozenCopyTeacher | SharedBaseTeacher],
     collator: PaddingCollator,
     args: TrainingArguments,
-) -> tuple[TeacherCache, Dataset]:
-    """The cache of these blocks (built with ``make_teacher()`` if missing) and the blocks with their
-    cache row in :data:`ROW_COLUMN`. The main process builds it; the others then read it."""
-    root = Path(config.teacher_cache.path or Path(config.output_dir) / "teacher_cache")
-    folder = root / cache_key(config, blocks)
+    student: torch.nn.Module,
+) -> tuple[Teacher, Dataset]:
+    """The cache of these blocks (built with ``make_teacher()``, in the run's precision, if missing or
+    damaged) and the blocks with their cache row in :data:`ROW_COLUMN`. The main process builds it;
+    the others then read it."""
+    layout, folder = cache_layout(config), cache_folder(config, blocks)
     with args.main_process_first(desc="teacher cache"):
-        if not (folder / META_FILE).exists():
+        fields = _usable(folder, layout.kind)
+        if fields is None:
             teacher = make_teacher()
             if not is_quantized(teacher.model):
                 teacher.model.to(args.device)
-            write_cache(teacher, blocks, collator, folder, config.teacher_cache.top_k)
+            with run_autocast(config.bf16, config.fp16, args.device.type):
+                write_cache(teacher, blocks, collator, folder, layout)
             del teacher  # the teacher model is not held during training
-    return TeacherCache(folder), blocks.add_column(ROW_COLUMN, list(range(len(blocks))))
-
+            fields = open_fields(folder, layout.kind)
+    return layout.open(fields, student), blocks.add_column(ROW_COLUMN, list(range(len(blocks))))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -53,40 +54,61 @@ def _picked(batch: Batch, rows: torch.Tensor | None) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def teacher_head(model: torch.nn.Module, batch: Batch, rows: torch.Tensor | None = None) -> TeacherHead:
-    """A teacher model's final hidden states ``[N, H]`` and head weight (its logits never made).
+    """A teacher model's final hidden states ``[N, H]`` and head (its logits never made), in the dtype of
+    the head's matmul in this forward (autocast's under mixed precision), as the hidden-state cache stores them.
 
-    Rows not in ``rows`` get zero hidden states, i.e. a uniform p^T, which the loss weighs by
-    1 - w = 0 (they train on plain NLL).
+    Rows not in ``rows`` get zero hidden states, i.e. a p^T from the bias alone, which the loss weighs
+    by 1 - w = 0 (they train on plain NLL).
     """
     head = output_head(model)
     if rows is None:
-        hidden = forward_hidden(model, head, batch).hidden
+        captured = forward_hidden(model, head, batch)
+        hidden, dtype = captured.hidden, captured.compute_dtype
     else:
-        hidden = head.weight.new_zeros((*batch["input_ids"].shape, head.weight.shape[1]))
+        hidden, dtype = head.weight.new_zeros((*batch["input_ids"].shape, head.weight.shape[1])), head.weight.dtype
         if rows.any():
-            part = forward_hidden(model, head, _picked(batch, rows)).hidden
-            hidden = hidden.to(part.dtype).index_put_((rows,), part)
-    hidden = hidden.flatten(0, -2)
-    return TeacherHead(hidden, head.weight.detach().to(hidden.dtype))
+            captured = forward_hidden(model, head, _picked(batch, rows))
+            dtype = captured.compute_dtype
+            hidden = hidden.to(captured.hidden.dtype).index_put_((rows,), captured.hidden)
+    return frozen_head_view(hidden.flatten(0, -2).to(dtype), head)
+
+
+def frozen_head_view(hidden: torch.Tensor, head: torch.nn.Linear) -> TeacherHead:
+    """The teacher view of hidden states ``[N, H]`` through ``head``, its weights cast to their dtype."""
+    bias = None if head.bias is None else head.bias.detach().to(hidden.dtype)
+    return TeacherHead(hidden, head.weight.detach().to(hidden.dtype), bias)
 
 
 class FrozenCopyTeacher:
-    """A separately loaded, frozen copy of the base model (full finetuning)."""
+    """A separately loaded, frozen copy of the base model (full finetuning).
 
-    def __init__(self, model: PreTrainedModel) -> None:
+    It runs in the precision context of its caller, the student's (the trainer computes the loss
+    under the run's autocast), like the shared base does; ``own_dtype`` (``teacher: {dtype: ...}``
+    set in the YAML) turns autocast off for it, so that it computes in the dtype it was loaded in.
+    """
+
+    def __init__(self, model: PreTrainedModel, own_dtype: bool = False) -> None:
         self.model = model.eval().requires_grad_(False)
+        self.own_dtype = own_dtype
 
     def to(self, device: torch.device | str) -> FrozenCopyTeacher:
         if not is_quantized(self.model):
             self.model.to(device)
         return self
 
+    def _precision(self) -> contextlib.AbstractContextManager[None]:
+        if not self.own_dtype:
+            return contextlib.nullcontext()
+        return torch.autocast(next(self.model.parameters()).device.type, enabled=False)
+
     @torch.no_grad()
     def logits(self, batch: Batch, rows: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model(**_picked(batch, rows)).logits
+        with self._precision():
+            return self.model(**_picked(batch, rows)).logits
 
     def targets(self, batch: Batch, rows: torch.Tensor | None = None) -> TeacherHead:
-        return teacher_head(self.model, batch, rows)
+        with self._precision():
+            return teacher_head(self.model, batch, rows)
 
 
 class SharedBaseTeacher:
@@ -113,12 +135,37 @@ class SharedBaseTeacher:
             return teacher_head(self.model, batch, rows)
 
 
+@dataclass(frozen=True)
+class InPrecision:
+    """``teacher`` with its forwards in ``precision()`` (the run's autocast, from the trainer), so that
+    every teacher, whatever holds it, computes p^T in the student's precision; the loss itself is
+    computed outside it, in float32."""
+
+    teacher: Teacher
+    precision: Callable[[], contextlib.AbstractContextManager[None]]
+
+    def targets(self, batch: Batch, rows: torch.Tensor | None = None) -> TeacherView:
+        with self.precision():
+            return self.teacher.targets(batch, rows)
+
+    def logits(self, batch: Batch, rows: torch.Tensor | None = None) -> torch.Tensor:
+        with self.precision():
+            return self.teacher.logits(batch, rows)
+
+    def to(self, device: torch.device | str) -> InPrecision:
+        return InPrecision(self.teacher.to(device), self.precision)
+
+
 def build_teacher(
-    needs_teacher: bool, student: torch.nn.Module, load_frozen_copy: Callable[[], PreTrainedModel]
+    needs_teacher: bool,
+    student: torch.nn.Module,
+    load_frozen_copy: Callable[[], PreTrainedModel],
+    own_dtype: bool = False,
 ) -> FrozenCopyTeacher | SharedBaseTeacher | None:
-    """The cheapest teacher that gives the base model's exact predictions, or None if not needed."""
+    """The cheapest teacher that gives the base model's exact predictions, or None if not needed.
+    ``own_dtype``: the YAML sets the frozen copy's dtype (it then ignores the run's autocast)."""
     if not needs_teacher:
         return None
     if has_adapters(student):
         return SharedBaseTeacher(student)
-    return FrozenCopyTeacher(load_frozen_copy())
+    return FrozenCopyTeacher(load_frozen_copy(), own_dtype=own_dtype)

@@ -54,14 +54,19 @@ class TeacherLogits:
 
 @dataclass(frozen=True)
 class TeacherHead:
-    """An online teacher given as its final hidden states ``[N, H]`` and head weight ``[V, H]`` (in the
-    hidden states' dtype): its ``[N, V]`` logits are never materialized, only one chunk at a time."""
+    """A teacher given as its final hidden states ``[N, H]``, head weight ``[V, H]`` and bias ``[V]``
+    (all in the dtype of the head's matmul): online, or read from the hidden-state cache. Its ``[N, V]``
+    logits are never materialized, only one chunk at a time."""
 
     hidden: torch.Tensor
     weight: torch.Tensor
+    bias: torch.Tensor | None = None
 
     def chunk(
         self, rows: slice, labels: torch.Tensor, out: torch.Tensor, log_p_student: torch.Tensor | None = None
     ) -> TeacherStats:
-        p_teacher = torch.softmax(matmul_into(out, self.hidden[rows], self.weight.T), dim=1, out=out)
+        logits = matmul_into(out, self.hidden[rows], self.weight.T)
+        if self.bias is not None:
+            logits.add_(self.bias)
+        p_teacher = torch.softmax(logits, dim=1, out=out)
         return stats_of(p_teacher, labels)

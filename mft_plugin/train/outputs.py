@@ -20,10 +20,12 @@ import yaml
 
 import filelock
 
+from mft_plugin.config.adapters import QuantizationKeys
 from mft_plugin.config.schema import MFTConfigBase
 from mft_plugin.eval.metrics import GENERAL, SPEC
 from mft_plugin.files import atomic_write_text, fingerprint
 from mft_plugin.train.checkpoints import RUN_CONFIG, check_resume_config, record_run_config, resume_checkpoint
+from mft_plugin.models.precision import precision_name
 from mft_plugin.train.launch import is_main_process
 from mft_plugin.train.safety import SKIPPED_KEY, skipped_steps
 
@@ -181,7 +183,8 @@ def _check_writable(output_dir: Path) -> None:
 
 
 def base_key(config: MFTConfigBase) -> str:
-    """Hash of what the base perplexities depend on: the base model and the evaluation data.
+    """Hash of what the base perplexities depend on: the base model, how it is held and computed
+    (precision, quantization, the loss path the evaluation shares), and the evaluation data.
 
     The files themselves are hashed (:func:`fingerprint`), not only their names: a model folder or a
     data file replaced in place makes the cache stale. The training data, ``val_set_size`` and
@@ -200,6 +203,9 @@ def base_key(config: MFTConfigBase) -> str:
         "spec": [d.model_dump() for d in eval_specs],
         "split": {"val_set_size": config.val_set_size, "seed": config.seed} if split_off_training_data else None,
         "general": [d.model_dump() for d in config.general_eval_datasets or []],
+        "precision": precision_name(config.bf16, config.fp16),
+        "quantization": {key: getattr(config, key) for key in QuantizationKeys.model_fields},
+        "loss_impl": config.loss_impl,
     }
     return fingerprint(*sources, settings=relevant)
 

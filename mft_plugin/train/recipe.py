@@ -214,9 +214,10 @@ def _run(config: MFTConfigBase, registry: Registry) -> dict[str, Any]:
         model = mitigation.prepare_model(model, context)
     chunked_loss = select_loss_impl(config, objective, model)  # loss_impl; fails here if it cannot apply
     collator = PaddingCollator(tokenizer.pad_token_id, config.sequence_len if config.pad_to_sequence_len else None)
-    make_teacher = lambda: build_teacher(objective.needs_teacher, model, lambda: load_frozen_teacher(config))  # noqa: E731
+    own_dtype = config.teacher is not None and "dtype" in config.teacher.model_fields_set  # else the run's precision
+    make_teacher = lambda: build_teacher(objective.needs_teacher, model, lambda: load_frozen_teacher(config), own_dtype)  # noqa: E731
     if config.teacher_cache is not None and objective.needs_teacher:  # p^T read from disk: no teacher model in memory
-        teacher, train_blocks = cached_teacher(config, train_blocks, make_teacher, collator, args)
+        teacher, train_blocks = cached_teacher(config, train_blocks, make_teacher, collator, args, model)
     else:
         teacher = make_teacher()
 

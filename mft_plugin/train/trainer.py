@@ -18,14 +18,14 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.trainer_callback import ProgressCallback
 
 from mft_plugin.data.batches import REPLAY_COLUMN, MicroBatchSampler, model_inputs
-from mft_plugin.data.labels import shift_for_causal_lm
+from mft_plugin.data.labels import shift_for_causal_lm, valid_mask
 from mft_plugin.eval.metrics import paper_metrics, perplexity
 from mft_plugin.loss.chunked import ChunkedLoss
 from mft_plugin.loss.corrected import masked_mean
 from mft_plugin.loss.plain import plain_token_losses
 from mft_plugin.models.forms import has_adapters, missing_untied_keys
 from mft_plugin.strategy import Mitigation, Objective
-from mft_plugin.teacher.sources import Teacher
+from mft_plugin.teacher.sources import InPrecision, Teacher
 from mft_plugin.train.budget import Budget, BudgetStop
 from mft_plugin.train.checkpoints import finish_checkpoint
 from mft_plugin.train.engine import Engine
@@ -33,8 +33,9 @@ from mft_plugin.train.safety import SKIPPED_KEY, NonFiniteGuard, skipped_steps
 
 
 class MFTTrainer(Trainer):
-    # compute_loss returns a per-micro-batch mean; the Trainer divides it by the accumulation steps
-    loss_is_scaled_for_ga = False
+    # compute_loss divides by the labelled tokens of the whole optimizer step (num_items_in_batch, across
+    # accumulation and ranks), as the Trainer does for a model's own loss: the Trainer must not divide again
+    loss_is_scaled_for_ga = True
 
     def __init__(
         self,
@@ -72,16 +73,36 @@ class MFTTrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         labels = shift_for_causal_lm(inputs["labels"])
+        # the student's forward runs in the run's autocast (accelerate wraps it); so does the teacher's
+        teacher = InPrecision(self.teacher, self.accelerator.autocast) if self.teacher is not None else None
         if self.chunked_loss is not None and not return_outputs:  # fused with the LM head, no logits made
-            outputs, token_losses = None, self.chunked_loss(model, self.teacher, inputs, labels)
+            outputs, token_losses = None, self.chunked_loss(model, teacher, inputs, labels)
         else:
             outputs = model(**model_inputs(inputs))
-            token_losses = plain_token_losses(self.objective, self.teacher, outputs.logits, inputs, labels)
+            token_losses = plain_token_losses(self.objective, teacher, outputs.logits, inputs, labels)
         penalties = {m.name: p for m in self.mitigations if (p := m.penalty(model)) is not None}
-        loss = masked_mean(token_losses, labels) + sum(penalties.values())
+        if num_items_in_batch is None or not model.training:  # one batch on its own (not a training step)
+            loss = masked_mean(token_losses, labels) + sum(penalties.values())
+        else:
+            loss = self._step_share(token_losses, num_items_in_batch) + sum(penalties.values()) / self.current_gradient_accumulation_steps
         if model.training:
             self.nonfinite.check_loss(self.state.global_step + 1, loss, self.objective.name, token_losses, penalties)
         return (loss, outputs) if return_outputs else loss
+
+    def _step_share(self, token_losses: torch.Tensor, num_items_in_batch: torch.Tensor | int) -> torch.Tensor:
+        """This micro-batch's share of the step's loss: its token losses summed over the labelled tokens of
+        the whole step (all micro-batches, all ranks), times the ranks that the gradient is averaged over.
+        Summed over micro-batches and averaged over ranks, it is the mean over the step's tokens (and a
+        penalty, divided by the micro-batches, counts once per step)."""
+        count = torch.as_tensor(num_items_in_batch, device=token_losses.device).clamp(min=1)
+        return token_losses.sum() / count * self.accelerator.num_processes
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | int | None:
+        """The labelled tokens of an optimizer step's micro-batches on every rank, as the loss counts them
+        (shifted labels), whatever the model's ``forward`` accepts."""
+        count = sum(valid_mask(shift_for_causal_lm(batch["labels"])).sum() for batch in batch_samples)
+        count = torch.as_tensor(count, device=device)
+        return self.accelerator.gather(count).sum() if self.accelerator.num_processes > 1 else count
 
     def _get_train_sampler(self, train_dataset: Dataset | None = None) -> torch.utils.data.Sampler | None:
         """A training set composed micro-batch by micro-batch (it has a replay column) is shuffled
@@ -123,16 +144,21 @@ class MFTTrainer(Trainer):
 
         ``base``: of the unfinetuned model (paper Sec. 3.1), which with adapters is the student with them
         switched off; without adapters, call it before training.
+
+        Every evaluation, the base's included, runs in the run's autocast and, where the loss is fused,
+        through the chunked head: S and DG carry no precision offset, and no [batch, seq, vocab] logits are made.
         """
         switched_off = self.model.disable_adapter() if base and has_adapters(self.model) else contextlib.nullcontext()
+        head = self.chunked_loss.head if self.chunked_loss is not None else None
         phase = "Base model perplexity" if base else "Evaluating perplexity"
         hidden = self.args.disable_tqdm or not self.is_local_process_zero()
-        with switched_off:
+        with switched_off, self.accelerator.autocast():
             return {
                 name: perplexity(
                     self.model,
                     tqdm(self.get_eval_dataloader(dataset), desc=f"{phase} ({name})", leave=base, disable=hidden),
                     self.accelerator,
+                    head,
                 )
                 for name, dataset in self.eval_sets.items()
             }

@@ -5,9 +5,12 @@ and every step adds the penalty
 
     lambda/2 * sum_i F_i (theta_i - theta*_i)^2
 
-where theta* are the parameters at the start. F is the *empirical* Fisher: the mean over
-``fisher_samples`` general-domain blocks (in mini-batches of ``fisher_batch_size``; 1 is the
-textbook per-sample estimate) of the squared gradient of the mean token NLL. Only trainable
+where theta* are the parameters at the start. F is the *empirical* Fisher per token: over
+``fisher_samples`` general-domain blocks (in mini-batches of ``fisher_batch_size``), the squared
+gradient of each mini-batch's *summed* token NLL, summed, divided by the number of labelled tokens.
+Where token gradients are uncorrelated that is the mean per-token squared gradient whatever the
+block length, so ``ewc_lambda`` means the same at any ``sequence_len`` or ``fisher_batch_size`` (the
+squared gradient of a *mean* NLL would shrink as 1 / tokens per gradient). Only trainable
 parameters take part (with an adapter: the adapter's), and F and theta* are float32 copies of
 those alone: 8 bytes per trainable parameter. ``fisher_path`` saves F (safetensors, written
 atomically) with a hash of the starting parameters, the base and the data; a later run with the
@@ -52,31 +55,33 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter
 def estimate_fisher(model: torch.nn.Module, blocks: Dataset, batch_size: int, pad_token_id: int) -> dict[str, torch.Tensor]:
     """Diagonal empirical Fisher of the trainable parameters, float32, in eval mode (no dropout).
 
-    The mean over mini-batches of (d mean-token-NLL / d theta)^2; gradients are cleared after.
+    The sum over mini-batches of (d summed-token-NLL / d theta)^2, divided by their labelled tokens;
+    gradients are cleared after.
     """
     import torch
 
     from mft_plugin.data.batches import PaddingCollator
-    from mft_plugin.data.labels import shift_for_causal_lm
-    from mft_plugin.loss.corrected import masked_mean, nll_token_losses
+    from mft_plugin.data.labels import shift_for_causal_lm, valid_mask
+    from mft_plugin.loss.corrected import nll_token_losses
     from mft_plugin.models.forms import eval_mode
 
     params = trainable_parameters(model)
     fisher = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
     collate, device = PaddingCollator(pad_token_id), next(iter(params.values())).device
-    starts = range(0, len(blocks), batch_size)
+    starts, tokens = range(0, len(blocks), batch_size), 0
     with eval_mode(model), torch.enable_grad():
         for start in starts:
             batch = collate([blocks[i] for i in range(start, min(start + batch_size, len(blocks)))])
             labels = shift_for_causal_lm(batch["labels"].to(device))
             logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
             model.zero_grad(set_to_none=True)
-            masked_mean(nll_token_losses(logits, labels), labels).backward()
+            nll_token_losses(logits, labels).sum().backward()
+            tokens += int(valid_mask(labels).sum())
             for name, p in params.items():
                 if p.grad is not None:
                     fisher[name] += p.grad.detach().float() ** 2
     model.zero_grad(set_to_none=True)
-    return {name: f / len(starts) for name, f in fisher.items()}
+    return {name: f / max(tokens, 1) for name, f in fisher.items()}
 
 
 def fisher_key(params: EWCParams, context: RunContext, anchors: dict[str, torch.Tensor]) -> str:
@@ -90,6 +95,7 @@ def fisher_key(params: EWCParams, context: RunContext, anchors: dict[str, torch.
     config = context.config
     settings = {
         "fisher": params.model_dump(mode="json", exclude={"name", "ewc_lambda", "fisher_path"}),
+        "definition": "per-token",  # squared gradient of summed NLL / labelled tokens (not of the mean NLL)
         "sequence_len": config.sequence_len,
         "seed": config.seed,
         "quantization": config.model_dump(include=set(QuantizationKeys.model_fields)),

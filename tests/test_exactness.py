@@ -1,0 +1,272 @@
+"""Exactness under real precision (issue 13): a head with a bias, a probe that refuses to fuse a model
+whose logits are not its head's, -inf vocabulary entries and NaN at ignored positions, the chunk size,
+the loss as a mean over the tokens of a whole step, one precision for the base, the teacher and every
+evaluation, and evaluation through the chunked head. Each against a plain reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaForCausalLM, TrainingArguments
+
+from mft_plugin import get_objective, run
+from mft_plugin.config.errors import validate_config
+from mft_plugin.data.batches import PaddingCollator
+from mft_plugin.data.labels import shift_for_causal_lm
+from mft_plugin.eval.metrics import SPEC, perplexity
+from mft_plugin.loss.chunked import ChunkedLoss, chunked_token_losses, select_loss_impl
+from mft_plugin.loss.corrected import masked_mean
+from mft_plugin.models.heads import UnfusableError, default_chunk_size, fusable_head, output_head
+from mft_plugin.teacher.sources import FrozenCopyTeacher, SharedBaseTeacher
+from mft_plugin.teacher.views import TeacherHead
+from mft_plugin.train.outputs import base_key
+from mft_plugin.train.trainer import MFTTrainer
+from tests.test_chunked_loss import VOCAB, assert_fused_matches_plain, batch, random_problem, tiny_llama
+from tests.test_objectives import CASES, IGNORE, objective
+
+
+def with_bias_head(model: LlamaForCausalLM, seed: int = 0) -> LlamaForCausalLM:
+    """``model`` with an untied LM head that carries a bias (the paper's Phi models have one)."""
+    generator = torch.Generator().manual_seed(seed)
+    old = model.get_output_embeddings()
+    head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(old.weight)
+        head.bias.copy_(torch.randn(old.out_features, generator=generator))
+    model.config.tie_word_embeddings = False
+    model.set_output_embeddings(head)
+    return model
+
+
+def losses_and_grads(problem: dict[str, torch.Tensor], name: str, tau: float | None, bias: torch.Tensor, fused: bool):
+    hidden, weight = problem["hidden"].clone().requires_grad_(), problem["weight"].clone().requires_grad_()
+    bias = bias.clone().requires_grad_()
+    chosen, labels = objective(name, tau), problem["labels"]
+    teacher_bias = problem.get("teacher_bias")
+    if fused:
+        teacher = TeacherHead(problem["teacher_hidden"], problem["teacher_weight"], teacher_bias)
+        losses = chunked_token_losses(hidden, weight, labels, chosen, teacher if chosen.needs_teacher else None, 5, bias=bias)
+    else:
+        teacher_logits = torch.nn.functional.linear(problem["teacher_hidden"], problem["teacher_weight"], teacher_bias)[None]
+        student_logits = torch.nn.functional.linear(hidden, weight, bias)[None]
+        losses = chosen.token_losses(student_logits, teacher_logits if chosen.needs_teacher else None, labels[None])[0]
+    masked_mean(losses, labels).backward()
+    return losses.detach(), hidden.grad, weight.grad, bias.grad
+
+
+@pytest.mark.parametrize(("name", "tau"), CASES)
+def test_a_head_with_a_bias_is_fused_exactly(name: str, tau: float | None) -> None:
+    problem = random_problem(seed=11)
+    problem["teacher_bias"] = torch.randn(VOCAB, generator=torch.Generator().manual_seed(1))
+    bias = torch.randn(VOCAB, generator=torch.Generator().manual_seed(2))
+    for got, expected in zip(losses_and_grads(problem, name, tau, bias, True), losses_and_grads(problem, name, tau, bias, False)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_with_a_biased_head_trains_fused_as_it_does_plain() -> None:
+    student = with_bias_head(tiny_llama(0))
+    assert "lm_head.bias" in dict(student.named_parameters())
+    assert_fused_matches_plain(student, FrozenCopyTeacher(with_bias_head(tiny_llama(1), seed=1)))
+
+
+class SecretlyScaledLlama(LlamaForCausalLM):
+    """Scales its logits after the head under a config key the code does not know (as Falcon-H1's
+    ``lm_head_multiplier`` does)."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        outputs = super().forward(*args, **kwargs)
+        outputs.logits = outputs.logits * self.config.my_head_multiplier
+        return outputs
+
+
+def scaled_llama(multiplier: float) -> SecretlyScaledLlama:
+    model = tiny_llama(0)
+    model.config.my_head_multiplier = multiplier
+    scaled = SecretlyScaledLlama(model.config)
+    scaled.load_state_dict(model.state_dict())
+    return scaled
+
+
+def test_the_probe_refuses_a_model_that_changes_its_logits_after_the_head(base_config: dict[str, Any]) -> None:
+    assert output_head(scaled_llama(0.5)) is not None  # no known key says so: only the probe can tell
+    with pytest.raises(UnfusableError, match="not its head applied to its final hidden states"):
+        fusable_head(scaled_llama(0.5))
+    fusable_head(scaled_llama(1.0))  # the identity passes
+    fusable_head(with_bias_head(tiny_llama(0)))
+    mft = get_objective("mft")
+    assert select_loss_impl(validate_config(base_config), mft, scaled_llama(0.5)) is None  # auto: the plain loss
+    with pytest.raises(UnfusableError, match="loss_impl: chunked cannot be used: its logits are not its head"):
+        select_loss_impl(validate_config({**base_config, "loss_impl": "chunked"}), mft, scaled_llama(0.5))
+
+
+def test_a_softcap_in_a_nested_text_config_is_refused() -> None:
+    model = tiny_llama(0)
+    text_config = type(model.config)(**model.config.to_dict())
+    text_config.final_logit_softcapping = 30.0
+    model.config.get_text_config = lambda *args, **kwargs: text_config
+    with pytest.raises(UnfusableError, match="final_logit_softcapping"):
+        output_head(model)
+
+
+# ---------------------------------------------------------------- -inf entries, NaN at ignored positions
+
+
+def masked_entry_problem() -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """A problem whose vocabulary entry 3 both models give -inf (no label is 3); its reference without entry 3."""
+    problem = random_problem(seed=12)
+    problem["labels"] = torch.where(problem["labels"] == 3, 4, problem["labels"])
+    bias = torch.zeros(VOCAB)
+    bias[3] = -torch.inf
+    problem["teacher_bias"] = bias
+    keep = torch.arange(VOCAB) != 3
+    reference = {**problem, "weight": problem["weight"][keep], "teacher_weight": problem["teacher_weight"][keep],
+                 "teacher_bias": bias[keep], "labels": torch.where(problem["labels"] > 3, problem["labels"] - 1, problem["labels"])}
+    return problem, bias, reference
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_an_entry_both_models_mask_with_minus_inf_gives_the_loss_without_it(fused: bool) -> None:
+    problem, bias, reference = masked_entry_problem()
+    losses, grad_hidden, grad_weight, _ = losses_and_grads(problem, "mft", 0.25, bias, fused)
+    expected, expected_hidden, expected_weight, _ = losses_and_grads(reference, "mft", 0.25, bias[bias.isfinite()], False)
+    assert losses.isfinite().all()
+    torch.testing.assert_close(losses, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_hidden, expected_hidden, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_weight[torch.arange(VOCAB) != 3], expected_weight, rtol=1e-5, atol=1e-6)
+    assert not grad_weight[3].any()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_nan_at_ignored_positions_gives_the_loss_without_them(fused: bool) -> None:
+    problem = random_problem(seed=13)
+    ignored = problem["labels"] == IGNORE
+    poisoned = {**problem, "hidden": problem["hidden"].masked_fill(ignored.unsqueeze(1), torch.nan),
+                "teacher_hidden": problem["teacher_hidden"].masked_fill(ignored.unsqueeze(1), torch.nan)}
+    clean = {**problem, "hidden": problem["hidden"].masked_fill(ignored.unsqueeze(1), 0.0)}
+    zero_bias = torch.zeros(VOCAB)
+    losses, grad_hidden, grad_weight, _ = losses_and_grads(poisoned, "mft", 0.25, zero_bias, fused)
+    expected, expected_hidden, expected_weight, _ = losses_and_grads(clean, "mft", 0.25, zero_bias, False)
+    assert losses.isfinite().all() and not losses[ignored].any()
+    torch.testing.assert_close(losses, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_hidden[~ignored], expected_hidden[~ignored], rtol=1e-5, atol=1e-6)
+    if fused:  # the plain path's autograd carries the NaN logits' 0 * NaN into dW; the fused path does not
+        assert grad_hidden.isfinite().all() and grad_weight.isfinite().all()
+        torch.testing.assert_close(grad_weight, expected_weight, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- chunk size
+
+
+def test_chunks_follow_the_vocabulary_to_hidden_ratio_above_the_floor() -> None:
+    """Liger-Kernel's rule: next_power_of_2(N / ceil(V / H)) buffer rows, so a buffer weighs about what
+    the hidden states do; never below the floor the CPU benchmarks were measured with."""
+    tokens, vocab, hidden = 16 * 2048, 131072, 4096
+    rows = default_chunk_size(tokens, vocab, False, hidden)
+    assert rows == 1024 and rows * vocab <= 4 * tokens * hidden
+    assert default_chunk_size(tokens, vocab, True, hidden) == 342
+    for tokens, vocab in [(1024, 4096), (1024, 32768), (100, 32768)]:  # small N: the floor, as before
+        assert default_chunk_size(tokens, vocab, True, 256) == default_chunk_size(tokens, vocab, True)
+
+
+# ---------------------------------------------------------------- the trainer: a step's mean, one precision
+
+
+def uneven_rows() -> Dataset:
+    """Rows of very different lengths: after padding, very different label counts."""
+    generator = torch.Generator().manual_seed(0)
+    lengths = [30, 3, 17, 5]
+    return Dataset.from_dict({"input_ids": [torch.randint(3, VOCAB, (n,), generator=generator).tolist() for n in lengths]})
+
+
+def trainer_for(model: torch.nn.Module, tmp_path: Path, teacher: Any = None, objective: str = "ft", **args: Any) -> MFTTrainer:
+    arguments = TrainingArguments(
+        output_dir=str(tmp_path), report_to=[], use_cpu=True, learning_rate=0.1, optim="sgd", lr_scheduler_type="constant",
+        max_steps=1, save_strategy="no", logging_steps=1, seed=0, **args,
+    )
+    return MFTTrainer(
+        model=model, args=arguments, train_dataset=uneven_rows(), data_collator=PaddingCollator(pad_token_id=0),
+        objective=get_objective(objective), teacher=teacher,
+    )
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_one_micro_batch_of_four_equals_two_of_two_with_accumulation(tmp_path: Path, fused: bool) -> None:
+    """The loss is the mean over the labelled tokens of the whole step (num_items_in_batch), not a mean
+    of micro-batch means, which would weigh the tokens of short rows up."""
+    weights = []
+    for micro, accumulation in [(4, 1), (2, 2)]:
+        model = tiny_llama(0)
+        trainer = trainer_for(model, tmp_path / f"{micro}", per_device_train_batch_size=micro, gradient_accumulation_steps=accumulation)
+        trainer.chunked_loss = ChunkedLoss(trainer.objective, output_head(model)) if fused else None
+        trainer.train()
+        weights.append({name: p.detach().clone() for name, p in model.named_parameters()})
+    reference = tiny_llama(0)
+    rows = PaddingCollator(pad_token_id=0)(list(uneven_rows()))
+    labels = shift_for_causal_lm(rows["labels"])
+    logits = reference(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits
+    masked_mean(get_objective("ft").token_losses(logits, None, labels), labels).backward()
+    for name, p in reference.named_parameters():
+        expected = p.detach() - 0.1 * p.grad
+        for got in weights:
+            torch.testing.assert_close(got[name], expected, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def autocast_seen(model: torch.nn.Module) -> list[bool]:
+    """Records, at each forward of ``model``'s first linear layer, whether CPU autocast is on."""
+    seen: list[bool] = []
+    layer = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    layer.register_forward_pre_hook(lambda module, args: seen.append(torch.is_autocast_enabled("cpu")))
+    return seen
+
+
+def test_both_teachers_run_in_the_students_autocast(tmp_path: Path) -> None:
+    inputs = batch()
+    frozen = FrozenCopyTeacher(tiny_llama(1))
+    lora = get_peft_model(tiny_llama(0), LoraConfig(r=2, target_modules=["q_proj"]))
+    seen = {}
+    for name, model, teacher in [("frozen copy", tiny_llama(0), frozen), ("shared base", lora, SharedBaseTeacher(lora))]:
+        trainer = trainer_for(model, tmp_path / name, teacher, "mft", bf16=True)
+        seen[name] = autocast_seen(teacher.model)
+        trainer.compute_loss(model, inputs)
+    assert seen["frozen copy"] == [True] and seen["shared base"][-1:] == [True]
+    own = FrozenCopyTeacher(tiny_llama(1).to(torch.bfloat16), own_dtype=True)  # teacher: {dtype: bfloat16}
+    trainer = trainer_for(tiny_llama(0), tmp_path / "own", own, "mft", bf16=True)
+    seen_own = autocast_seen(own.model)
+    trainer.compute_loss(trainer.model, inputs)
+    assert seen_own == [False]
+
+
+def test_a_bf16_run_measures_its_base_as_it_measures_its_evaluations(base_config: dict[str, Any]) -> None:
+    """An unchanged model evaluated through the normal path of a bf16 run: S = DG = 0 exactly. (A learning rate
+    of 1e-30 moves no float32 weight: each AdamW update is ~1e-30, far below the weights' rounding step.)"""
+    metrics = run(validate_config({**base_config, "bf16": True, "learning_rate": 1e-30, "max_steps": 2, "eval_steps": 2}))
+    assert metrics["eval_S"] == 0.0 and metrics["eval_DG"] == 0.0
+    assert metrics["eval_spec_ppl"] == metrics["base_spec_ppl"]
+
+
+def test_the_base_cache_key_holds_precision_and_quantization(base_config: dict[str, Any]) -> None:
+    plain = base_key(validate_config(base_config))
+    assert plain == base_key(validate_config(base_config))
+    assert plain != base_key(validate_config({**base_config, "bf16": True}))
+    assert plain != base_key(validate_config({**base_config, "fp16": True}))
+    lora = {"mitigations": [{"name": "lora", "r": 2}]}
+    assert base_key(validate_config({**base_config, **lora})) != base_key(validate_config({**base_config, **lora, "load_in_4bit": True}))
+
+
+def test_evaluation_through_the_chunked_head_equals_the_logits_path(tiny_model: Path, tmp_path: Path) -> None:
+    model = with_bias_head(LlamaForCausalLM.from_pretrained(tiny_model))
+    rows = PaddingCollator(pad_token_id=2)(list(uneven_rows()))
+    trainer = trainer_for(model, tmp_path)
+    plain = perplexity(model, [rows], trainer.accelerator)
+    chunked = perplexity(model, [rows], trainer.accelerator, fusable_head(model))
+    assert chunked == pytest.approx(plain, rel=1e-6) and chunked != plain * (1 + 1e-3)
+    trainer.chunked_loss, trainer.eval_sets = ChunkedLoss(trainer.objective, fusable_head(model)), {SPEC: uneven_rows()}
+    logits_made = []
+    model.lm_head.register_forward_hook(lambda module, args, out: logits_made.append(out.shape[-2]))
+    assert trainer.perplexities()[SPEC] == pytest.approx(plain, rel=1e-6)
+    assert logits_made and not any(logits_made)  # the head computed logits for zero positions
