@@ -6,6 +6,7 @@
 #            8 evaluations per run, Table 3 and the tau sweep with 3 seeds (21 runs). About 125 CPU
 #            minutes (65 minutes on 2 cores).
 #   bash bench/reproduce.sh [short|epochs8]     (default: both)
+#   bash bench/reproduce.sh epochs8-tables      (epochs8's tables from the runs finished so far, training nothing)
 # Each part runs two streams of sweeps side by side (one per core); a sweep skips finished runs when
 # started again and resumes an interrupted one, so an interrupted reproduction resumes. Run folders go
 # to outputs/miniature/; tables and plots to docs/miniature/ (short) and docs/miniature_epochs8/.
@@ -34,8 +35,10 @@ short() {
     outputs/miniature/replay outputs/miniature/lora outputs/miniature/dora --out docs/miniature
 }
 
+EPOCHS8_RUNS=outputs/miniature/epochs8
+
 epochs8() {
-  local config=bench/miniature/epochs8 runs=outputs/miniature/epochs8 docs=docs/miniature_epochs8
+  local config=bench/miniature/epochs8
   # The 21 runs in two streams of about equal work (ft needs no teacher): Table 3 first, then tau.
   streams \
     "mft-run sweep $config/ablation.yml --grid 'objective=[ft, distill_ft]'
@@ -45,13 +48,22 @@ epochs8() {
   # Each sweep whole: its full table (sweep.json lists all its runs); a run still missing is trained here.
   mft-run sweep $config/ablation.yml
   mft-run sweep $config/tau.yml
-  mft-run report $runs/ablation --out $docs/ablation
-  # The tau sweep in tau order: 0, 0.25 (MFT), 0.5, 0.75, 1 (FT).
+  epochs8_tables
+}
+
+# The tables, plots and summary of docs/miniature_epochs8/ from the runs finished so far.
+epochs8_tables() {
+  local runs=$EPOCHS8_RUNS docs=docs/miniature_epochs8
+  # Run folders named one by one (a sweep.json lists only what its last invocation planned), in the
+  # tables' order: Table 3's rows; the tau sweep in tau order: 0, 0.25 (MFT), 0.5, 0.75, 1 (FT).
+  local ablation_order=("$runs"/ablation/objective=ft,* "$runs"/ablation/objective=distill_ft,*
+                        "$runs"/ablation/objective=singly_corrective,* "$runs"/ablation/objective=mft,*)
   local tau_order=("$runs"/tau/seed=*,objective.tau=0.0 "$runs"/ablation/objective=mft,* "$runs"/tau/seed=*,objective.tau=0.5
                    "$runs"/tau/seed=*,objective.tau=0.75 "$runs"/ablation/objective=ft,*)
+  mft-run report "${ablation_order[@]}" --out $docs/ablation
   mft-run report "${tau_order[@]}" --out $docs/tau
   {
-    python bench/miniature/epochs8/summary.py $runs/ablation --title "Table 3: the incremental ablation"
+    python bench/miniature/epochs8/summary.py "${ablation_order[@]}" --title "Table 3: the incremental ablation"
     echo
     python bench/miniature/epochs8/summary.py "${tau_order[@]}" --title "Table 8: the target margin tau (1 = FT)"
   } > $docs/summary.md
@@ -60,6 +72,7 @@ epochs8() {
 case "${1:-all}" in
   short) short ;;
   epochs8) epochs8 ;;
+  epochs8-tables) epochs8_tables ;;
   all) short; epochs8 ;;
-  *) echo "usage: bash bench/reproduce.sh [short|epochs8]" >&2; exit 2 ;;
+  *) echo "usage: bash bench/reproduce.sh [short|epochs8|epochs8-tables]" >&2; exit 2 ;;
 esac
