@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The paper's experiment in miniature, on the shipped reference model and corpora, on CPU. Two parts:
 #   short    (issue 3)  bench/miniature/*.yml: Table 2 on two domains, replay, LoRA, DoRA, Table 3 and the
-#            tau sweep with one seed; 120 steps over the whole corpus (~1.3 epochs). About an hour on 2 cores.
-#   epochs8  (issue 18) bench/miniature/epochs8/*.yml: the paper's regime, ~8.6 epochs over a small subset,
-#            8 evaluations per run, Table 3 and the tau sweep with 3 seeds (21 runs). About 125 CPU
-#            minutes (65 minutes on 2 cores).
+#            tau sweep with one seed; 120 steps over the whole corpus (1.25-1.3 epochs). About an hour on 2 cores.
+#   epochs8  (issue 18) bench/miniature/epochs8/*.yml: the paper's regime, 8.9 epochs over a 13-licence
+#            subset, 8 evaluations per run, Table 3 and the tau sweep with 3 seeds (21 runs). About 30 CPU
+#            minutes (measured: 21.7 for ~16 runs' worth), so an estimated 15-20 minutes on 2 free cores.
 #   bash bench/reproduce.sh [short|epochs8]     (default: both)
 #   bash bench/reproduce.sh epochs8-tables      (epochs8's tables from the runs finished so far, training nothing)
 # Each part runs two streams of sweeps side by side (one per core); a sweep skips finished runs when
@@ -14,8 +14,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
 
-# Runs "$@" (one stream of commands, ';'-separated in a string each) in the background, then waits for
-# all streams and fails if any did.
+# Runs each argument (one stream: a bash command list) in the background, then waits for all of them
+# and fails if any did.
 streams() {
   local pids=() stream
   for stream in "$@"; do
