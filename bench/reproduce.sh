@@ -4,7 +4,7 @@
 #            tau sweep with one seed; 120 steps over the whole corpus (1.25-1.3 epochs). About an hour on 2 cores.
 #   epochs8  (issue 18) bench/miniature/epochs8/*.yml: the paper's regime, 8.9 epochs over a 13-licence
 #            subset, 8 evaluations per run, Table 3 and the tau sweep with 3 seeds (21 runs). About 30 CPU
-#            minutes (measured: 21.7 for ~16 runs' worth), so an estimated 15-20 minutes on 2 free cores.
+#            minutes (measured: 28.8 + ~1), so an estimated 15-20 minutes on 2 free cores.
 #   bash bench/reproduce.sh [short|epochs8]     (default: both)
 #   bash bench/reproduce.sh epochs8-tables      (epochs8's tables from the runs finished so far, training nothing)
 # Each part runs two streams of sweeps side by side (one per core); a sweep skips finished runs when
