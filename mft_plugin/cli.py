@@ -161,5 +161,9 @@ def train(config: MFTConfigBase, registry: Registry) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # how `accelerate launch`/torchrun start each process of a run
+    from mft_plugin.train.launch import leave_process_group
+
+    exit_code = main()
+    leave_process_group()
+    sys.exit(exit_code)

@@ -30,7 +30,7 @@ from accelerate.utils.other import get_free_port
 from mft_plugin.config.errors import ConfigError, load_config, validate_config
 from mft_plugin.config.engines import FSDPConfig
 from mft_plugin.train.engine import Engine, EngineUnavailableError
-from mft_plugin.train.launch import accelerate_command
+from mft_plugin.train.launch import accelerate_command, leave_process_group
 from tests.tiny import REPO, write_yaml
 
 TOLERANCE = 1e-5  # float32 round-off of a different reduction order; training moves weights ~1e-3
@@ -404,25 +404,8 @@ def _teacher_check(check: str, model_dir: str) -> dict[str, Any]:
     return {"parameters": parameters, "local_parameters": local, "max_logit_difference": difference}
 
 
-def _tear_down() -> None:
-    """Leave the process group explicitly, after every rank has finished.
-
-    Left to interpreter exit, gloo's threads were destroyed while a peer could still be talking to
-    them (or the group already torn down under them), and a worker sometimes aborted with
-    ``terminate called without an active exception`` on a loaded machine.
-    """
-    import gc
-
-    import torch.distributed as dist
-
-    gc.collect()  # ZeRO-3's partitioned parameters and hooks go before the group they use
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 if __name__ == "__main__":
     check_name, model_folder, out_folder = sys.argv[1:4]
     report = _teacher_check(check_name, model_folder)
     Path(out_folder, f"rank{os.environ['RANK']}.json").write_text(json.dumps(report))
-    _tear_down()
+    leave_process_group()

@@ -44,3 +44,20 @@ def launch(config: MFTConfigBase, config_path: str, overrides: Sequence[str], nu
 def is_main_process() -> bool:
     """Rank 0 of a launched run (or the only process): the one that prints and writes."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def leave_process_group() -> None:
+    """Leave the process group explicitly, after every rank has finished (a launched process's last act).
+
+    Left to interpreter exit, gloo's threads were destroyed while a peer could still be talking to
+    them (or the group already torn down under them), and a rank sometimes aborted with
+    ``terminate called without an active exception`` on a loaded machine, failing a finished run.
+    """
+    import gc
+
+    import torch.distributed as dist
+
+    gc.collect()  # ZeRO-3's partitioned parameters and hooks go before the group they use
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
