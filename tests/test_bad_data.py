@@ -85,3 +85,30 @@ def test_bad_data_is_one_message_naming_file_and_record(
     (line,) = [line for line in captured.err.split("\n") if line and "\r" not in line]  # progress bars aside
     assert line.startswith("bad data: " + expected.replace("{d}", str(data)))
     assert not (Path(base_config["output_dir"]) / "model.safetensors").exists()
+
+
+def test_a_local_file_is_sliced_as_datasets_slices_a_split(tmp_path: Path) -> None:
+    """``split: train[74:]`` on a local file: the rows datasets' split syntax names, else one error."""
+    from mft_plugin.config.schema import DatasetSource
+    from mft_plugin.data.documents import DataError, read_records
+
+    texts = [f"document {i}" for i in range(10)]
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(jsonl(*({"text": text} for text in texts)))
+    for split, expected in [("train[7:]", texts[7:]), ("train[:20%]", texts[:2]), ("train[2:4]", texts[2:4]), ("train", texts)]:
+        records = read_records(DatasetSource(path=str(path), split=split))
+        assert [record["text"] for _, record in records] == expected
+    for split in ("test", "train[1:2]+train[3:4]", "train["):
+        with pytest.raises(DataError, match=r"d\.jsonl: split '.*': a local file or folder has the split 'train'"):
+            list(read_records(DatasetSource(path=str(path), split=split)))
+
+
+def test_line_separators_inside_a_jsonl_string_are_text(tmp_path: Path) -> None:
+    """JSON Lines ends a record at \\n alone: U+2028, U+2029 or NEL written raw in a string stay in its record."""
+    from mft_plugin.config.schema import DatasetSource
+    from mft_plugin.data.documents import read_records
+
+    texts = ["Section 1.\u2028Section 2.", "a\u2029b\x85c", "plain"]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in texts), encoding="utf-8")
+    assert [record["text"] for _, record in read_records(DatasetSource(path=str(path)))] == texts

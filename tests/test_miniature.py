@@ -16,7 +16,7 @@ from types import ModuleType
 
 import pytest
 
-from mft_plugin.data.documents import load_all_documents, pack_documents
+from mft_plugin.data.packing import raw_text_blocks
 from mft_plugin.models.loading import load_tokenizer
 from mft_plugin.report.results import find_runs, group_runs, load_run
 from mft_plugin.sweep import plan_sweep
@@ -64,7 +64,7 @@ def test_tau_runs_differ_from_the_ablations_mft_runs_in_tau_alone(sweeps: tuple)
 def test_each_run_sees_its_data_about_eight_times_and_is_evaluated_eight_times(sweeps: tuple) -> None:
     for sweep in sweeps:
         config = sweep.runs[0].config
-        blocks = len(pack_documents(load_all_documents(config.datasets), load_tokenizer(config), config.sequence_len))
+        blocks = len(raw_text_blocks(config.datasets, load_tokenizer(config), config.sequence_len))
         epochs = config.max_steps / math.ceil(blocks / config.micro_batch_size)  # the last batch of an epoch is short
         assert 7.5 <= epochs <= 9.5, (blocks, epochs)
         assert config.max_steps // config.eval_steps >= 8
@@ -91,7 +91,7 @@ def test_selection_table_gives_the_kept_step_and_the_last_evaluation(tmp_path: P
     _overfitting_run(tmp_path / "objective=ft,seed=3", {"name": "ft"}, 3)
     _, rows = group_runs([load_run(folder) for folder in find_runs([tmp_path])])
     lines = summary.selection_table(rows).splitlines()
-    assert lines[2] == "| run | 3 | 4 | 3 (2-6) | 50.0 | 40.0 | 10.0 | 20.0 |"  # one setting: labelled "run"
+    assert lines[2] == "| ft | 3 | 4 | 3 (2-6) | 50.0 | 40.0 | 10.0 | 20.0 |"  # one setting: labelled by its method
     assert "Differences" not in summary.summary([tmp_path], "One run")  # nothing to compare it with
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,10 +33,30 @@ def read_records(spec: DatasetSource) -> Iterator[Record]:
     if not (local.is_file() or local.is_dir()):
         yield from _hub_records(spec)
         return
-    if spec.split != "train":
-        raise DataError(f"{spec.path}: split {spec.split!r}: a local file or folder has only the split 'train'")
-    for file in _local_files(local, spec):
-        yield from _file_records(file, spec.ds_type or DATA_SUFFIXES.get(file.suffix, "text"))
+    records = (
+        record for file in _local_files(local, spec)
+        for record in _file_records(file, spec.ds_type or DATA_SUFFIXES.get(file.suffix, "text"))
+    )  # fmt: skip
+    if spec.split == "train":
+        yield from records
+    else:
+        yield from _split_slice(list(records), spec)
+
+
+def _split_slice(records: list[Record], spec: DatasetSource) -> list[Record]:
+    """A slice of a local file's records, spelled as ``datasets`` spells one (``train[74:]``,
+    ``train[:10%]``) and read with its own parser, so that the same YAML means the same rows."""
+    from datasets import ReadInstruction
+
+    try:
+        (instruction,) = ReadInstruction.from_spec(spec.split).to_absolute({"train": len(records)})
+    except (AssertionError, ValueError) as error:  # unknown split name, malformed slice, several slices
+        detail = " ".join(str(error).split())
+        raise DataError(
+            f"{spec.path}: split {spec.split!r}: a local file or folder has the split 'train', sliced as in "
+            f"datasets (e.g. train[74:] or train[:10%]) ({detail})"
+        ) from None
+    return records[instruction.from_ : instruction.to]
 
 
 def _local_files(local: Path, spec: DatasetSource) -> list[Path]:
@@ -93,8 +114,8 @@ def _json_records(file: Path, text: str) -> Iterator[Record]:
         for number, record in enumerate(records, start=1):
             yield _object(f"{file}: record {number}", record)
         return
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+    for number, line in enumerate(text.split("\n"), start=1):  # JSON Lines ends lines at \n alone: a
+        if not line.strip():  # U+2028 or a form feed inside a string is text, not a line break
             continue
         try:
             record = json.loads(line)
@@ -110,7 +131,7 @@ def _object(where: str, record: Any) -> Record:
 
 
 def _csv_records(file: Path, text: str) -> Iterator[Record]:
-    reader = csv.reader(text.splitlines())
+    reader = csv.reader(io.StringIO(text, newline=""))  # quoted fields may hold line breaks
     header = next(reader, None)
     if not header:
         raise DataError(f"{file}: empty csv (no header row)")

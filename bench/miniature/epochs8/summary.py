@@ -74,7 +74,7 @@ def comparison_table(rows: Sequence[Row]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for first, second in pairs:
         cells = [first.label, second.label]
-        for _, key, scale, decimals in METRICS:
+        for _, key, _, scale, decimals in METRICS:
             a, b = first.values(key), second.values(key)
             difference = mean_and_spread(b)[0] - mean_and_spread(a)[0]
             verdict = {True: "exceeds spread", False: "within spread", None: "no spread"}[exceeds_spread(a, b)]
