@@ -79,7 +79,26 @@ def frozen_head_view(hidden: torch.Tensor, head: torch.nn.Linear) -> TeacherHead
     return TeacherHead(hidden, head.weight.detach().to(hidden.dtype), bias)
 
 
-class FrozenCopyTeacher:
+class _ModelTeacher:
+    """A teacher that is a model run under a context of its own (:meth:`_forwarding`): the forwards
+    of both model teachers, written once."""
+
+    model: torch.nn.Module
+
+    def _forwarding(self) -> contextlib.AbstractContextManager[None]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def logits(self, batch: Batch, rows: torch.Tensor | None = None) -> torch.Tensor:
+        with self._forwarding():
+            return self.model(**_picked(batch, rows)).logits
+
+    def targets(self, batch: Batch, rows: torch.Tensor | None = None) -> TeacherHead:
+        with self._forwarding():
+            return teacher_head(self.model, batch, rows)
+
+
+class FrozenCopyTeacher(_ModelTeacher):
     """A separately loaded, frozen copy of the base model (full finetuning).
 
     It runs in the precision context of its caller, the student's (the trainer computes the loss
@@ -96,22 +115,13 @@ class FrozenCopyTeacher:
             self.model.to(device)
         return self
 
-    def _precision(self) -> contextlib.AbstractContextManager[None]:
+    def _forwarding(self) -> contextlib.AbstractContextManager[None]:
         if not self.own_dtype:
             return contextlib.nullcontext()
         return torch.autocast(next(self.model.parameters()).device.type, enabled=False)
 
-    @torch.no_grad()
-    def logits(self, batch: Batch, rows: torch.Tensor | None = None) -> torch.Tensor:
-        with self._precision():
-            return self.model(**_picked(batch, rows)).logits
 
-    def targets(self, batch: Batch, rows: torch.Tensor | None = None) -> TeacherHead:
-        with self._precision():
-            return teacher_head(self.model, batch, rows)
-
-
-class SharedBaseTeacher:
+class SharedBaseTeacher(_ModelTeacher):
     """The student's own base with its adapters switched off: no second copy of the weights."""
 
     def __init__(self, peft_model: torch.nn.Module) -> None:
@@ -121,18 +131,9 @@ class SharedBaseTeacher:
         return self  # it lives wherever the student lives
 
     @contextlib.contextmanager
-    def _as_base(self) -> Iterator[None]:
+    def _forwarding(self) -> Iterator[None]:
         with eval_mode(self.model), self.model.disable_adapter():
             yield
-
-    @torch.no_grad()
-    def logits(self, batch: Batch, rows: torch.Tensor | None = None) -> torch.Tensor:
-        with self._as_base():
-            return self.model(**_picked(batch, rows)).logits
-
-    def targets(self, batch: Batch, rows: torch.Tensor | None = None) -> TeacherHead:
-        with self._as_base():
-            return teacher_head(self.model, batch, rows)
 
 
 @dataclass(frozen=True)
