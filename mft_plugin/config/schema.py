@@ -161,6 +161,12 @@ class CheckpointingKwargs(StrictModel):
 ATTENTION_FLAGS = {"flash_attention": "flash_attention_2", "sdp_attention": "sdpa", "eager_attention": "eager", "flex_attention": "flex_attention"}
 
 
+def _has_validation_set(info: ValidationInfo) -> bool:
+    """Whether the config validated so far has a specialized validation set (``test_datasets`` or
+    ``val_set_size``): what every evaluation-driven key (budget, intervals, patience, saves) needs."""
+    return bool(info.data.get("test_datasets")) or (info.data.get("val_set_size") or 0) > 0
+
+
 class MFTConfigBase(StrictModel, QuantizationKeys, RefusedAxolotlKeys):
     """Everything but the strategy unions, which :func:`config_model` adds from the registry.
 
@@ -274,7 +280,7 @@ class MFTConfigBase(StrictModel, QuantizationKeys, RefusedAxolotlKeys):
     def _budget_is_measured(cls, limit: float | None, info: ValidationInfo) -> float | None:
         if limit is None:
             return limit
-        if not (info.data.get("test_datasets") or info.data.get("val_set_size")):
+        if not _has_validation_set(info):
             message = "{limit} needs a specialized validation set (test_datasets or val_set_size): it is checked at each evaluation"
             raise PydanticCustomError("budget_unmeasured", message, {"limit": limit})
         if info.field_name == "max_degeneralization" and not info.data.get("general_eval_datasets"):
@@ -303,7 +309,7 @@ class MFTConfigBase(StrictModel, QuantizationKeys, RefusedAxolotlKeys):
         if count is None:
             return count
         steps = {"evals_per_epoch": "eval_steps", "saves_per_epoch": "save_steps"}[info.field_name]
-        evaluates = bool(info.data.get("test_datasets")) or info.data.get("val_set_size", 0) > 0
+        evaluates = _has_validation_set(info)
         evals = info.data.get("evals_per_epoch")
         if info.data.get(steps):
             raise PydanticCustomError("per_epoch", "{steps} sets the interval too; keep one", {"steps": steps})
@@ -322,7 +328,7 @@ class MFTConfigBase(StrictModel, QuantizationKeys, RefusedAxolotlKeys):
             return patience
         if info.field_name == "loss_watchdog_patience" and info.data.get("loss_watchdog_threshold") is None:
             raise PydanticCustomError("patience", "needs loss_watchdog_threshold (the loss it watches for)")
-        if info.field_name == "early_stopping_patience" and not (info.data.get("test_datasets") or info.data.get("val_set_size")):
+        if info.field_name == "early_stopping_patience" and not _has_validation_set(info):
             raise PydanticCustomError("patience", "needs a specialized validation set (test_datasets or val_set_size)")
         return patience
 
@@ -359,7 +365,7 @@ class MFTConfigBase(StrictModel, QuantizationKeys, RefusedAxolotlKeys):
     def _saves_are_evaluated(cls, save_steps: int | None, info: ValidationInfo) -> int | None:
         """The Trainer keeps the best checkpoint only among evaluated steps; it would refuse after loading."""
         eval_steps = info.data.get("eval_steps")
-        evaluates = bool(info.data.get("test_datasets")) or info.data.get("val_set_size", 0) > 0
+        evaluates = _has_validation_set(info)
         if evaluates and save_steps and eval_steps and save_steps % eval_steps:
             raise PydanticCustomError(
                 "save_steps",
