@@ -50,8 +50,8 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def interleaved_medians(functions: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds of each function, run A B C A B C ... after ``warmup`` rounds."""
+def interleaved_times(functions: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of every timed run of each function, run A B C A B C ... after ``warmup`` rounds."""
     times: dict[str, list[float]] = {name: [] for name in functions}
     for round_ in range(warmup + repeats):
         for name, function in functions.items():
@@ -61,7 +61,12 @@ def interleaved_medians(functions: dict[str, Callable[[], Any]], repeats: int, w
             synchronize()
             if round_ >= warmup:
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def interleaved_medians(functions: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each function (:func:`interleaved_times`)."""
+    return {name: statistics.median(values) for name, values in interleaved_times(functions, repeats, warmup).items()}
 
 
 def peak_extra_bytes(function: Callable[[], Any]) -> int:

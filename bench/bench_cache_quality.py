@@ -9,7 +9,8 @@ minifinetuned on the legal corpus, evaluated on the legal and general validation
 metrics), logging every step, with the online teacher and each cache.
 
     OMP_NUM_THREADS=1 python bench/bench_cache_quality.py                  # float32: online, hidden, top-64
-    OMP_NUM_THREADS=1 python bench/bench_cache_quality.py --bf16 --top-k --max-steps 10   # bf16 autocast (slow on CPU)
+    OMP_NUM_THREADS=1 python bench/bench_cache_quality.py --bf16           # the same in bf16 autocast
+    OMP_NUM_THREADS=1 python bench/bench_cache_quality.py --top-k 16 256   # other top-k caches (none: --top-k)
 """
 
 from __future__ import annotations

@@ -82,13 +82,14 @@ def _chunk_losses(
 
 
 def _softmax_minus_target_(
-    p_student: torch.Tensor, p_teacher: torch.Tensor | None, w: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor
+    p_student: torch.Tensor, p_teacher: torch.Tensor | None, w: torch.Tensor, labels: torch.Tensor, ignored: torch.Tensor
 ) -> torch.Tensor:
-    """softmax(z^S) - p^C ``[n, V]``, written over ``p_student``; 0 at ignored tokens."""
+    """softmax(z^S) - p^C ``[n, V]``, written over ``p_student``; 0 at the ``ignored`` rows (their
+    indices in the chunk: zeroing only them spares a pass over ``[n, V]`` when all are labelled)."""
     if p_teacher is not None:
-        p_student.sub_(p_teacher.mul_((1.0 - w).unsqueeze(1)))
+        p_student.addcmul_(p_teacher, (w - 1.0).unsqueeze(1))  # - (1 - w) p^T in one pass
     p_student.scatter_add_(1, labels.unsqueeze(1), -w.unsqueeze(1))
-    return p_student.masked_fill_(~valid.unsqueeze(1), 0.0)
+    return p_student.index_fill_(0, ignored, 0.0)
 
 
 class _FusedCorrectedCrossEntropy(torch.autograd.Function):
@@ -110,6 +111,7 @@ class _FusedCorrectedCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = weight.new_zeros(weight.shape, dtype=torch.promote_types(weight.dtype, accumulate)) if want_weight else None
         grad_bias = bias.new_zeros(bias.shape, dtype=torch.promote_types(bias.dtype, accumulate)) if want_bias else None
+        ignored_tokens = (~problem.valid).nonzero().squeeze(1).cpu()  # once per batch (one device sync)
         with torch.autocast(hidden.device.type, enabled=False):  # the dtypes here are explicit
             for start in range(0, hidden.shape[0], chunk_size):
                 rows = slice(start, start + chunk_size)
@@ -123,7 +125,8 @@ class _FusedCorrectedCrossEntropy(torch.autograd.Function):
                 token_losses[rows] = losses.masked_fill(~valid, 0.0)
                 if grad_hidden is None and grad_weight is None and grad_bias is None:
                     continue
-                grad = _softmax_minus_target_(log_p_student.exp_(), p_teacher, w, problem.labels[rows], valid)
+                ignored = _rows_within(ignored_tokens, start, start + h.shape[0], hidden.device)
+                grad = _softmax_minus_target_(log_p_student.exp_(), p_teacher, w, problem.labels[rows], ignored)
                 if grad_hidden is not None:
                     matmul_into(grad_hidden[rows], grad.to(head.dtype), head)
                 if grad_weight is not None:  # h of ignored tokens zeroed: 0 * NaN there would poison all of dW
@@ -148,6 +151,13 @@ class _FusedCorrectedCrossEntropy(torch.autograd.Function):
         grad_weight = None if grad_weight is None else grad_weight.to(weight_dtype)
         grad_bias = None if grad_bias is None else grad_bias.to(bias_dtype)
         return grad_hidden, grad_weight, grad_bias, None, None
+
+
+def _rows_within(indices: torch.Tensor, start: int, stop: int, device: torch.device) -> torch.Tensor:
+    """The sorted token ``indices`` (on the CPU: no device sync per chunk) that fall in ``[start, stop)``,
+    relative to ``start``, on ``device``."""
+    first, last = torch.searchsorted(indices, torch.tensor([start, stop])).tolist()
+    return (indices[first:last] - start).to(device, non_blocking=True)
 
 
 def _accumulate_product(total: torch.Tensor, grad: torch.Tensor, h: torch.Tensor) -> None:
