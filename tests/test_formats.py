@@ -183,6 +183,25 @@ def test_a_chat_entry_validates_with_its_keys(base_config: dict[str, Any], tmp_p
     assert validate_config(base_config).datasets[0].type == "completion"  # the default, as in the paper
 
 
+def test_a_top_level_chat_template_is_the_default_of_the_chat_entries(base_config: dict[str, Any], tmp_path: Path) -> None:
+    """As in Axolotl: top-level ``chat_template`` renders every chat dataset that does not name its own."""
+    chat = str(chat_file(tmp_path))
+    entries = [{"path": chat, "type": "chat_template"}, {"path": chat, "type": "chat_template", "chat_template": "tokenizer_default"}]
+    config = validate_config({**base_config, "datasets": entries, "test_datasets": [entries[0]], "chat_template": "chatml"})
+    assert [entry.chat_template for entry in (*config.datasets, *config.test_datasets)] == ["chatml", "tokenizer_default", "chatml"]
+    jinja = {"chat_template": "jinja", "chat_template_jinja": "{{ messages }}"}
+    (entry,) = validate_config({**base_config, "datasets": entries[:1], **jinja}).datasets
+    assert (entry.chat_template, entry.chat_template_jinja) == ("jinja", "{{ messages }}")
+    assert validate_config({**base_config, "datasets": entries[:1], "chat_template": None}).datasets[0].chat_template == "tokenizer_default"
+
+
+def test_a_top_level_chat_template_without_chat_entries_is_an_error(base_config: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        validate_config({**base_config, "chat_template": "chatml"})
+    (problem,) = caught.value.problems
+    assert "chat_template: 'chatml' is the default of the datasets entries whose type takes it" in problem
+
+
 def test_general_data_stays_raw_text(base_config: dict[str, Any], tmp_path: Path) -> None:
     entry = {"path": str(chat_file(tmp_path)), "type": "chat_template"}
     with pytest.raises(ConfigError, match=r"general_eval_datasets\.0\.type: Input should be 'completion'"):

@@ -26,6 +26,14 @@ _VISION = "a multimodal (vision/audio) setting; mft-run trains text-only causal 
 _METHOD = "another finetuning method of Axolotl; MFT's alternatives are mft-run strategies (mft-run --list)"
 _QUANT = "a quantization scheme mft-run does not load; bitsandbytes load_in_4bit/load_in_8bit are supported"
 _LOGGER = "a tracker mft-run does not report to; use wandb_project or use_tensorboard"
+_COMPILE = "torch.compile is not validated against the reference loss here (exactness first)"
+_FP8 = "fp8 training needs Hopper/Ada GPUs and changes the loss; not supported"
+_NOISE = "NEFTune noise on the student's embeddings: MFT corrects the student toward the teacher on the same inputs"
+_OPTIMIZER = "an optimizer or schedule setting mft-run does not implement; the optimizer is `optimizer` (AdamW by default)"
+_GENERATION = "sample generation and benchmark evaluation; evaluation is perplexity, S and DG (paper Sec. 3.1)"
+_DATA = "a data-loading setting of Axolotl; mft-run tokenizes, packs and caches the datasets itself"
+_LOOP = "a Trainer/dataloader setting mft-run leaves at transformers' default"
+_BEST = "the final model is always the checkpoint of least specialized validation perplexity (paper Sec. 3.1)"
 
 # key -> (why it is refused, the values that ask for nothing and are accepted)
 REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
@@ -44,10 +52,8 @@ REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
     "xformers_attention": ("xformers is a CUDA-only attention patch of Axolotl; use attn_implementation: sdpa", OFF),
     "flex_attn_compile_kwargs": ("torch.compile of flex attention is not run by mft-run", OFF),
     "experts_implementation": ("a mixture-of-experts kernel choice; mft-run trains dense causal LMs", OFF),
-    "torch_compile": ("torch.compile is not validated against the reference loss here (exactness first)", OFF),
-    "torch_compile_mode": ("torch.compile is not validated against the reference loss here (exactness first)", OFF),
-    "fp8": ("fp8 training needs Hopper/Ada GPUs and changes the loss; not supported", OFF),
-    "fp8_enable_fsdp_float8_all_gather": ("fp8 training needs Hopper/Ada GPUs and changes the loss; not supported", OFF),
+    **{key: (_COMPILE, OFF) for key in ("torch_compile", "torch_compile_mode", "torch_compile_backend", "torch_compile_options")},
+    **{key: (_FP8, OFF) for key in ("fp8", "fp8_enable_fsdp_float8_all_gather", "fp8_config")},
     "bfloat16": ("loads the weights in bfloat16 (pure bf16 training); mft-run keeps float32 weights: use bf16: true", OFF),
     "float16": ("loads the weights in float16 (pure fp16 training); mft-run keeps float32 weights: use fp16: true", OFF),
     "torch_dtype": ("the weights' dtype follows bf16/fp16 (mixed precision over float32 weights)", OFF),
@@ -132,6 +138,96 @@ REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
         "swanlab_completion_max_buffer", "trackio_project_name", "trackio_run_name", "trackio_space_id",
         "use_otel_metrics", "otel_metrics_host", "otel_metrics_port", "use_comet", "use_mlflow",
     )},
+    # Axolotl 0.19's schema keys that no example YAML uses (tests/axolotl_examples/schema_keys.txt)
+    **{key: (_RL, OFF) for key in (
+        "cpo_alpha", "dpo_beta", "dpo_generate_during_eval", "dpo_label_smoothing", "dpo_loss_type", "dpo_loss_weights",
+        "dpo_norm_loss", "dpo_padding_free", "dpo_use_liger_kernel", "dpo_use_logits_to_keep", "dpo_use_weighting",
+        "kto_undesirable_weight", "precompute_ref_log_probs", "rpo_alpha", "simpo_gamma", "max_prompt_len",
+    )},
+    **{key: (_METHOD, OFF) for key in (
+        "use_pose", "pose_max_context_len", "pose_num_chunks", "pose_split_on_token_ids", "lora_alpha_pattern",
+        "lora_rank_pattern", "peft_autocast_adapter_dtype", "peft_ensure_weight_tying", "peft_init_lora_weights",
+        "peft_layer_replication", "peft_layers_pattern", "peft_layers_to_transform", "peft_trainable_token_indices",
+        "added_tokens_overrides", "fix_untrained_tokens", "mean_resizing_embeddings", "scaling_softmax",
+        "scaling_softmax_bias", "scaling_softmax_factor",
+    )},
+    "relora_prune_method": (_METHOD, (None, "magnitude")),
+    **{key: (_NOISE, OFF) for key in ("neftune_noise_alpha", "noisy_embedding_alpha")},
+    **{key: (_OPTIMIZER, OFF) for key in (
+        "loraplus_lr_ratio", "embedding_lr", "embedding_lr_scale", "lr_groups", "optim_args", "optim_target_modules",
+        "adam_beta3", "adam_epsilon2", "dion_lr", "dion_momentum", "qgalore_rank", "lr_div_factor", "lr_scheduler_kwargs",
+    )},
+    "loraplus_lr_embedding": (_OPTIMIZER, (None, 1e-6)),
+    "dion_rank_fraction": (_OPTIMIZER, (None, 1.0)),
+    "dion_rank_multiple_of": (_OPTIMIZER, (None, 1)),
+    **{key: (_OPTIMIZER, (None, default)) for key, default in {
+        "qgalore_cos_threshold": 0.4, "qgalore_gamma_proj": 2, "qgalore_proj_bits": 4, "qgalore_proj_group_size": 256,
+        "qgalore_proj_quant": True, "qgalore_proj_type": "std", "qgalore_queue_size": 5, "qgalore_scale": 0.25,
+        "qgalore_update_proj_gap": 200,
+    }.items()},
+    **{key: (_CUDA, OFF) for key in (
+        "flash_attn_d512", "flash_attn_rms_norm", "large_head_attention", "s2_attention", "sage_attention", "sdpa_varlen",
+        "lora_embedding_kernel", "tiled_mlp_num_shards", "deepcompile", "fp32_norms", "fp32_norm_classes",
+        "embeddings_skip_upcast", "layer_offloading", "ple_cpu_offload", "selective_checkpointing", "dynamic_checkpoint",
+        "batch_flattening", "qlora_sharded_model_loading", "lora_on_cpu", "gpu_memory_limit", "max_memory",
+        "chunked_cross_entropy", "chunked_cross_entropy_num_chunks",
+    )},
+    "tiled_mlp_use_original_mlp": (_CUDA, (None, True)),
+    "float32": ("the weights are float32 already; precision is bf16/fp16 autocast over them", OFF),
+    **{key: (_PARALLEL, OFF) for key in ("sequence_parallel_degree", "heads_k_stride", "ring_attn_func")},
+    "world_size": ("set by the launcher (WORLD_SIZE), not by the YAML", OFF),
+    "device": ("placement is the engine's (DDP/FSDP2/DeepSpeed), not a device", OFF),
+    **{key: (_LOGGER, OFF) for key in (
+        "comet_api_key", "comet_experiment_config", "comet_experiment_key", "comet_mode", "comet_online",
+        "comet_project_name", "comet_workspace", "mlflow_experiment_name", "mlflow_run_name", "mlflow_tracking_uri",
+        "hf_mlflow_log_artifacts", "use_trackio", "include_tokens_per_second", "profiler_steps",
+    )},
+    "include_tkps": (_LOGGER, (None, True)),
+    "profiler_steps_start": (_LOGGER, (None, 0)),
+    **{key: (_CLOUD, OFF) for key in ("resources_per_worker", "ray_run_name")},
+    **{key: (_VISION, OFF) for key in ("image_resize_algorithm", "image_size", "processor_kwargs")},
+    **{key: (_GENERATION, OFF) for key in (
+        "generate_samples", "generation_top_k", "generation_top_p", "do_bench_eval", "bench_dataset", "bench_split",
+        "gradio_max_new_tokens", "gradio_server_name", "gradio_server_port", "gradio_share", "gradio_temperature",
+        "gradio_title",
+    )},
+    **{key: (_GENERATION, (None, default)) for key, default in {
+        "generation_do_sample": True, "generation_max_new_tokens": 50, "generation_prompt_ratio": 0.5,
+        "generation_temperature": 0.7, "num_generation_samples": 3,
+    }.items()},
+    **{key: (_DATA, OFF) for key in (
+        "dataset_keep_in_memory", "dataset_num_proc", "dataset_processes", "dataset_shard_idx", "dataset_shard_num",
+        "num_dataset_shards_to_save", "preprocess_iterable", "pretrain_multipack_buffer_size",
+        "pretraining_sample_concatenation", "eval_sequence_len", "max_packed_sequence_len", "multipack_real_batches",
+        "sample_packing_eff_est", "sample_packing_mp_start_method", "pad_to_multiple_of", "shuffle_before_merging_datasets",
+        "is_preprocess", "total_num_tokens", "total_supervised_tokens", "chat_template_kwargs", "role_boundaries",
+    )},
+    "sample_packing_bin_size": (_DATA, (None, 200)),
+    "sample_packing_group_size": (_DATA, (None, 100000)),
+    "excess_length_strategy": ("records longer than sequence_len are dropped (Axolotl's default), with a logged count", (None, "drop")),
+    "eot_tokens": ("a chat template's turns end where the template ends them; extra end-of-turn tokens are not implemented", OFF),
+    "default_system_message": ("conversations are rendered as written; no system message is inserted", OFF),
+    **{key: (_LOOP, OFF) for key in (
+        "auto_find_batch_size", "dataloader_drop_last", "dataloader_pin_memory", "dataloader_prefetch_factor",
+        "ddp_broadcast_buffers", "ddp_bucket_cap_mb", "ddp_timeout", "gc_collect_steps", "gc_steps",
+        "torch_empty_cache_steps", "save_first_step", "fsdp_final_state_dict_type",
+    )},
+    "auto_resume_from_checkpoints": ("resume with resume_from_checkpoint: true (the newest complete checkpoint)", OFF),
+    "batch_size": ("deprecated in Axolotl: set micro_batch_size and gradient_accumulation_steps", OFF),
+    "load_best_model_at_end": (_BEST, (None, True)),
+    "metric_for_best_model": (_BEST, (None, "eval_spec_ppl")),
+    "greater_is_better": (_BEST, OFF),
+    **{key: ("no hub access at run time: download the model folder and give its path as base_model", OFF) for key in (
+        "hub_revision", "hub_strategy", "model_revision",
+    )},
+    **{key: ("the model loads from base_model with its own config.json and transformers' defaults", OFF) for key in (
+        "base_model_config", "model_kwargs", "rope_scaling", "quantization", "trainer_cls", "is_falcon_derived_model",
+        "is_llama_derived_model", "is_mistral_derived_model", "is_qwen_derived_model",
+    )},
+    "axolotl_config_path": ("not a training key", OFF),
+    "tokenizer_save_jinja_files": ("the tokenizer is saved as transformers saves it", (None, True)),
+    "merge_lora": ("merging is merge_adapter: true (output_dir/merged); axolotl merge-lora is Axolotl's command", OFF),
+    "merge_method": ("merging is merge_adapter: true (output_dir/merged)", (None, "memory_efficient")),
     # cloud launchers
     **{key: (_CLOUD, OFF) for key in (
         "provider", "gpu", "gpu_count", "node_count", "project_name", "secrets", "branch", "dockerfile_commands",

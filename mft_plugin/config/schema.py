@@ -562,11 +562,52 @@ def strategies_model(registry: Registry, base: type[BaseModel], name: str = "MFT
     )
 
 
+# Axolotl's top-level keys that are the default of the dataset entries whose format takes them
+DATASET_DEFAULT_KEYS = ("chat_template", "chat_template_jinja")
+
+
+def dataset_defaults(data: Any, registry: Registry, default_format: str | None) -> Any:
+    """``data`` with Axolotl's top-level ``chat_template``/``chat_template_jinja`` moved into each entry
+    of ``datasets`` and ``test_datasets`` whose format takes the key and does not set it (Axolotl
+    renders its chat datasets with the top-level template unless an entry names its own).
+
+    Empty, they take the default; given while no entry takes them, an error naming the key (never a
+    key accepted and ignored)."""
+    if not isinstance(data, dict) or not any(key in data for key in DATASET_DEFAULT_KEYS):
+        return data
+    data = dict(data)
+    for key in DATASET_DEFAULT_KEYS:
+        value = data.pop(key, None)
+        if value is None:
+            continue
+        takers = 0
+        for group in ("datasets", "test_datasets"):
+            if not isinstance(data.get(group), list):
+                continue
+            entries = data[group] = list(data[group])  # the caller's lists and entries stay as they were
+            for i, entry in enumerate(entries):
+                entry_format = registry.entries["format"].get(entry.get("type") or default_format) if isinstance(entry, dict) else None
+                if entry_format is not None and key in entry_format.cls.Params.model_fields:
+                    takers += 1
+                    if entry.get(key) is None:
+                        entries[i] = {**entry, key: value}
+        if not takers:
+            raise PydanticCustomError(
+                "dataset_default",
+                "{key}: {value} is the default of the datasets entries whose type takes it (e.g. type: chat_template), "
+                "as in Axolotl, and no entry of datasets or test_datasets has such a type",
+                {"key": key, "value": repr(value)},
+            )
+    return data
+
+
 def config_model(registry: Registry) -> type[MFTConfigBase]:
     """The full config model for the strategies this registry knows."""
     adapter_names = {n for n, e in registry.entries["mitigation"].items() if e.cls.exclusive_group == ADAPTER_GROUP}
+    default_format = "completion" if "completion" in registry.entries["format"] else None  # raw text, as the paper
 
     def axolotl_adapter_keys(cls: type, data: Any) -> Any:
+        data = dataset_defaults(data, registry, default_format)
         return adapter_from_axolotl_keys(empty_means_default(data, cls.model_fields), adapter_names)
 
     def mitigations_fit(self: MFTConfigBase) -> MFTConfigBase:
@@ -580,7 +621,6 @@ def config_model(registry: Registry) -> type[MFTConfigBase]:
             raise PydanticCustomError("mitigations_fit", "{problems}", {"problems": "; ".join(problems)})
         return self
 
-    default_format = "completion" if "completion" in registry.entries["format"] else None  # raw text, as the paper
     entry = Annotated[_dataset_union(registry), BeforeValidator(_unknown_name_check(registry, "format", default_format, "type"))]
     return create_model(
         "MFTConfig",
