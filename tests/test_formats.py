@@ -137,8 +137,27 @@ def test_chat_template_bad_records(tokenizer: PreTrainedTokenizerBase, record: d
 def test_tokenizer_without_a_template_is_refused(tokenizer: PreTrainedTokenizerBase) -> None:
     bare = AutoTokenizer.from_pretrained(REFERENCE_MODEL)
     bare.chat_template = None
-    with pytest.raises(RecordError, match="has no chat template; choose one of chatml or chat_template: jinja"):
+    with pytest.raises(RecordError, match=r"has no chat template; choose one of Axolotl's named templates \(chatml, llama3"):
         data_format("chat_template").tokenize({"messages": CONVERSATION}, bare, False)
+
+
+def test_axolotls_named_templates_and_the_fallback(tokenizer: PreTrainedTokenizerBase, tmp_path: Path) -> None:
+    """Axolotl's template files render as in Axolotl (llama3 trims the content and opens with BOS);
+    ``tokenizer_default_fallback_<name>`` takes the tokenizer's own template when it has one."""
+    messages = {"messages": CONVERSATION[1:3]}
+    llama3 = data_format("chat_template", chat_template="llama3").tokenize(messages, tokenizer, False)
+    assert texts(tokenizer, llama3) == (
+        "<s><|start_header_id|>user<|end_header_id|>\n\nWhat is a cat?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nA small animal.<|eot_id|>", "A small animal."
+    )
+    fallback = data_format("chat_template", chat_template="tokenizer_default_fallback_llama3")
+    assert fallback.tokenize(messages, tokenizer, False) == data_format("chat_template").tokenize(messages, tokenizer, False)
+    bare = AutoTokenizer.from_pretrained(REFERENCE_MODEL)
+    bare.chat_template = None
+    assert fallback.tokenize(messages, bare, False) == llama3
+    (tmp_path / "mine.jinja").write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    from_file = data_format("chat_template", chat_template="jinja", chat_template_jinja=str(tmp_path / "mine.jinja"))
+    assert texts(tokenizer, from_file.tokenize(messages, tokenizer, False))[0] == "user: What is a cat?\nassistant: A small animal.\n"
 
 
 # ---------------------------------------------------------------- the YAML
@@ -156,7 +175,8 @@ def chat_file(tmp_path: Path) -> Path:
         ({"type": "alpacca"}, "datasets.0: unknown format 'alpacca'; available: alpaca, chat_template, completion, "
                               "input_output; did you mean 'alpaca'?"),
         ({"type": "chat_template", "chat_template": "llama99"},
-         "datasets.0.chat_template: Input should be 'tokenizer_default', 'chatml' or 'jinja' (got 'llama99')"),
+         "datasets.0.chat_template: 'llama99' is not a chat template: use tokenizer_default, jinja (with "
+         "chat_template_jinja), one of Axolotl's named templates (alpaca, aya, chatml, "),
         ({"type": "chat_template", "field_messages": "conversations"},
          "datasets.0.field_messages: 'conversations' is not a field of {chat} (its records have: messages)"),
         ({"type": "chat_template", "roles_to_trian": ["user"]},
@@ -173,7 +193,8 @@ def test_dataset_entries_are_validated_by_their_format(
     chat = chat_file(tmp_path)
     with pytest.raises(ConfigError) as caught:
         validate_config({**base_config, "datasets": [{"path": str(chat), **entry}]})
-    assert caught.value.problems == [f"<config>: {expected.replace('{chat}', str(chat))}"]
+    (problem,) = caught.value.problems
+    assert problem.startswith(f"<config>: {expected.replace('{chat}', str(chat))}")
 
 
 def test_a_chat_entry_validates_with_its_keys(base_config: dict[str, Any], tmp_path: Path) -> None:

@@ -4,8 +4,10 @@
 A record holds a list of messages (``field_messages``, default ``messages``); each message's role and
 content are read through ``message_property_mappings`` and its role is normalised by ``roles`` (default:
 ``human``/``user`` -> ``user``, ``gpt``/``assistant`` -> ``assistant``, ``system``, ``tool``). The
-conversation is rendered with the tokenizer's own template (``chat_template: tokenizer_default``), a
-named one (``chatml``), or ``chat_template: jinja`` with ``chat_template_jinja``. The content of turns
+conversation is rendered with the tokenizer's own template (``chat_template: tokenizer_default``), one
+of Axolotl's named templates (``chatml``, ``llama3``, ...: its files, copied in ``chat_templates/``),
+``tokenizer_default_fallback_<name>`` (the tokenizer's own, else the named one), or ``chat_template:
+jinja`` with ``chat_template_jinja`` (the template, or a ``.jinja`` file's path). The content of turns
 whose role is in ``roles_to_train`` (default ``[assistant]``), or of every turn with
 ``train_on_inputs``, is labelled; the EOS token that closes a turn (within 3 tokens, as Axolotl looks
 for it) is labelled as ``train_on_eos`` says: ``turn`` (default: after trained turns), ``all``,
@@ -21,20 +23,20 @@ error naming the record for a template that does not (instead of silently mislab
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from mft_plugin.strategy import DataFormat, RecordError, StrategyParams
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-CHATML = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-NAMED_TEMPLATES = {"chatml": CHATML}  # Axolotl's names; others can be given with chat_template: jinja
+TEMPLATE_FOLDER = Path(__file__).parent / "chat_templates"  # Axolotl's named templates (NOTICE.md there)
+NAMED_TEMPLATES = {path.stem: path for path in sorted(TEMPLATE_FOLDER.glob("*.jinja"))}
+FALLBACK_PREFIX = "tokenizer_default_fallback_"  # Axolotl: the tokenizer's own template, else the named one
+CHOICES = ("tokenizer_default", "jinja", *NAMED_TEMPLATES, *(FALLBACK_PREFIX + name for name in NAMED_TEMPLATES))
 DEFAULT_ROLES = {"user": ["human", "user"], "assistant": ["gpt", "assistant"], "system": ["system"], "tool": ["tool"]}
 EOS_SEARCH = 3  # tokens after a turn's content in which its EOS is looked for (Axolotl's window)
 
@@ -48,10 +50,23 @@ class ChatTemplateParams(StrategyParams):
     roles: dict[str, list[str]] | None = Field(None, description="template role -> the role names in the data that mean it")
     roles_to_train: list[str] = Field(default_factory=lambda: ["assistant"], description="roles whose content is labelled")
     train_on_eos: Literal["turn", "all", "last", "none"] = Field("turn", description="which turns' EOS tokens are labelled")
-    chat_template: Literal["tokenizer_default", "chatml", "jinja"] = Field(
-        "tokenizer_default", description="the tokenizer's own template, a named one, or jinja: chat_template_jinja"
+    chat_template: str = Field(
+        "tokenizer_default",
+        description="the tokenizer's own template, one of Axolotl's named ones (chatml, llama3, ...), "
+        "tokenizer_default_fallback_<name>, or jinja: chat_template_jinja",
     )
-    chat_template_jinja: str | None = Field(None, description="the template itself, with chat_template: jinja")
+    chat_template_jinja: str | None = Field(None, description="the template itself, or a .jinja file's path, with chat_template: jinja")
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, value: str) -> str:
+        if value not in CHOICES:
+            names = ", ".join(NAMED_TEMPLATES)
+            raise ValueError(
+                f"{value!r} is not a chat template: use tokenizer_default, jinja (with chat_template_jinja), one of "
+                f"Axolotl's named templates ({names}) or {FALLBACK_PREFIX}<name>"
+            )
+        return value
 
     @model_validator(mode="after")
     def _jinja_given(self) -> ChatTemplateParams:
@@ -66,17 +81,22 @@ class ChatTemplateFormat(DataFormat):
     column_keys = ("field_messages",)
 
     def template(self, tokenizer: PreTrainedTokenizerBase) -> str:
-        """The jinja template this entry selects; an error if the tokenizer has none of its own."""
-        if self.params.chat_template == "jinja":
-            return self.params.chat_template_jinja
-        if self.params.chat_template in NAMED_TEMPLATES:
-            return NAMED_TEMPLATES[self.params.chat_template]
-        if not getattr(tokenizer, "chat_template", None):
+        """The jinja template this entry selects, as Axolotl selects it; an error if it asks for the
+        tokenizer's own and the tokenizer has none."""
+        choice, own = self.params.chat_template, getattr(tokenizer, "chat_template", None)
+        if choice == "jinja":
+            jinja = self.params.chat_template_jinja
+            return Path(jinja).read_text(encoding="utf-8") if jinja.endswith(".jinja") and Path(jinja).is_file() else jinja
+        if choice.startswith(FALLBACK_PREFIX):
+            choice = "tokenizer_default" if own else choice.removeprefix(FALLBACK_PREFIX)
+        if choice in NAMED_TEMPLATES:
+            return NAMED_TEMPLATES[choice].read_text(encoding="utf-8")
+        if not own:
             raise RecordError(
                 f"chat_template: tokenizer_default, but the tokenizer {tokenizer.name_or_path!r} has no chat template; "
-                f"choose one of {', '.join(NAMED_TEMPLATES)} or chat_template: jinja with chat_template_jinja"
+                f"choose one of Axolotl's named templates (chatml, llama3, ...) or chat_template: jinja with chat_template_jinja"
             )
-        return tokenizer.chat_template
+        return own
 
     def role_names(self) -> dict[str, str]:
         """Role name in the data -> role name in the template (``roles``, or Axolotl's defaults)."""
