@@ -14,7 +14,7 @@ from datasets import Dataset
 from pydantic import BaseModel, create_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
-from mft_plugin.config.schema import MFTConfigBase, strategies_model
+from mft_plugin.config.schema import NEEDS_VALIDATION_SET, MFTConfigBase, strategies_model
 from mft_plugin.eval.metrics import GENERAL, SPEC
 from mft_plugin.registry import Registry
 from mft_plugin.strategy import Mitigation, Objective
@@ -103,7 +103,7 @@ def evaluation_problems(cfg: Mapping[str, Any]) -> list[str]:
         )
     for key in ("max_degeneralization", "target_specialization"):
         if cfg.get(key) is not None and not has_spec_eval(cfg):
-            problems.append(f"{key}: needs a specialized validation set (test_datasets or val_set_size)")
+            problems.append(f"{key}: {NEEDS_VALIDATION_SET}")
     if cfg.get("max_degeneralization") is not None and not cfg.get("general_eval_datasets"):
         problems.append("max_degeneralization: needs general_eval_datasets: DG is measured on them")
     return problems

@@ -161,6 +161,9 @@ class CheckpointingKwargs(StrictModel):
 ATTENTION_FLAGS = {"flash_attention": "flash_attention_2", "sdp_attention": "sdpa", "eager_attention": "eager", "flex_attention": "flex_attention"}
 
 
+NEEDS_VALIDATION_SET = "needs a specialized validation set (test_datasets or val_set_size)"
+
+
 def _has_validation_set(info: ValidationInfo) -> bool:
     """Whether the config validated so far has a specialized validation set (``test_datasets`` or
     ``val_set_size``): what every evaluation-driven key (budget, intervals, patience, saves) needs."""
@@ -281,7 +284,7 @@ class MFTConfigBase(StrictModel, QuantizationKeys, RefusedAxolotlKeys):
         if limit is None:
             return limit
         if not _has_validation_set(info):
-            message = "{limit} needs a specialized validation set (test_datasets or val_set_size): it is checked at each evaluation"
+            message = "{limit} " + NEEDS_VALIDATION_SET + ": it is checked at each evaluation"
             raise PydanticCustomError("budget_unmeasured", message, {"limit": limit})
         if info.field_name == "max_degeneralization" and not info.data.get("general_eval_datasets"):
             message = "{limit} needs general_eval_datasets: DG is measured on them"
@@ -314,7 +317,7 @@ class MFTConfigBase(StrictModel, QuantizationKeys, RefusedAxolotlKeys):
         if info.data.get(steps):
             raise PydanticCustomError("per_epoch", "{steps} sets the interval too; keep one", {"steps": steps})
         if info.field_name == "evals_per_epoch" and not evaluates:
-            raise PydanticCustomError("per_epoch", "needs a specialized validation set (test_datasets or val_set_size)")
+            raise PydanticCustomError("per_epoch", NEEDS_VALIDATION_SET)
         if info.field_name == "saves_per_epoch" and evaluates and not (evals and evals % count == 0):
             message = "{count} must divide evals_per_epoch ({evals}): the best checkpoint is chosen among evaluated saves"
             raise PydanticCustomError("per_epoch", message, {"count": count, "evals": evals or "not set"})
@@ -329,7 +332,7 @@ class MFTConfigBase(StrictModel, QuantizationKeys, RefusedAxolotlKeys):
         if info.field_name == "loss_watchdog_patience" and info.data.get("loss_watchdog_threshold") is None:
             raise PydanticCustomError("patience", "needs loss_watchdog_threshold (the loss it watches for)")
         if info.field_name == "early_stopping_patience" and not _has_validation_set(info):
-            raise PydanticCustomError("patience", "needs a specialized validation set (test_datasets or val_set_size)")
+            raise PydanticCustomError("patience", NEEDS_VALIDATION_SET)
         return patience
 
     @field_validator("wandb_entity", "wandb_run_id", "wandb_mode", "wandb_watch", "wandb_log_model")
@@ -606,7 +609,8 @@ def config_model(registry: Registry) -> type[MFTConfigBase]:
     adapter_names = {n for n, e in registry.entries["mitigation"].items() if e.cls.exclusive_group == ADAPTER_GROUP}
     default_format = "completion" if "completion" in registry.entries["format"] else None  # raw text, as the paper
 
-    def axolotl_adapter_keys(cls: type, data: Any) -> Any:
+    def axolotl_top_level_keys(cls: type, data: Any) -> Any:
+        """Axolotl's top-level keys that are ours in another shape: dataset defaults, then the adapter's."""
         data = dataset_defaults(data, registry, default_format)
         return adapter_from_axolotl_keys(empty_means_default(data, cls.model_fields), adapter_names)
 
@@ -628,7 +632,7 @@ def config_model(registry: Registry) -> type[MFTConfigBase]:
         datasets=(list[entry], Field(min_length=1)),  # type: ignore[valid-type]
         test_datasets=(list[entry] | None, None),  # type: ignore[valid-type]
         __validators__={
-            "axolotl_adapter_keys": model_validator(mode="before")(classmethod(axolotl_adapter_keys)),
+            "axolotl_top_level_keys": model_validator(mode="before")(classmethod(axolotl_top_level_keys)),
             "mitigations_fit": model_validator(mode="after")(mitigations_fit),
         },
     )

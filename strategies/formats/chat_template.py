@@ -22,6 +22,7 @@ error naming the record for a template that does not (instead of silently mislab
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -39,6 +40,12 @@ FALLBACK_PREFIX = "tokenizer_default_fallback_"  # Axolotl: the tokenizer's own 
 CHOICES = ("tokenizer_default", "jinja", *NAMED_TEMPLATES, *(FALLBACK_PREFIX + name for name in NAMED_TEMPLATES))
 DEFAULT_ROLES = {"user": ["human", "user"], "assistant": ["gpt", "assistant"], "system": ["system"], "tool": ["tool"]}
 EOS_SEARCH = 3  # tokens after a turn's content in which its EOS is looked for (Axolotl's window)
+
+
+@functools.cache
+def _file_text(path: str) -> str:
+    """A template file's text, read once per process (``template`` is asked for every record)."""
+    return Path(path).read_text(encoding="utf-8")
 
 
 class ChatTemplateParams(StrategyParams):
@@ -86,11 +93,11 @@ class ChatTemplateFormat(DataFormat):
         choice, own = self.params.chat_template, getattr(tokenizer, "chat_template", None)
         if choice == "jinja":
             jinja = self.params.chat_template_jinja
-            return Path(jinja).read_text(encoding="utf-8") if jinja.endswith(".jinja") and Path(jinja).is_file() else jinja
+            return _file_text(jinja) if jinja.endswith(".jinja") and Path(jinja).is_file() else jinja
         if choice.startswith(FALLBACK_PREFIX):
             choice = "tokenizer_default" if own else choice.removeprefix(FALLBACK_PREFIX)
         if choice in NAMED_TEMPLATES:
-            return NAMED_TEMPLATES[choice].read_text(encoding="utf-8")
+            return _file_text(str(NAMED_TEMPLATES[choice]))
         if not own:
             raise RecordError(
                 f"chat_template: tokenizer_default, but the tokenizer {tokenizer.name_or_path!r} has no chat template; "
