@@ -445,6 +445,29 @@ def test_axolotl_train_applies_loss_stage_mitigations_and_refuses_the_others(
 
 
 @needs_axolotl
+@pytest.mark.slow
+def test_axolotl_train_with_the_fused_loss_trains_as_the_plain_loss(axolotl_config: dict[str, Any], tmp_path: Path) -> None:
+    """The chunked loss inside `axolotl train` (full MFT, a frozen teacher) gives the plain loss's training
+    loss; with packing and added tokens (the teacher built by Axolotl's loader, with the student's vocabulary)
+    it trains and says which loss path it took."""
+    runs = {}
+    for loss_impl in ("naive", "chunked"):
+        config = _with_plugin(axolotl_config, tmp_path, loss_impl, objective={"name": "mft", "tau": TAU}, loss_impl=loss_impl)
+        result = _axolotl_train(config, tmp_path)
+        assert result.returncode == 0, result.stderr[-5000:]
+        assert f"loss: {'plain' if loss_impl == 'naive' else 'chunked'} (loss_impl: {loss_impl}" in result.stdout + result.stderr
+        runs[loss_impl] = json.loads((Path(config["output_dir"]) / "metrics.json").read_text())
+    assert runs["chunked"]["train_loss"] == pytest.approx(runs["naive"]["train_loss"], rel=1e-5)
+
+    packed = {"sample_packing": True, "attn_implementation": "sdpa", "tokens": ["<mft_a>", "<mft_b>"]}
+    config = _with_plugin(axolotl_config, tmp_path, "packed", objective={"name": "mft", "tau": TAU}, **packed)
+    result = _axolotl_train(config, tmp_path)
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert "teacher: frozen copy of the base" in result.stdout + result.stderr
+    assert "loss: chunked (loss_impl: auto" in result.stdout + result.stderr
+
+
+@needs_axolotl
 def test_mft_run_axolotl_fails_loudly_on_a_typo_in_the_plugin_line(
     axolotl_config: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
