@@ -32,10 +32,10 @@ from datasets import Dataset
 from pydantic import ValidationError
 
 from mft_plugin.axolotl.bridge import (
+    NO_KV_CACHE,
     args_model,
     best_checkpoint_keys,
     evaluation_sets,
-    frozen_copy_loader,
     plugin_args,
     run_context,
     selected_strategies,
@@ -62,7 +62,8 @@ needs_axolotl = pytest.mark.skipif(importlib.util.find_spec("axolotl") is None, 
 
 def test_axolotl_schema_gains_exactly_our_strategy_and_evaluation_keys(corpora: dict[str, Path]) -> None:
     model = args_model(default_registry())
-    assert set(model.model_fields) == {"objective", "mitigations", "general_eval_datasets", "max_degeneralization", "target_specialization"}
+    keys = {"objective", "mitigations", "general_eval_datasets", "max_degeneralization", "target_specialization", "loss_impl"}
+    assert set(model.model_fields) == keys
     defaults = model.model_validate({})
     assert (defaults.objective.name, defaults.objective.tau, defaults.mitigations) == ("mft", 0.25, [])
     assert (defaults.general_eval_datasets, defaults.max_degeneralization) == (None, None)
@@ -157,7 +158,7 @@ def _first_grad_norm(objective_name: str, tiny_model: Path, corpora: dict[str, P
     objective, _ = selected_strategies({"objective": objective_name}, default_registry())
     loaded: list[Any] = []
 
-    def load_copy(student: Any) -> Any:
+    def load_copy(student: Any, tokenizer: Any) -> Any:
         loaded.append(student)
         return AutoModelForCausalLM.from_pretrained(tiny_model)
 
@@ -196,7 +197,7 @@ def test_the_plugins_trainer_evaluates_perplexities_s_and_dg_as_mft_run_does(
     spec = Dataset.from_list([{"input_ids": ids, "labels": ids} for ids in tokenizer(["Licensed under the terms", "of the MIT licence"])["input_ids"]])
     sets = lambda tok, spec_set: evaluation_sets(args, cfg, tok, spec_set)  # noqa: E731
     objective, _ = selected_strategies({"objective": "ft"}, default_registry())
-    cls = trainer_class(Trainer, objective, [], lambda student: student, Engine(), sets)
+    cls = trainer_class(Trainer, objective, [], lambda student, tokenizer: student, Engine(), sets)
     training = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_eval_batch_size=3)
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True)  # Axolotl's collators pad as this one
@@ -241,7 +242,7 @@ def test_a_packed_mft_step_equals_the_same_rows_unpacked(tiny_model: Path, tmp_p
 
     other = build_tiny_model(tmp_path / "teacher", seed=1)  # a teacher unlike the student: p^T matters
     objective, _ = selected_strategies({"objective": "mft"}, default_registry())
-    cls = trainer_class(Trainer, objective, [], frozen_copy_loader({"base_model": str(other)}), Engine())
+    cls = trainer_class(Trainer, objective, [], lambda student, tokenizer: AutoModelForCausalLM.from_pretrained(other, **NO_KV_CACHE), Engine())
     args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True)
     trainer = cls(model=AutoModelForCausalLM.from_pretrained(tiny_model), args=args)
     generator = torch.Generator().manual_seed(0)
@@ -254,6 +255,44 @@ def test_a_packed_mft_step_equals_the_same_rows_unpacked(tiny_model: Path, tmp_p
         torch.testing.assert_close(packed, unpacked, rtol=1e-4, atol=1e-7)
     crossed = {key: value for key, value in _packed(rows).items() if key != "position_ids"}
     assert not torch.allclose(trainer.compute_loss(trainer.model, crossed), unpacked_loss)  # positions matter
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_plugins_chunked_loss_equals_its_plain_loss(tiny_model: Path, tmp_path: Path, packed: bool) -> None:
+    """loss_impl inside the plugin: chosen as mft-run chooses it (probe forward), named in the startup
+    line, and the fused loss gives the plain loss and gradients, packed rows included."""
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from mft_plugin.axolotl.bridge import announcement, loss_chooser
+    from mft_plugin.data.batches import PaddingCollator
+
+    other = build_tiny_model(tmp_path / "teacher", seed=1)
+    objective, _ = selected_strategies({"objective": "mft"}, default_registry())
+    generator = torch.Generator().manual_seed(0)
+    rows = [torch.randint(3, 4000, (n,), generator=generator).tolist() for n in (17, 9, 30)]
+    batch = _packed(rows) if packed else PaddingCollator(0)([{"input_ids": row} for row in rows])
+    steps = {}
+    for loss_impl in ("naive", "chunked", "auto"):
+        cfg = {"loss_impl": loss_impl}
+        chooser = loss_chooser(cfg, plugin_args(cfg, default_registry()), objective)
+        teacher = lambda student, tokenizer: AutoModelForCausalLM.from_pretrained(other, **NO_KV_CACHE)  # noqa: E731
+        cls = trainer_class(Trainer, objective, [], teacher, Engine(), choose_loss=chooser)
+        args = TrainingArguments(output_dir=str(tmp_path / loss_impl), report_to=[], use_cpu=True)
+        trainer = cls(model=AutoModelForCausalLM.from_pretrained(tiny_model, **NO_KV_CACHE), args=args)
+        assert (trainer.chunked_loss is None) == (loss_impl == "naive")
+        assert f"loss: {'plain' if loss_impl == 'naive' else 'chunked'} (loss_impl: {loss_impl}" in announcement(trainer)
+        steps[loss_impl] = _step(trainer, batch)
+    (naive_loss, naive_grads), (chunked_loss, chunked_grads) = steps["naive"], steps["chunked"]
+    torch.testing.assert_close(chunked_loss, naive_loss, rtol=1e-5, atol=0)
+    for chunked, naive in zip(chunked_grads, naive_grads):
+        torch.testing.assert_close(chunked, naive, rtol=1e-4, atol=1e-7)
+
+
+def test_the_plugin_refuses_what_it_cannot_do_for_the_loss() -> None:
+    assert "teacher_cache: not available inside axolotl train" in "\n".join(unsupported({"teacher_cache": {}}, []))
+    sharded = unsupported({"loss_impl": "chunked", "fsdp_config": {"fsdp_version": 2}}, [])
+    assert any(problem.startswith("loss_impl: chunked cannot be used with fsdp/deepspeed") for problem in sharded)
+    assert unsupported({"loss_impl": "auto", "fsdp_config": {"fsdp_version": 2}}, []) == []
 
 
 def test_mft_run_axolotl_refuses_to_start_where_axolotl_would_not_run_mft(
@@ -403,6 +442,29 @@ def test_axolotl_train_applies_loss_stage_mitigations_and_refuses_the_others(
     refused = _axolotl_train(replay, tmp_path)
     assert refused.returncode != 0
     assert "mitigations: 'replay' acts at the prepare_data stage" in refused.stdout + refused.stderr
+
+
+@needs_axolotl
+@pytest.mark.slow
+def test_axolotl_train_with_the_fused_loss_trains_as_the_plain_loss(axolotl_config: dict[str, Any], tmp_path: Path) -> None:
+    """The chunked loss inside `axolotl train` (full MFT, a frozen teacher) gives the plain loss's training
+    loss; with packing and added tokens (the teacher built by Axolotl's loader, with the student's vocabulary)
+    it trains and says which loss path it took."""
+    runs = {}
+    for loss_impl in ("naive", "chunked"):
+        config = _with_plugin(axolotl_config, tmp_path, loss_impl, objective={"name": "mft", "tau": TAU}, loss_impl=loss_impl)
+        result = _axolotl_train(config, tmp_path)
+        assert result.returncode == 0, result.stderr[-5000:]
+        assert f"loss: {'plain' if loss_impl == 'naive' else 'chunked'} (loss_impl: {loss_impl}" in result.stdout + result.stderr
+        runs[loss_impl] = json.loads((Path(config["output_dir"]) / "metrics.json").read_text())
+    assert runs["chunked"]["train_loss"] == pytest.approx(runs["naive"]["train_loss"], rel=1e-5)
+
+    packed = {"sample_packing": True, "attn_implementation": "sdpa", "tokens": ["<mft_a>", "<mft_b>"]}
+    config = _with_plugin(axolotl_config, tmp_path, "packed", objective={"name": "mft", "tau": TAU}, **packed)
+    result = _axolotl_train(config, tmp_path)
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert "teacher: frozen copy of the base" in result.stdout + result.stderr
+    assert "loss: chunked (loss_impl: auto" in result.stdout + result.stderr
 
 
 @needs_axolotl

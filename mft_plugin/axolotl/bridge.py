@@ -14,8 +14,10 @@ from datasets import Dataset
 from pydantic import BaseModel, create_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
+from mft_plugin.config.loss import loss_impl_problem
 from mft_plugin.config.schema import NEEDS_VALIDATION_SET, MFTConfigBase, strategies_model
 from mft_plugin.eval.metrics import GENERAL, SPEC
+from mft_plugin.loss.chunked import ChunkedLoss, loss_choice
 from mft_plugin.registry import Registry
 from mft_plugin.strategy import Mitigation, Objective
 from mft_plugin.teacher.sources import FrozenCopyTeacher, SharedBaseTeacher, Teacher, build_teacher
@@ -30,7 +32,9 @@ from mft_plugin.train.trainer import MFTTrainer
 AXOLOTL_SHAPED_KEYS = {"datasets", "test_datasets", "general_eval_datasets", "fsdp", "fsdp_config"}
 # mft-run's evaluation keys that Axolotl's schema lacks: the plugin adds them, defined as in ours.
 EVALUATION_KEYS = ("general_eval_datasets", "max_degeneralization", "target_specialization")
-PLUGIN_KEYS = ("objective", "mitigations", *EVALUATION_KEYS)  # what the plugin adds to Axolotl's schema
+# mft-run's loss key: the fused loss and its probe (README "Performance"), chosen as mft-run chooses it.
+LOSS_KEYS = ("loss_impl",)
+PLUGIN_KEYS = ("objective", "mitigations", *EVALUATION_KEYS, *LOSS_KEYS)  # what the plugin adds to Axolotl's schema
 # transformers reads packed rows (sample_packing: positions restarting, no attention mask) off
 # position_ids only when the forward builds no KV cache: a model whose config says use_cache would
 # attend across the packed sequences. Teacher and student are both held without one.
@@ -43,9 +47,11 @@ STAGES_AXOLOTL_OWNS = {
 
 
 def args_model(registry: Registry) -> type[BaseModel]:
-    """The model Axolotl merges into its schema: ``objective``, ``mitigations`` and the evaluation keys,
-    validated against our registry and schema as mft-run validates them (unknown keys and names are errors)."""
-    fields = {key: (MFTConfigBase.model_fields[key].annotation, MFTConfigBase.model_fields[key]) for key in EVALUATION_KEYS}
+    """The model Axolotl merges into its schema: ``objective``, ``mitigations``, the evaluation keys and
+    ``loss_impl``, validated against our registry and schema as mft-run validates them (unknown keys and
+    names are errors)."""
+    keys = (*EVALUATION_KEYS, *LOSS_KEYS)
+    fields = {key: (MFTConfigBase.model_fields[key].annotation, MFTConfigBase.model_fields[key]) for key in keys}
     return strategies_model(registry, create_model("MFTEvaluationKeys", **fields), name="MFTArgs")  # type: ignore[call-overload]
 
 
@@ -70,6 +76,10 @@ def unsupported(cfg: Mapping[str, Any], mitigations: Sequence[Mitigation]) -> li
     if cfg.get("rl") or cfg.get("reward_model") or cfg.get("process_reward_model"):
         problems.append("rl/reward_model: MFT is a supervised finetuning objective; use the plugin with SFT configs")
     problems += evaluation_problems(cfg)
+    if cfg.get("teacher_cache") is not None:
+        problems.append("teacher_cache: not available inside axolotl train yet; remove it (mft-run has it)")
+    if problem := loss_impl_problem(cfg.get("loss_impl") or "auto", None, config_view(cfg).engine_name != "ddp"):
+        problems.append(problem)
     for mitigation in mitigations:
         own = type(mitigation)
         stages = [stage for stage in STAGES_AXOLOTL_OWNS if getattr(own, stage) is not getattr(Mitigation, stage)]
@@ -155,17 +165,11 @@ def evaluation_sets(args: BaseModel, cfg: Mapping[str, Any], tokenizer: PreTrain
     return sets
 
 
-def frozen_copy_loader(cfg: Mapping[str, Any]) -> Callable[[PreTrainedModel], PreTrainedModel]:
-    """Full finetuning's teacher: ``base_model`` again, in the dtype Axolotl gave the student, without
-    a KV cache (:data:`NO_KV_CACHE`)."""
-
-    def load(student: PreTrainedModel) -> PreTrainedModel:
-        from transformers import AutoModelForCausalLM
-
-        trust = bool(cfg.get("trust_remote_code"))
-        return AutoModelForCausalLM.from_pretrained(cfg["base_model"], dtype=student.dtype, trust_remote_code=trust, **NO_KV_CACHE)
-
-    return load
+def loss_chooser(cfg: Mapping[str, Any], args: BaseModel, objective: Objective) -> Callable[[PreTrainedModel], tuple[ChunkedLoss | None, str]]:
+    """The loss path for Axolotl's student, chosen as mft-run chooses it (:func:`mft_plugin.loss.chunked.loss_choice`:
+    ``loss_impl``, the engine, the objective and a probe forward of the model), with why in words."""
+    config = config_view(cfg).model_copy(update={"loss_impl": args.loss_impl})  # type: ignore[attr-defined]
+    return lambda student: loss_choice(config, objective, student)
 
 
 def describe_teacher(teacher: Teacher | None) -> str:
@@ -183,7 +187,7 @@ def announcement(trainer: MFTTrainer) -> str:
     evaluation = ", ".join(f"{name} ({len(data)} rows)" for name, data in trainer.eval_sets.items()) or "none"
     return (
         f"mft_plugin.axolotl.MFTPlugin active: objective {objective}; mitigations {mitigations or 'none'}; "
-        f"teacher: {describe_teacher(trainer.teacher)}; loss: plain (float32 CE(p^C, p^S) on the student's logits); "
+        f"teacher: {describe_teacher(trainer.teacher)}; loss: {trainer.loss_path}; "
         f"evaluation: {evaluation}, S/DG/DG-S against the base; best checkpoint by {SPEC_METRIC}; budget {trainer.budget}"
     )
 
@@ -192,10 +196,11 @@ def trainer_class(
     base: type[Trainer],
     objective: Objective,
     mitigations: Sequence[Mitigation],
-    load_frozen_copy: Callable[[PreTrainedModel], PreTrainedModel],
+    load_frozen_copy: Callable[[PreTrainedModel, PreTrainedTokenizerBase | None], PreTrainedModel],
     engine: Engine,
     eval_sets: Callable[[PreTrainedTokenizerBase, Dataset | None], dict[str, Dataset]] = lambda tokenizer, spec: {},
     budget: Budget | None = None,
+    choose_loss: Callable[[PreTrainedModel], tuple[ChunkedLoss | None, str]] = lambda student: (None, "plain"),
 ) -> type[MFTTrainer]:
     """MFTTrainer (loss and evaluation) on top of Axolotl's trainer class ``base``.
 
@@ -203,7 +208,8 @@ def trainer_class(
     student it passes (the shared base under an adapter, else a frozen copy), and placed on the
     student's device, sharded like it under FSDP2/ZeRO-3 (:meth:`mft_plugin.train.engine.Engine.place_teacher`).
     ``eval_sets`` makes the evaluation sets from the tokenizer and Axolotl's eval dataset;
-    ``evaluate`` is MFTTrainer's: perplexities, S, DG, DG/S.
+    ``evaluate`` is MFTTrainer's: perplexities, S, DG, DG/S. ``choose_loss`` picks the loss path for
+    the student (:func:`loss_chooser`); the startup line says which and why (``loss_path``).
     """
 
     class AxolotlMFTTrainer(MFTTrainer, base):  # type: ignore[misc, valid-type]
@@ -212,11 +218,13 @@ def trainer_class(
             student.config.update(NO_KV_CACHE)  # the shared-base teacher is the student
             if kwargs["args"].metric_for_best_model == SPEC_METRIC:  # Axolotl drops a false greater_is_better,
                 kwargs["args"].greater_is_better = False  # and the Trainer would take a perplexity for a score
-            teacher = build_teacher(objective.needs_teacher, student, lambda: load_frozen_copy(student))
-            sets = eval_sets(kwargs.get("processing_class"), kwargs.get("eval_dataset"))
+            tokenizer = kwargs.get("processing_class")
+            teacher = build_teacher(objective.needs_teacher, student, lambda: load_frozen_copy(student, tokenizer))
+            sets = eval_sets(tokenizer, kwargs.get("eval_dataset"))
+            chunked_loss, self.loss_path = choose_loss(student)
             super().__init__(
                 *args, objective=objective, teacher=teacher, mitigations=mitigations, engine=engine,
-                eval_sets=sets, budget=budget, **kwargs,
+                eval_sets=sets, budget=budget, chunked_loss=chunked_loss, **kwargs,
             )  # fmt: skip
 
     return AxolotlMFTTrainer

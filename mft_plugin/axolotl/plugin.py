@@ -11,19 +11,21 @@ as mft-run writes it, from the same code: :func:`mft_plugin.train.outputs.final_
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from axolotl.integrations.base import BasePlugin
 from pydantic import BaseModel
-from transformers import Trainer
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
 from mft_plugin.axolotl.bridge import (
+    NO_KV_CACHE,
     announcement,
     best_checkpoint_keys,
     config_view,
     evaluation_sets,
-    frozen_copy_loader,
+    loss_chooser,
     plugin_args,
     resolved_config,
     run_context,
@@ -40,6 +42,22 @@ from mft_plugin.train.trainer import MFTTrainer
 
 LOG = logging.getLogger("axolotl.integrations.mft_plugin")  # under Axolotl's logger: in its log, rank 0
 TRAIN_METRICS = "train_runtime"  # the Trainer's last log entry, its TrainOutput metrics, has this key
+
+
+def teacher_loader(cfg: Any) -> Callable[[PreTrainedModel, PreTrainedTokenizerBase | None], PreTrainedModel]:
+    """Full finetuning's teacher, built by Axolotl's own ``ModelLoader`` as it builds the student (its added
+    tokens and embedding resize, attention implementation, dtype, quantization, config and RoPE overrides) and
+    as it builds DPO's reference model (``reference_model=True``: no adapter), without a KV cache
+    (:data:`NO_KV_CACHE`). A bare ``from_pretrained(base_model)`` would differ from the student's base
+    wherever Axolotl changed it: with ``tokens`` added, a vocabulary of another size."""
+    from axolotl.loaders import ModelLoader
+
+    def load(student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None) -> PreTrainedModel:
+        teacher, _ = ModelLoader(cfg, tokenizer, reference_model=True).load()
+        teacher.config.update(NO_KV_CACHE)
+        return teacher
+
+    return load
 
 
 class MFTPlugin(BasePlugin):
@@ -71,7 +89,8 @@ class MFTPlugin(BasePlugin):
         engine = Engine.from_config(config_view(cfg))  # the teacher is sharded as Axolotl shards the student
         sets = lambda tokenizer, spec: evaluation_sets(self.args, cfg, tokenizer, spec)  # noqa: E731
         budget = Budget(cfg.get("max_degeneralization"), cfg.get("target_specialization"))
-        return trainer_class(AxolotlTrainer, self.objective, self.mitigations, frozen_copy_loader(cfg), engine, sets, budget)
+        chooser = loss_chooser(cfg, self.args, self.objective)
+        return trainer_class(AxolotlTrainer, self.objective, self.mitigations, teacher_loader(cfg), engine, sets, budget, chooser)
 
     def post_trainer_create(self, cfg: Any, trainer: Trainer) -> None:
         self.trainer = trainer  # type: ignore[assignment]

@@ -263,23 +263,32 @@ class ChunkedLoss:
 
 def select_loss_impl(config: MFTConfigBase, objective: Objective, model: torch.nn.Module) -> ChunkedLoss | None:
     """The chunked loss where ``loss_impl`` (``auto``: wherever it applies) and ``teacher_cache`` ask
-    for it, None for the plain one; UnfusableError where they require it and it cannot apply.
+    for it, None for the plain one; UnfusableError where they require it and it cannot apply."""
+    return loss_choice(config, objective, model)[0]
 
-    It does not apply under fsdp/deepspeed (the head weight is sharded outside its module's
+
+def loss_choice(config: MFTConfigBase, objective: Objective, model: torch.nn.Module) -> tuple[ChunkedLoss | None, str]:
+    """:func:`select_loss_impl` and, in words for the startup line, which path it took and why.
+
+    The fused path does not apply under fsdp/deepspeed (the head weight is sharded outside its module's
     forward), to objectives outside the label-weight family, or to models whose logits are not
     ``hidden @ head.weight.T + head.bias``, which a probe forward measures (:func:`fusable_head`).
     """
     if config.loss_impl == "naive":
-        return None
+        return None, "plain (loss_impl: naive)"
     try:
         if config.engine_name != "ddp":
             raise UnfusableError(f"the run shards parameters ({config.engine_name})")
         if not is_label_weight_objective(objective):
             raise UnfusableError(f"objective {objective.name!r} overrides token_losses (not a label-weight objective)")
-        return ChunkedLoss(objective, fusable_head(model))
+        chunked = ChunkedLoss(objective, fusable_head(model))
     except UnfusableError as error:
         if config.teacher_cache is not None and objective.needs_teacher:
             raise UnfusableError(f"teacher_cache needs the chunked loss, which cannot be used: {error}") from None
         if config.loss_impl == "chunked":
             raise UnfusableError(f"loss_impl: chunked cannot be used: {error}; use loss_impl: auto or naive") from None
-        return None
+        return None, f"plain (loss_impl: auto: the fused loss does not apply: {error})"
+    return chunked, (
+        f"chunked (loss_impl: {config.loss_impl}: fused with the LM head, no [tokens, vocab] logits; "
+        "a probe forward matched the model's own logits)"
+    )
