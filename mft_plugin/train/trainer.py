@@ -37,6 +37,20 @@ class MFTTrainer(Trainer):
     # accumulation and ranks), as the Trainer does for a model's own loss: the Trainer must not divide again
     loss_is_scaled_for_ga = True
 
+    # Private Trainer methods overridden here, each a break to check on the next transformers release;
+    # none has a public hook or callback that could do the same (read in transformers 5.24 and 5.16):
+    # - _get_num_items_in_batch: the step's labelled tokens as *our* loss counts them (shifted labels,
+    #   every rank); the Trainer's own count is the only value it passes to compute_loss.
+    # - _get_train_sampler: replay's whole-micro-batch shuffle; get_train_dataloader is public but would
+    #   copy the Trainer's whole dataloader setup (workers, seeds, accelerate's prepare) to change one argument.
+    # - _get_grad_norm: the non-finite gradient check needs the clipped norm before the optimizer step;
+    #   on_pre_optimizer_step runs at that moment but is not given the norm (it would be recomputed).
+    # - _save_checkpoint: the completeness manifest must exist before old checkpoints are rotated away,
+    #   and the rotation happens inside it, before on_save.
+    # - _issue_warnings_after_load: the Trainer warns that a tied lm_head is missing from a checkpoint.
+    # - _determine_best_metric: the best checkpoint chosen among evaluations within the budget; on_evaluate
+    #   runs after the Trainer has recorded the best metric.
+
     def __init__(
         self,
         *args: Any,
