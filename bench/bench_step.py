@@ -255,12 +255,17 @@ def scale_section(base: Shape, seqs: list[int], vocabs: list[int], repeats: int)
     return "## Scaling with sequence length and vocabulary\n\n" + note + "\n\n" + markdown_table(header, rows)
 
 
-def main() -> None:
+def arguments() -> argparse.ArgumentParser:
+    """The command line (also read by ``bench/gpu_check.py``, which runs ``--gpu-paper-size --only step-time``)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--gpu-paper-size", action="store_true", help="a ~270M model, batch 8 x 1024 (needs a GPU)")
     parser.add_argument("--only", choices=["step-time"], help="one section, written to bench/results/step-time-*.md")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = arguments().parse_args()
     shipped = Shape("shipped 4.2M (V 4k)", 256, 4, 4096, batch=4, seq=256)
     larger = Shape("larger 29M (V 32k)", 512, 4, 32768, batch=2, seq=256, heads=8)
     shapes = [shipped, larger]

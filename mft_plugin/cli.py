@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None, registry: Registry | None = None) ->
     from mft_plugin.train.launch import launch
 
     if args.num_processes > 1:
-        return launch(config, args.config, args.overrides, args.num_processes)
+        return launch(args.config, args.overrides, args.num_processes)
     return train(config, registry)
 
 

@@ -13,8 +13,8 @@ file, so one YAML means the same run however it is launched:
 
 On a machine without a GPU the Trainer only joins launched processes into one gloo group when told
 to use the CPU, so ``torchrun``/``accelerate launch`` of 2 CPU processes trains one model with DDP
-instead of two independent copies. DeepSpeed runs on CPU processes as well, on its CPU accelerator
-over gloo, which is how CI tests ZeRO-2/3; FSDP does not (accelerate applies it to GPU processes only).
+instead of two independent copies. DeepSpeed and FSDP2 run on CPU processes as well, over gloo, from
+an accelerate state configured here and adopted by the Trainer: that is how CI tests ZeRO-2/3 and FSDP2.
 """
 
 from __future__ import annotations
@@ -35,10 +35,6 @@ from mft_plugin.models.forms import is_quantized
 from mft_plugin.teacher.sources import FrozenCopyTeacher, Teacher
 
 EngineName = Literal["ddp", "fsdp", "deepspeed"]
-
-
-class EngineUnavailableError(RuntimeError):
-    """The YAML asks for an engine that this machine cannot run."""
 
 
 def has_accelerator() -> bool:
@@ -70,27 +66,21 @@ class Engine:
         that ``train()`` builds can run them, so the base is measured when training begins."""
         return self.name == "deepspeed" and is_deepspeed_zero3_enabled()
 
-    def check_available(self) -> None:
-        """FSDP needs GPUs: accelerate 1.15 applies it to GPU processes only, and an FSDP run on CPU
-        would silently train as plain DDP."""
-        if self.name == "fsdp" and not has_accelerator():
-            raise EngineUnavailableError(
-                "fsdp: FSDP needs GPUs (accelerate applies it only to GPU processes; on CPU the run would "
-                "silently be plain DDP); remove fsdp/fsdp_config to train with DDP (or use deepspeed) on CPU"
-            )
-
     def trainer_arguments(self) -> dict[str, Any]:
         """``TrainingArguments`` keys for this engine.
 
         ``use_cpu`` on a machine without an accelerator is what makes the Trainer join launched
         processes into one gloo group (otherwise each would train alone). DeepSpeed on such a machine
-        is set up here (:func:`join_deepspeed_cpu_group`) and handed to the Trainer as a configured state.
+        and FSDP2 are set up here (:func:`join_deepspeed_cpu_group`, :func:`join_fsdp_cpu_group`) and
+        handed to the Trainer as a configured state.
         """
-        self.check_available()
         on_gpus = has_accelerator()
         arguments: dict[str, Any] = {"use_cpu": not on_gpus}
         if self.name == "fsdp":
             arguments.update(fsdp=True, fsdp_config=(self.fsdp_config or FSDPConfig()).trainer_config())
+            if not on_gpus:
+                join_fsdp_cpu_group()
+                arguments["accelerator_config"] = {"use_configured_state": True}
         if self.name == "deepspeed":
             arguments.update(deepspeed=self.deepspeed, use_cpu=False)
             if not on_gpus:
@@ -144,6 +134,33 @@ def deepspeed_inference_engine(model: PreTrainedModel, accelerator: Accelerator)
     return engine
 
 
+def _launched_or_alone() -> None:
+    """The launcher's rendezvous variables, or those of a group of one for a process started alone."""
+    from accelerate.utils.other import get_free_port
+
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+        os.environ.setdefault(name, value)
+    os.environ.setdefault("MASTER_PORT", str(get_free_port()))
+
+
+def join_fsdp_cpu_group() -> None:
+    """Join this process to an FSDP2 run on CPU processes (gloo).
+
+    accelerate 1.15 takes its FSDP branch only for a multi-device state (``MULTI_GPU``, ``MULTI_XPU``,
+    ...), never for ``MULTI_CPU``, although FSDP2's ``fully_shard`` and torch's distributed checkpoint
+    work over gloo. So the gloo group is made here, before the ``TrainingArguments`` (which adopt it:
+    ``accelerator_config.use_configured_state``), and labelled multi-device: the Accelerator that the
+    Trainer then builds turns it into an FSDP state with the run's own plugin, on the CPU device.
+    Without the label the run would silently train as plain DDP.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType
+
+    _launched_or_alone()
+    PartialState(cpu=True, backend="gloo")
+    PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+
+
 def join_deepspeed_cpu_group() -> None:
     """Join this process to a DeepSpeed run on CPU processes (DeepSpeed's CPU accelerator, gloo).
 
@@ -154,11 +171,8 @@ def join_deepspeed_cpu_group() -> None:
     process not started by a launcher is a group of one.
     """
     from accelerate import PartialState
-    from accelerate.utils.other import get_free_port
 
-    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
-        os.environ.setdefault(name, value)
-    os.environ.setdefault("MASTER_PORT", str(get_free_port()))
+    _launched_or_alone()
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # read by PartialState: join through deepspeed.comm
     try:
         PartialState(backend="gloo")

@@ -14,8 +14,6 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-from mft_plugin.config.schema import MFTConfigBase
-
 
 def accelerate_command(config_path: str, overrides: Sequence[str], num_processes: int) -> list[str]:
     """The ``accelerate launch`` command line that runs mft-run on ``num_processes`` processes."""
@@ -29,15 +27,8 @@ def accelerate_command(config_path: str, overrides: Sequence[str], num_processes
     ]  # fmt: skip
 
 
-def launch(config: MFTConfigBase, config_path: str, overrides: Sequence[str], num_processes: int) -> int:
+def launch(config_path: str, overrides: Sequence[str], num_processes: int) -> int:
     """Run the training on ``num_processes`` local processes; the return code of the launch."""
-    from mft_plugin.train.engine import Engine, EngineUnavailableError
-
-    try:
-        Engine.from_config(config).check_available()
-    except EngineUnavailableError as error:
-        print(error, file=sys.stderr)
-        return 2
     return subprocess.call(accelerate_command(config_path, overrides, num_processes))
 
 
