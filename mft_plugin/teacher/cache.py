@@ -86,7 +86,7 @@ def write_cache(
     """Run ``teacher`` over every block and store what ``layout`` keeps in ``folder`` (built aside, renamed
     into place). Run it in the run's precision context (:func:`mft_plugin.models.precision.run_autocast`)."""
     device = next(teacher.model.parameters()).device
-    width = max(len(ids) for ids in blocks["input_ids"])
+    width = max([len(ids) for ids in blocks["input_ids"]] + [collator.pad_to or 0])  # pad_to_sequence_len pads past the longest
     temporary = folder.with_name(f".{folder.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     temporary.mkdir(parents=True)
     try:

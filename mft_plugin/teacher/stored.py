@@ -29,8 +29,16 @@ class Field:
     dtype: torch.dtype
 
     def rows(self, blocks: np.ndarray, width: int) -> torch.Tensor:
-        """The first ``width`` positions of ``blocks``, as a tensor of the stored dtype."""
-        return as_tensor(np.ascontiguousarray(self.array[blocks, :width]), self.dtype)
+        """The first ``width`` positions of ``blocks``, as a tensor of the stored dtype.
+
+        Positions past the stored width read as zeros: the cache is as wide as its longest block (or the
+        collator that built it), so they are padding, never a label (``pad_to_sequence_len`` batches
+        where no block reaches ``sequence_len``, reading a cache built without it)."""
+        stored = self.array[blocks, :width]
+        if stored.shape[1] < width:
+            padding = np.zeros((stored.shape[0], width - stored.shape[1], *stored.shape[2:]), dtype=stored.dtype)
+            stored = np.concatenate([stored, padding], axis=1)
+        return as_tensor(np.ascontiguousarray(stored), self.dtype)
 
     def whole(self) -> torch.Tensor:
         return as_tensor(np.array(self.array), self.dtype)
