@@ -33,14 +33,14 @@ from tqdm.auto import tqdm
 from transformers import TrainingArguments
 
 from mft_plugin.config.schema import MFTConfigBase
-from mft_plugin.data.batches import ROW_COLUMN, PaddingCollator
+from mft_plugin.data.batches import FT_LOSS_COLUMN, ROUTING_COLUMNS, ROW_COLUMN, PaddingCollator
 from mft_plugin.data.labels import shift_for_causal_lm
 from mft_plugin.digest import cache_key
 from mft_plugin.models.forms import is_quantized
 from mft_plugin.models.precision import run_autocast
 from mft_plugin.teacher.hidden_states import HiddenStates
 from mft_plugin.teacher.sources import FrozenCopyTeacher, SharedBaseTeacher, Teacher
-from mft_plugin.teacher.stored import STORAGE, CacheLayout, Field
+from mft_plugin.teacher.stored import NO_ROW, STORAGE, CacheLayout, Field
 from mft_plugin.teacher.top_k import TopK
 
 FORMAT_VERSION = 2
@@ -149,6 +149,13 @@ def _usable(folder: Path, kind: str) -> dict[str, Field] | None:
         return None
 
 
+def _taught_blocks(blocks: Dataset) -> list[int]:
+    """The blocks whose loss reads p^T: all but those routed to the plain FT loss (``ft_loss``)."""
+    if FT_LOSS_COLUMN not in blocks.column_names:
+        return list(range(len(blocks)))
+    return [i for i, ft in enumerate(blocks[FT_LOSS_COLUMN]) if not ft]
+
+
 def cached_teacher(
     config: MFTConfigBase,
     blocks: Dataset,
@@ -159,8 +166,17 @@ def cached_teacher(
 ) -> tuple[Teacher, Dataset]:
     """The cache of these blocks (built with ``make_teacher()``, in the run's precision, if missing or
     damaged) and the blocks with their cache row in :data:`ROW_COLUMN`. The main process builds it;
-    the others then read it."""
-    layout, folder = cache_layout(config), cache_folder(config, blocks)
+    the others then read it.
+
+    Only the blocks whose loss reads p^T are built: those routed to the plain FT loss (replayed
+    general text, ``ft_loss``) get :data:`NO_ROW`, as the online teacher skips them. The cache is
+    built from the model inputs alone (no routing column), so a replay run shares it with a run on
+    the same specialized data without replay."""
+    taught = _taught_blocks(blocks)
+    built = (blocks.select(taught) if len(taught) < len(blocks) else blocks).remove_columns(
+        [column for column in ROUTING_COLUMNS if column in blocks.column_names]
+    )
+    layout, folder = cache_layout(config), cache_folder(config, built)
     with args.main_process_first(desc="teacher cache"):
         fields = _usable(folder, layout.kind)
         if fields is None:
@@ -168,7 +184,10 @@ def cached_teacher(
             if not is_quantized(teacher.model):
                 teacher.model.to(args.device)
             with run_autocast(config.bf16, config.fp16, args.device.type):
-                write_cache(teacher, blocks, collator, folder, layout)
+                write_cache(teacher, built, collator, folder, layout)
             del teacher  # the teacher model is not held during training
             fields = open_fields(folder, layout.kind)
-    return layout.open(fields, student), blocks.add_column(ROW_COLUMN, list(range(len(blocks))))
+    rows = [NO_ROW] * len(blocks)
+    for row, block in enumerate(taught):
+        rows[block] = row
+    return layout.open(fields, student), blocks.add_column(ROW_COLUMN, rows)
