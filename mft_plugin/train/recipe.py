@@ -23,6 +23,7 @@ from mft_plugin.data.prepared import TRAIN, prepared_datasets
 from mft_plugin.digest import data_key
 from mft_plugin.eval.metrics import GENERAL, SPEC
 from mft_plugin.loss.chunked import select_loss_impl
+from mft_plugin.models.attention import check_packing
 from mft_plugin.models.loading import (
     load_frozen_teacher,
     load_model,
@@ -214,6 +215,7 @@ def _run(config: MFTConfigBase, registry: Registry) -> dict[str, Any]:
     for mitigation in mitigations:  # 2. model stage
         model = mitigation.prepare_model(model, context)
     chunked_loss = select_loss_impl(config, objective, model)  # loss_impl; fails here if it cannot apply
+    check_packing(config, model)  # packed records kept apart by this model, or packing refused
     collator = PaddingCollator(tokenizer.pad_token_id, config.sequence_len if config.pad_to_sequence_len else None)
     own_dtype = config.teacher is not None and "dtype" in config.teacher.model_fields_set  # else the run's precision
     make_teacher = lambda: build_teacher(objective.needs_teacher, model, lambda: load_frozen_teacher(config), own_dtype)  # noqa: E731
