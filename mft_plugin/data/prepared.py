@@ -3,8 +3,8 @@
 A sweep or a rerun on the same data reads them back instead of tokenizing again. The cache folder
 holds one subfolder per key, :func:`mft_plugin.digest.data_key`: the data files and the tokenizer
 by content and every config key that may shape a row (all but those declared unable to); a changed
-input gives a new key, never a stale hit (the key does not see the code of a format: after changing a format, delete the folder). A
-subfolder is written under a temporary name and renamed into place, so a crash leaves either a
+input gives a new key, never a stale hit (the key does not see the code of a format: after changing a
+format, delete the folder). A subfolder is written under a temporary name and renamed into place, so a crash leaves either a
 complete cache or none; one that cannot be read back is logged and rebuilt.
 """
 
