@@ -10,8 +10,9 @@ A run is finished when its ``metrics.json`` exists (the recipe writes it last, a
 a sweep again skips the finished runs, resumes an interrupted one from its newest complete
 checkpoint (as ``resume_from_checkpoint: true`` would) and trains the rest; a finished run whose saved config
 differs from the planned one is an error, so results of other settings are never mixed in. A run
-reuses the base perplexities a sibling already measured on the same base and data (the cache of
-:mod:`mft_plugin.train.outputs`, keyed by a hash of both).
+reuses the base perplexities a sibling already measured on the same base and evaluation rows: the
+siblings' measurements are gathered into its folder, and the run reads the one whose key (a hash of
+its rows and base, :func:`mft_plugin.train.outputs.base_key`) matches once it has built its rows.
 
 The runs train one after another in this process (:func:`mft_plugin.train.recipe.run`): each builds its own
 ``TrainingArguments`` (which resets accelerate's process state), Trainer, model and seed, so the only

@@ -13,8 +13,8 @@ block length, so ``ewc_lambda`` means the same at any ``sequence_len`` or ``fish
 squared gradient of a *mean* NLL would shrink as 1 / tokens per gradient). Only trainable
 parameters take part (with an adapter: the adapter's), and F and theta* are float32 copies of
 those alone: 8 bytes per trainable parameter. ``fisher_path`` saves F (safetensors, written
-atomically) with a hash of the starting parameters, the base and the data; a later run with the
-same hash loads it instead of recomputing (e.g. a sweep over ``ewc_lambda``).
+atomically) with a hash of the starting parameters, the base as it is held and the blocks it is
+averaged over (:mod:`mft_plugin.digest`); a later run with the same hash loads it instead of recomputing (e.g. a sweep over ``ewc_lambda``).
 """
 
 from __future__ import annotations
