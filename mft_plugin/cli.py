@@ -123,10 +123,11 @@ def train(config: MFTConfigBase, registry: Registry) -> int:
     """Run the recipe; every failure the user can act on becomes one message and an exit code.
 
     2: refused before training (the folder is taken, a resume does not match its checkpoint, the
-    data contradicts the config); 1: failed (non-finite loss or weights, unloadable model files, a
+    data contradicts the config, the model would let packed records attend to each other); 1: failed (non-finite loss or weights, unloadable model files, a
     full disk); 128 + N: stopped by signal N after saving a checkpoint.
     """
     from mft_plugin.config.errors import ConfigError
+    from mft_plugin.models.attention import PackingLeakError
     from mft_plugin.models.loading import ModelLoadError
     from mft_plugin.train.checkpoints import CheckpointError
     from mft_plugin.data.documents import DataError
@@ -141,7 +142,7 @@ def train(config: MFTConfigBase, registry: Registry) -> int:
     except TrainingInterrupted as stopped:  # SIGINT/SIGTERM: a checkpoint was saved
         print(stopped, file=sys.stderr)
         return stopped.exit_code
-    except (ConfigError, OutputDirError, CheckpointError) as error:
+    except (ConfigError, OutputDirError, CheckpointError, PackingLeakError) as error:
         print(error, file=sys.stderr)
         return 2
     except DataError as error:  # bad data, named by file and record, found before any model is loaded

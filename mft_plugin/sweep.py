@@ -10,8 +10,9 @@ A run is finished when its ``metrics.json`` exists (the recipe writes it last, a
 a sweep again skips the finished runs, resumes an interrupted one from its newest complete
 checkpoint (as ``resume_from_checkpoint: true`` would) and trains the rest; a finished run whose saved config
 differs from the planned one is an error, so results of other settings are never mixed in. A run
-reuses the base perplexities a sibling already measured on the same base and data (the cache of
-:mod:`mft_plugin.train.outputs`, keyed by a hash of both).
+reuses the base perplexities a sibling already measured on the same base and evaluation rows: the
+siblings' measurements are gathered into its folder, and the run reads the one whose key (a hash of
+its rows and base, :func:`mft_plugin.train.outputs.base_key`) matches once it has built its rows.
 
 The runs train one after another in this process (:func:`mft_plugin.train.recipe.run`): each builds its own
 ``TrainingArguments`` (which resets accelerate's process state), Trainer, model and seed, so the only
@@ -48,7 +49,7 @@ from mft_plugin.files import atomic_write_text
 from mft_plugin.report.results import SWEEP_FILE, load_run
 from mft_plugin.report.summary import run_summary
 from mft_plugin.train.console import quiet_unused_libraries
-from mft_plugin.train.outputs import load_base_perplexities, METRICS_FILE, save_base_perplexities
+from mft_plugin.train.outputs import METRICS_FILE, gather_base_perplexities
 
 if TYPE_CHECKING:
     from mft_plugin.registry import Registry
@@ -173,17 +174,6 @@ def check_finished(sweep: Sweep, registry: Registry | None = None) -> None:
             )
 
 
-def _reuse_base_perplexities(run: SweepRun, runs: Sequence[SweepRun]) -> None:
-    """Copy a sibling's base perplexities when they were measured on this run's base and data."""
-    if load_base_perplexities(run.output_dir, run.config) is not None:
-        return
-    for sibling in runs:
-        measured = load_base_perplexities(sibling.output_dir, run.config)  # None unless the key matches
-        if measured is not None:
-            save_base_perplexities(run.output_dir, run.config, measured)
-            return
-
-
 def _finish_wandb_run() -> None:
     """End the wandb run a run opened, so that the next one is logged as a run of its own."""
     wandb = sys.modules.get("wandb")  # imported only if a run reported to it
@@ -216,7 +206,7 @@ def run_sweep(sweep: Sweep, registry: Registry | None = None) -> dict[str, Excep
             logger.warning("sweep [%d/%d] %s: finished, skipped", index, len(runs), run.name)
             continue
         logger.warning("sweep [%d/%d] %s: training", index, len(runs), run.name)
-        _reuse_base_perplexities(run, runs)
+        gather_base_perplexities(run.output_dir, [sibling.output_dir for sibling in runs])  # the run picks the one of its rows
         try:
             recipe.run(config_to_train(run), registry)
             print(run_summary(load_run(run.output_dir)))  # the run in words; the table comes at the end

@@ -25,6 +25,7 @@ from mft_plugin.models.heads import UnfusableError, default_chunk_size, fusable_
 from mft_plugin.teacher.sources import FrozenCopyTeacher, SharedBaseTeacher
 from mft_plugin.teacher.views import TeacherHead
 from mft_plugin.train.outputs import base_key
+from tests.tiny import evaluation_rows
 from mft_plugin.train.trainer import MFTTrainer
 from tests.test_chunked_loss import VOCAB, assert_fused_matches_plain, batch, random_problem, tiny_llama
 from tests.test_objectives import CASES, IGNORE, objective
@@ -249,13 +250,14 @@ def test_a_bf16_run_measures_its_base_as_it_measures_its_evaluations(base_config
     assert metrics["eval_spec_ppl"] == metrics["base_spec_ppl"]
 
 
-def test_the_base_cache_key_holds_precision_and_quantization(base_config: dict[str, Any]) -> None:
-    plain = base_key(validate_config(base_config))
-    assert plain == base_key(validate_config(base_config))
-    assert plain != base_key(validate_config({**base_config, "bf16": True}))
-    assert plain != base_key(validate_config({**base_config, "fp16": True}))
-    lora = {"mitigations": [{"name": "lora", "r": 2}]}
-    assert base_key(validate_config({**base_config, **lora})) != base_key(validate_config({**base_config, **lora, "load_in_4bit": True}))
+def test_the_base_cache_key_holds_precision_quantization_and_attention(base_config: dict[str, Any], tmp_path: Path) -> None:
+    rows = evaluation_rows(base_config, tmp_path)
+    plain = base_key(validate_config(base_config), rows)
+    assert plain == base_key(validate_config(base_config), rows)
+    for changed in ({"bf16": True}, {"fp16": True}, {"attn_implementation": "eager"}, {"sdp_attention": True}):
+        assert plain != base_key(validate_config({**base_config, **changed}), rows), changed
+    lora = {**base_config, "mitigations": [{"name": "lora", "r": 2}]}
+    assert base_key(validate_config(lora), rows) != base_key(validate_config({**lora, "load_in_4bit": True}), rows)
 
 
 def test_evaluation_through_the_chunked_head_equals_the_logits_path(tiny_model: Path, tmp_path: Path) -> None:

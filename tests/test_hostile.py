@@ -47,7 +47,7 @@ from mft_plugin.train.outputs import (
 )
 from mft_plugin.train.safety import NonFiniteError, check_finite_weights
 from tests.test_plugin_failures import install
-from tests.tiny import REPO, write_yaml
+from tests.tiny import REPO, evaluation_rows, write_yaml
 
 
 def cli(capsys: pytest.CaptureFixture[str], *argv: str, registry: Registry | None = None) -> tuple[int, str]:
@@ -307,22 +307,22 @@ def test_a_plugin_claiming_mft_reports_the_conflict_when_objective_is_left_out(
 def test_a_damaged_base_perplexity_cache_is_measured_again(
     perplexities: Any, config: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    validated = validate_config(config)
-    good = {"key": base_key(validated), "perplexities": {"spec": 20.0, "general": 30.0}}
-    (tmp_path / BASE_PPL_FILE).write_text(json.dumps(good))
-    assert load_base_perplexities(tmp_path, validated) == {"spec": 20.0, "general": 30.0}  # guard: the key is right
-    (tmp_path / BASE_PPL_FILE).write_text(json.dumps({**good, "perplexities": perplexities}))
+    validated, rows = validate_config(config), evaluation_rows(config, tmp_path)
+    key = base_key(validated, rows)
+    (tmp_path / BASE_PPL_FILE).write_text(json.dumps({"measured": {key: {"spec": 20.0, "general": 30.0}}}))
+    assert load_base_perplexities(tmp_path, validated, rows) == {"spec": 20.0, "general": 30.0}  # guard: the key is right
+    (tmp_path / BASE_PPL_FILE).write_text(json.dumps({"measured": {key: perplexities}}))
     with caplog.at_level(logging.WARNING):
-        assert load_base_perplexities(tmp_path, validated) is None
+        assert load_base_perplexities(tmp_path, validated, rows) is None
     assert f"{tmp_path / BASE_PPL_FILE} holds" in caplog.text and "measuring them again" in caplog.text
 
 
 def test_a_truncated_base_perplexity_cache_is_measured_again(
     config: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    (tmp_path / BASE_PPL_FILE).write_text('{"key": "abc", "perplexities": {"sp')
+    (tmp_path / BASE_PPL_FILE).write_text('{"measured": {"abc": {"sp')
     with caplog.at_level(logging.WARNING):
-        assert load_base_perplexities(tmp_path, validate_config(config)) is None
+        assert load_base_perplexities(tmp_path, validate_config(config), evaluation_rows(config, tmp_path)) is None
     assert f"{tmp_path / BASE_PPL_FILE} is damaged" in caplog.text
 
 

@@ -18,6 +18,7 @@ STAGES = [
     {"config"},
     {"data"},
     {"models"},
+    {"digest"},  # the key of every cache: the rows and the model as it is held (config, files, precision)
     {"teacher"},
     {"loss"},
     {"eval"},

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -196,3 +197,42 @@ def test_every_objective_trains_on_packed_chat_data_with_replay_and_ewc(
     metrics = run(config)
     assert math.isfinite(metrics["train_loss"]) and metrics["train_loss"] > 0
     assert (Path(config.output_dir) / "model.safetensors").exists()
+
+
+# --- the probe: a model that would let packed records attend to each other is refused -----------
+
+
+def ignoring_position_ids(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Llama as a model that ignores ``position_ids`` (remote code, another attention implementation)."""
+    from transformers.models.llama import modeling_llama
+
+    forward = modeling_llama.LlamaModel.forward
+    monkeypatch.setattr(modeling_llama.LlamaModel, "forward", lambda self, *a, position_ids=None, **k: forward(self, *a, **k))
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_the_probe_finds_no_leak_where_packing_keeps_records_apart(tiny_model: Path, attention: str) -> None:
+    from mft_plugin.models.attention import packing_leak
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=attention)
+    assert packing_leak(model, model.config.vocab_size) < 1e-5
+
+
+def test_packing_on_a_model_that_ignores_position_ids_is_refused_before_training(
+    base_config: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mft_plugin.cli import main
+    from mft_plugin.models.attention import packing_leak
+    from tests.tiny import write_yaml
+
+    ignoring_position_ids(monkeypatch)
+    model = AutoModelForCausalLM.from_pretrained(base_config["base_model"])
+    assert packing_leak(model, model.config.vocab_size) > 0.1  # guard: this model does leak
+    config = write_yaml(tmp_path / "packed.yml", {**base_config, "sample_packing": True})
+    assert main([str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    refusal = [line for line in err.splitlines() if "sample_packing" in line]  # (the rest: progress bars)
+    assert len(refusal) == 1 and refusal[0].startswith("sample_packing: true, but this model (LlamaForCausalLM"), err
+    assert "attend to each other" in refusal[0] and "set sample_packing: false" in refusal[0]
+    assert not (tmp_path / "out" / "metrics.json").exists() and not list((tmp_path / "out").glob("checkpoint-*"))

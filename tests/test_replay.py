@@ -206,3 +206,32 @@ def test_a_replay_run_trains(corpora: dict[str, Path], two_step_config: dict[str
     config = validate_config(replay_config(two_step_config, corpora))
     metrics = run(config)
     assert metrics["train_loss"] > 0 and Path(config.output_dir, "model.safetensors").exists()
+
+
+def test_the_teacher_cache_holds_only_the_rows_whose_loss_reads_the_teacher(
+    corpora: dict[str, Path], two_step_config: dict[str, Any], tmp_path: Path
+) -> None:
+    """Replay rows train on plain NLL (w = 1): the cache is built over the specialized rows alone (it was
+    built over every general block) and the run trains exactly as with the online teacher."""
+    import json
+
+    from mft_plugin import run
+    from mft_plugin.teacher.cache import META_FILE, teacher_cache_key
+
+    config = replay_config({**two_step_config, "logging_steps": 1}, corpora)
+    caches = tmp_path / "caches"
+    online = run(validate_config({**config, "output_dir": str(tmp_path / "online")}))
+    cached = run(validate_config({**config, "output_dir": str(tmp_path / "cached"), "teacher_cache": {"path": str(caches)}}))
+    (folder,) = caches.iterdir()
+    specialized, _ = build_datasets(validate_config(config), RecipeContext(validate_config(config), load_tokenizer(validate_config(config)), tmp_path))
+    assert json.loads((folder / META_FILE).read_text())["blocks"] == len(specialized)
+    plain = validate_config({key: value for key, value in config.items() if key != "mitigations"} | {"teacher_cache": {}})
+    assert folder.name == teacher_cache_key(plain, specialized)  # shared with a run without replay
+
+    def losses(name: str) -> list[float]:
+        history = json.loads((tmp_path / name / "trainer_state.json").read_text())["log_history"]
+        return [entry["loss"] for entry in history if "loss" in entry]
+
+    assert len(losses("online")) == 2
+    assert losses("cached") == pytest.approx(losses("online"), rel=1e-5)
+    assert cached["train_loss"] == pytest.approx(online["train_loss"], rel=1e-5)

@@ -30,7 +30,7 @@ from mft_plugin.train.outputs import load_base_perplexities, save_base_perplexit
 from mft_plugin.train.preflight import preflight
 from mft_plugin.train.recipe import run
 from mft_plugin.train.trainer import MFTTrainer
-from tests.tiny import write_yaml
+from tests.tiny import evaluation_rows, write_yaml
 
 STEPS, SAVE_EVERY = 10, 2
 # Describe the steps run by the last (re)start only, as the Trainer defines them (README "Errors and recovery").
@@ -340,35 +340,41 @@ def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path: Path) -> Non
     assert [p.name for p in tmp_path.iterdir()] == ["cache.json"]  # no temporary left behind
 
 
+MEASURED = {"spec": 12.5, "general": 20.0}
+
+
 def test_base_perplexity_cache_is_rebuilt_when_stale_or_truncated(
     base_config: dict[str, Any], corpora: dict[str, Path], tmp_path: Path
 ) -> None:
-    config = validate_config(base_config)
-    save_base_perplexities(tmp_path, config, {"spec": 12.5, "general": 20.0})
-    assert load_base_perplexities(tmp_path, config) == {"spec": 12.5, "general": 20.0}
+    def saved(config_dict: dict[str, Any]) -> None:
+        save_base_perplexities(tmp_path, validate_config(config_dict), evaluation_rows(config_dict, tmp_path), MEASURED)
 
+    def loaded(config_dict: dict[str, Any]) -> dict[str, float] | None:
+        return load_base_perplexities(tmp_path, validate_config(config_dict), evaluation_rows(config_dict, tmp_path))
+
+    saved(base_config)
+    assert loaded(base_config) == MEASURED
     cache = tmp_path / "base_perplexity.json"
     text = cache.read_text()
     cache.write_text(text[: len(text) // 2])  # truncated
-    assert load_base_perplexities(tmp_path, config) is None
+    assert loaded(base_config) is None
     cache.write_text("null")
-    assert load_base_perplexities(tmp_path, config) is None
+    assert loaded(base_config) is None
 
-    save_base_perplexities(tmp_path, config, {"spec": 12.5, "general": 20.0})
-    assert load_base_perplexities(tmp_path, validate_config({**base_config, "sequence_len": 32})) is None  # other blocks
+    saved(base_config)
+    assert loaded({**base_config, "sequence_len": 32}) is None  # other blocks
     # with test_datasets the seed and the training data do not touch the evaluation sets: shared
-    other_training = {**base_config, "seed": 1, "datasets": [{"path": str(corpora["general_val"])}]}
-    assert load_base_perplexities(tmp_path, validate_config(other_training)) == {"spec": 12.5, "general": 20.0}
+    assert loaded({**base_config, "seed": 1, "datasets": [{"path": str(corpora["general_val"])}]}) == MEASURED
     split = {key: value for key, value in base_config.items() if key != "test_datasets"}
-    save_base_perplexities(tmp_path, validate_config({**split, "val_set_size": 0.1}), {"spec": 12.5, "general": 20.0})
-    assert load_base_perplexities(tmp_path, validate_config({**split, "val_set_size": 0.1, "seed": 1})) is None  # other split
+    saved({**split, "val_set_size": 0.1})
+    assert loaded({**split, "val_set_size": 0.1, "seed": 1}) is None  # other split
     copied = tmp_path / "val.jsonl"
     copied.write_text(Path(corpora["spec_val"]).read_text())
-    moved = validate_config({**base_config, "test_datasets": [{"path": str(copied)}]})
-    save_base_perplexities(tmp_path, moved, {"spec": 12.5, "general": 20.0})
+    moved = {**base_config, "test_datasets": [{"path": str(copied)}]}
+    saved(moved)
     with copied.open("a") as handle:
         handle.write(json.dumps({"text": "one more document"}) + "\n")  # the same file, changed in place
-    assert load_base_perplexities(tmp_path, moved) is None
+    assert loaded(moved) is None
 
 
 def test_base_perplexity_cache_is_stale_when_the_model_changes_in_place(
@@ -377,8 +383,9 @@ def test_base_perplexity_cache_is_stale_when_the_model_changes_in_place(
     from tests.tiny import build_tiny_model
 
     model = build_tiny_model(tmp_path / "model", seed=0)
-    config = validate_config({**base_config, "base_model": str(model)})
-    save_base_perplexities(tmp_path, config, {"spec": 12.5, "general": 20.0})
-    assert load_base_perplexities(tmp_path, config) == {"spec": 12.5, "general": 20.0}
+    config_dict = {**base_config, "base_model": str(model)}
+    config, rows = validate_config(config_dict), evaluation_rows(config_dict, tmp_path)
+    save_base_perplexities(tmp_path, config, rows, MEASURED)
+    assert load_base_perplexities(tmp_path, config, rows) == MEASURED
     build_tiny_model(model, seed=1)  # other weights under the same folder name
-    assert load_base_perplexities(tmp_path, config) is None
+    assert load_base_perplexities(tmp_path, config, rows) is None

@@ -20,7 +20,7 @@ from mft_plugin.data.labels import safe_labels, shift_for_causal_lm
 from mft_plugin.loss.chunked import ChunkedLoss
 from mft_plugin.loss.corrected import masked_mean
 from mft_plugin.models.heads import output_head
-from mft_plugin.teacher.cache import META_FILE, cache_folder, cache_key, cached_teacher, open_fields, write_cache
+from mft_plugin.teacher.cache import META_FILE, cache_folder, teacher_cache_key, cached_teacher, open_fields, write_cache
 from mft_plugin.teacher.hidden_states import HiddenStateCache, HiddenStates
 from mft_plugin.teacher.sources import FrozenCopyTeacher
 from mft_plugin.teacher.top_k import CachedTeacherChunks, TopK, TopKCache
@@ -116,6 +116,26 @@ def test_the_hidden_state_cache_and_a_full_vocabulary_cache_train_exactly_like_t
         torch.testing.assert_close(cached_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("top_k", [None, VOCAB], ids=["hidden_states", "full_top_k"])
+@pytest.mark.parametrize("built_padded", [True, False], ids=["built-padded", "built-unpadded"])
+def test_batches_padded_past_the_longest_block_read_the_cache_like_the_online_teacher(
+    tmp_path: Path, top_k: int | None, built_padded: bool
+) -> None:
+    """pad_to_sequence_len with no block reaching sequence_len: the collator pads to 12, the longest block
+    is 9. The cache was as wide as the longest block and the build crashed (and so did reading a narrower one)."""
+    teacher, data, padded = FrozenCopyTeacher(tiny_llama(1)), blocks(), PaddingCollator(pad_token_id=0, pad_to=12)
+    layout = TopK(top_k) if top_k is not None else HiddenStates()
+    write_cache(teacher, data, padded if built_padded else COLLATOR, tmp_path / "cache", layout)
+    cache = layout.open(open_fields(tmp_path / "cache", layout.kind), tiny_llama(0))
+    batch = padded([{**data[i], ROW_COLUMN: i} for i in (3, 4, 1)])
+    labels, student = shift_for_causal_lm(batch["labels"]), tiny_llama(0)
+    assert batch["input_ids"].shape[1] == 12
+    fused = ChunkedLoss(get_objective("mft"), output_head(student), chunk_size=7)
+    online, cached = fused(student, teacher, batch, labels), fused(student, cache, batch, labels)
+    assert bool(online.isfinite().all()) and bool(cached.isfinite().all())
+    torch.testing.assert_close(cached, online, rtol=1e-5, atol=1e-6)
+
+
 def test_a_small_cache_changes_the_loss_only_through_the_distillation_term(tmp_path: Path) -> None:
     """Guard that the test above can fail: top_k = 2 of 37 tokens gives another (close) loss."""
     teacher, data = FrozenCopyTeacher(tiny_llama(1)), blocks()
@@ -195,18 +215,20 @@ def test_a_damaged_cache_is_logged_and_rebuilt(
     assert [p.name for p in cache_folder(config, data).parent.iterdir()] == [cache_folder(config, data).name]
 
 
-def test_the_key_changes_with_what_is_stored_data_and_teacher_precision(base_config: dict[str, Any], tmp_path: Path) -> None:
-    key = cache_key(cache_config(base_config, tmp_path, top_k=8), blocks())
-    assert key == cache_key(cache_config(base_config, tmp_path, top_k=8), blocks())
-    assert key != cache_key(cache_config(base_config, tmp_path, top_k=16), blocks())
-    assert key != cache_key(cache_config(base_config, tmp_path), blocks())  # hidden states
-    assert key != cache_key(cache_config(base_config, tmp_path, top_k=8), blocks(seed=1))
+def test_the_key_changes_with_what_is_stored_data_teacher_precision_and_attention(base_config: dict[str, Any], tmp_path: Path) -> None:
+    key = teacher_cache_key(cache_config(base_config, tmp_path, top_k=8), blocks())
+    assert key == teacher_cache_key(cache_config(base_config, tmp_path, top_k=8), blocks())
+    assert key != teacher_cache_key(cache_config(base_config, tmp_path, top_k=16), blocks())
+    assert key != teacher_cache_key(cache_config(base_config, tmp_path), blocks())  # hidden states
+    assert key != teacher_cache_key(cache_config(base_config, tmp_path, top_k=8), blocks(seed=1))
     cheap = validate_config({**base_config, "teacher": {"dtype": "bfloat16"}, "teacher_cache": {"top_k": 8}})
-    assert key != cache_key(cheap, blocks())
+    assert key != teacher_cache_key(cheap, blocks())
     grown = {**base_config, "special_tokens": {"pad_token": "<|pad|>"}}  # the teacher's vocabulary grows
-    assert key != cache_key(cache_config(grown, tmp_path, top_k=8), blocks())
+    assert key != teacher_cache_key(cache_config(grown, tmp_path, top_k=8), blocks())
     mixed = validate_config({**base_config, "bf16": True, "teacher_cache": {"top_k": 8, "path": str(tmp_path / "caches")}})
-    assert key != cache_key(mixed, blocks())
+    assert key != teacher_cache_key(mixed, blocks())
+    eager = validate_config({**base_config, "attn_implementation": "eager", "teacher_cache": {"top_k": 8}})
+    assert key != teacher_cache_key(eager, blocks())  # left out of the hand-written key
 
 
 def test_under_bf16_the_cache_stores_the_bf16_hidden_states_the_online_teacher_gives(tmp_path: Path) -> None:

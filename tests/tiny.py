@@ -51,3 +51,14 @@ def write_corpus(path: Path, source: Path, documents: int, field: str = "text") 
 def write_yaml(path: Path, config: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def evaluation_rows(config_dict: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """The evaluation sets a run of ``config_dict`` builds (what the base perplexities are measured on)."""
+    from mft_plugin.config.errors import validate_config
+    from mft_plugin.models.loading import load_tokenizer
+    from mft_plugin.train.context import RecipeContext
+    from mft_plugin.train.recipe import build_datasets
+
+    config = validate_config(config_dict)
+    return build_datasets(config, RecipeContext(config, load_tokenizer(config), folder))[1]

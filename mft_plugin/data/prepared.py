@@ -1,11 +1,10 @@
 """``dataset_prepared_path``: the tokenized datasets of a run, cached on disk (Axolotl's key).
 
 A sweep or a rerun on the same data reads them back instead of tokenizing again. The cache folder
-holds one subfolder per key, a :func:`mft_plugin.files.fingerprint` of the data files by content,
-the tokenizer and every key that shapes the rows (formats and their keys, ``sequence_len``,
-packing, ``train_on_inputs``, the held-out split); a changed input gives a new key, never a stale
-hit (the key does not see the code of a format: after changing a format, delete the folder). A
-subfolder is written under a temporary name and renamed into place, so a crash leaves either a
+holds one subfolder per key, :func:`mft_plugin.digest.data_key`: the data files and the tokenizer
+by content and every config key that may shape a row (all but those declared unable to); a changed
+input gives a new key, never a stale hit (the key does not see the code of a format: after changing a
+format, delete the folder). A subfolder is written under a temporary name and renamed into place, so a crash leaves either a
 complete cache or none; one that cannot be read back is logged and rebuilt.
 """
 
@@ -19,25 +18,10 @@ from pathlib import Path
 
 from datasets import Dataset, load_from_disk
 
-from mft_plugin.config.schema import MFTConfigBase
-from mft_plugin.files import fingerprint
 
 logger = logging.getLogger(__name__)
 
 TRAIN = "train"
-SHAPING_KEYS = (
-    "base_model", "tokenizer_config", "tokenizer_type", "datasets", "test_datasets", "general_eval_datasets",
-    "sequence_len", "train_on_inputs", "sample_packing", "eval_sample_packing",
-)  # fmt: skip
-
-
-def prepared_key(config: MFTConfigBase) -> str:
-    """What the tokenized data of ``config`` depends on, hashed (data files and tokenizer by content)."""
-    specs = [*config.datasets, *(config.test_datasets or []), *(config.general_eval_datasets or [])]
-    settings = {key: config.model_dump(mode="json")[key] for key in SHAPING_KEYS}
-    if config.val_set_size and not config.test_datasets:  # the held-out split depends on them
-        settings.update(val_set_size=config.val_set_size, seed=config.seed)
-    return fingerprint(config.tokenizer_config or config.base_model, *(spec.path for spec in specs), settings=settings)
 
 
 def prepared_datasets(folder: str | None, key: str, build: Callable[[], dict[str, Dataset]]) -> dict[str, Dataset]:

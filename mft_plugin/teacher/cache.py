@@ -9,8 +9,8 @@ training blocks before training and stores, per token, either
 - or p^T_l, p^T_max and the ``top_k`` largest probabilities (:mod:`.top_k`): an approximation.
 
 This module owns what both share. The cache lives in ``{path}/{key}``, where the key hashes the base
-model's files, how the teacher is held, the run's precision, what is stored and the tokens of every
-block: runs of a sweep that share those share the cache. It is written to a temporary folder renamed
+model as it is held, the teacher's own settings, what is stored and every block's rows
+(:mod:`mft_plugin.digest`): runs of a sweep that share those share the cache. It is written to a temporary folder renamed
 into place when complete, so that a killed build leaves nothing half-written, and two processes never
 mix their writes. A cache found damaged (a truncated array, a missing or unreadable ``meta.json``, a
 leftover folder) is logged, discarded and rebuilt.
@@ -18,7 +18,6 @@ leftover folder) is logged, discarded and rebuilt.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -34,14 +33,14 @@ from tqdm.auto import tqdm
 from transformers import TrainingArguments
 
 from mft_plugin.config.schema import MFTConfigBase
-from mft_plugin.data.batches import ROW_COLUMN, PaddingCollator
+from mft_plugin.data.batches import FT_LOSS_COLUMN, ROUTING_COLUMNS, ROW_COLUMN, PaddingCollator
 from mft_plugin.data.labels import shift_for_causal_lm
-from mft_plugin.files import fingerprint
+from mft_plugin.digest import cache_key
 from mft_plugin.models.forms import is_quantized
-from mft_plugin.models.precision import precision_name, run_autocast
+from mft_plugin.models.precision import run_autocast
 from mft_plugin.teacher.hidden_states import HiddenStates
 from mft_plugin.teacher.sources import FrozenCopyTeacher, SharedBaseTeacher, Teacher
-from mft_plugin.teacher.stored import STORAGE, CacheLayout, Field
+from mft_plugin.teacher.stored import NO_ROW, STORAGE, CacheLayout, Field
 from mft_plugin.teacher.top_k import TopK
 
 FORMAT_VERSION = 2
@@ -54,14 +53,6 @@ class CacheDamaged(ValueError):
     """A cache folder that cannot be read as its ``meta.json`` describes it (the message says why)."""
 
 
-def blocks_digest(blocks: Dataset) -> str:
-    """sha256 of every block's tokens, in order (the cache's rows are the blocks' indices)."""
-    digest = hashlib.sha256()
-    for ids in blocks["input_ids"]:
-        digest.update(len(ids).to_bytes(8, "little") + np.asarray(ids, dtype=np.int64).tobytes())
-    return digest.hexdigest()
-
-
 def cache_layout(config: MFTConfigBase) -> CacheLayout:
     """What ``teacher_cache:`` stores: the exact hidden states, or the top-k approximation."""
     top_k = config.teacher_cache.top_k
@@ -71,28 +62,16 @@ def cache_layout(config: MFTConfigBase) -> CacheLayout:
 def cache_folder(config: MFTConfigBase, blocks: Dataset) -> Path:
     """``{teacher_cache.path}/{key}`` (default path: ``output_dir/teacher_cache``)."""
     root = Path(config.teacher_cache.path or Path(config.output_dir) / "teacher_cache")
-    return root / cache_key(config, blocks)
+    return root / teacher_cache_key(config, blocks)
 
 
-def cache_key(config: MFTConfigBase, blocks: Dataset) -> str:
-    """What the cached outputs depend on: the base model's files, how the teacher is held and in which
-    precision it runs, what is stored, the data."""
+def teacher_cache_key(config: MFTConfigBase, blocks: Dataset) -> str:
+    """The key of the cache of ``blocks`` (:func:`mft_plugin.digest.cache_key`: the rows and the base as it
+    is held), plus what only this cache adds: its format, what it stores and how the teacher is held."""
     layout = cache_layout(config)
-    teacher = config.teacher.model_dump() if config.teacher is not None else None
-    bnb = ("load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype")
-    quantization = {k: getattr(config, k) for k in bnb}
-    grown = config.special_tokens or config.tokens  # added tokens: new embedding rows, drawn with the seed
-    added = {"special": config.special_tokens.model_dump() if config.special_tokens else None, "tokens": config.tokens}
-    settings = {
-        "format": FORMAT_VERSION,
-        "store": {"kind": layout.kind, **layout.settings()},
-        "teacher": teacher,
-        "base_quantization": quantization,
-        "added_tokens": {**added, "seed": config.seed} if grown else None,
-        "precision": precision_name(config.bf16, config.fp16),
-        "blocks": blocks_digest(blocks),
-    }
-    return fingerprint(config.base_model, settings=settings)
+    teacher = config.teacher.model_dump(mode="json") if config.teacher is not None else None
+    settings = {"format": FORMAT_VERSION, "store": {"kind": layout.kind, **layout.settings()}, "teacher": teacher}
+    return cache_key("teacher cache", config, rows=[blocks], settings=settings)
 
 
 def _batches(blocks: Dataset, collator: PaddingCollator, device: torch.device) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
@@ -107,7 +86,7 @@ def write_cache(
     """Run ``teacher`` over every block and store what ``layout`` keeps in ``folder`` (built aside, renamed
     into place). Run it in the run's precision context (:func:`mft_plugin.models.precision.run_autocast`)."""
     device = next(teacher.model.parameters()).device
-    width = max(len(ids) for ids in blocks["input_ids"])
+    width = max([len(ids) for ids in blocks["input_ids"]] + [collator.pad_to or 0])  # pad_to_sequence_len pads past the longest
     temporary = folder.with_name(f".{folder.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     temporary.mkdir(parents=True)
     try:
@@ -170,6 +149,13 @@ def _usable(folder: Path, kind: str) -> dict[str, Field] | None:
         return None
 
 
+def _taught_blocks(blocks: Dataset) -> list[int]:
+    """The blocks whose loss reads p^T: all but those routed to the plain FT loss (``ft_loss``)."""
+    if FT_LOSS_COLUMN not in blocks.column_names:
+        return list(range(len(blocks)))
+    return [i for i, ft in enumerate(blocks[FT_LOSS_COLUMN]) if not ft]
+
+
 def cached_teacher(
     config: MFTConfigBase,
     blocks: Dataset,
@@ -180,8 +166,17 @@ def cached_teacher(
 ) -> tuple[Teacher, Dataset]:
     """The cache of these blocks (built with ``make_teacher()``, in the run's precision, if missing or
     damaged) and the blocks with their cache row in :data:`ROW_COLUMN`. The main process builds it;
-    the others then read it."""
-    layout, folder = cache_layout(config), cache_folder(config, blocks)
+    the others then read it.
+
+    Only the blocks whose loss reads p^T are built: those routed to the plain FT loss (replayed
+    general text, ``ft_loss``) get :data:`NO_ROW`, as the online teacher skips them. The cache is
+    built from the model inputs alone (no routing column), so a replay run shares it with a run on
+    the same specialized data without replay."""
+    taught = _taught_blocks(blocks)
+    built = (blocks.select(taught) if len(taught) < len(blocks) else blocks).remove_columns(
+        [column for column in ROUTING_COLUMNS if column in blocks.column_names]
+    )
+    layout, folder = cache_layout(config), cache_folder(config, built)
     with args.main_process_first(desc="teacher cache"):
         fields = _usable(folder, layout.kind)
         if fields is None:
@@ -189,7 +184,10 @@ def cached_teacher(
             if not is_quantized(teacher.model):
                 teacher.model.to(args.device)
             with run_autocast(config.bf16, config.fp16, args.device.type):
-                write_cache(teacher, blocks, collator, folder, layout)
+                write_cache(teacher, built, collator, folder, layout)
             del teacher  # the teacher model is not held during training
             fields = open_fields(folder, layout.kind)
-    return layout.open(fields, student), blocks.add_column(ROW_COLUMN, list(range(len(blocks))))
+    rows = [NO_ROW] * len(blocks)
+    for row, block in enumerate(taught):
+        rows[block] = row
+    return layout.open(fields, student), blocks.add_column(ROW_COLUMN, rows)

@@ -21,6 +21,9 @@ from mft_plugin.teacher.views import TeacherHead
 STORAGE = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.int16, torch.int32: np.int32}
 
 
+NO_ROW = -1  # the cache row of a block whose loss reads no p^T (``ft_loss`` rows): none was built
+
+
 @dataclass(frozen=True)
 class Field:
     """One stored array, ``[blocks, width, ...]`` or a whole tensor (the frozen head), memory-mapped."""
@@ -29,8 +32,18 @@ class Field:
     dtype: torch.dtype
 
     def rows(self, blocks: np.ndarray, width: int) -> torch.Tensor:
-        """The first ``width`` positions of ``blocks``, as a tensor of the stored dtype."""
-        return as_tensor(np.ascontiguousarray(self.array[blocks, :width]), self.dtype)
+        """The first ``width`` positions of ``blocks``, as a tensor of the stored dtype; a block
+        :data:`NO_ROW` (trained on the plain FT loss, so never cached) reads as zeros.
+
+        Positions past the stored width read as zeros: the cache is as wide as its longest block (or the
+        collator that built it), so they are padding, never a label (``pad_to_sequence_len`` batches
+        where no block reaches ``sequence_len``, reading a cache built without it)."""
+        stored = self.array[np.maximum(blocks, 0), :width]
+        stored[blocks < 0] = 0  # a row not cached (NO_ROW): the zeros an online teacher gives rows it skips
+        if stored.shape[1] < width:
+            padding = np.zeros((stored.shape[0], width - stored.shape[1], *stored.shape[2:]), dtype=stored.dtype)
+            stored = np.concatenate([stored, padding], axis=1)
+        return as_tensor(np.ascontiguousarray(stored), self.dtype)
 
     def whole(self) -> torch.Tensor:
         return as_tensor(np.array(self.array), self.dtype)

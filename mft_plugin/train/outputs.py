@@ -12,20 +12,20 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
+from datasets import Dataset
 
 import filelock
 
-from mft_plugin.config.adapters import QuantizationKeys
 from mft_plugin.config.schema import MFTConfigBase
-from mft_plugin.eval.metrics import GENERAL, SPEC
-from mft_plugin.files import atomic_write_text, fingerprint
+from mft_plugin.digest import cache_key
+from mft_plugin.eval.metrics import SPEC
+from mft_plugin.files import atomic_write_text
 from mft_plugin.train.checkpoints import RUN_CONFIG, check_resume_config, record_run_config, resume_checkpoint
-from mft_plugin.models.precision import precision_name
 from mft_plugin.train.launch import is_main_process
 from mft_plugin.train.safety import SKIPPED_KEY, skipped_steps
 
@@ -182,61 +182,49 @@ def _check_writable(output_dir: Path) -> None:
         raise OutputDirError(f"output_dir: cannot write in {existing} ({error.strerror}); choose a writable folder") from None
 
 
-def base_key(config: MFTConfigBase) -> str:
-    """Hash of what the base perplexities depend on: the base model, how it is held and computed
-    (precision, quantization, the loss path the evaluation shares), and the evaluation data.
+def base_key(config: MFTConfigBase, eval_sets: Mapping[str, Dataset]) -> str:
+    """The key of the base perplexities: the evaluation rows themselves and the base model as it is held
+    and computed (:func:`mft_plugin.digest.cache_key`), plus the loss path the evaluation shares.
 
-    The files themselves are hashed (:func:`fingerprint`), not only their names: a model folder or a
-    data file replaced in place makes the cache stale. The training data, ``val_set_size`` and
-    ``seed`` count only when the specialized evaluation set is split off the training data; with
-    ``test_datasets`` they do not, so the runs of a seed sweep share one measurement.
+    Hashing the rows, not the keys that make them, means that every key that changes a validation row
+    (``train_on_inputs``, packing, added tokens, the split, the data files) gives a new key without
+    being named, and runs whose rows are equal (a seed sweep with ``test_datasets``) share one measurement.
     """
-    split_off_training_data = not config.test_datasets
-    eval_specs = list(config.datasets if split_off_training_data else config.test_datasets)
-    specs = [*eval_specs, *(config.general_eval_datasets or [])]
-    data_files = [f for d in specs for f in ([d.data_files] if isinstance(d.data_files, str) else d.data_files or [])]
-    sources = [config.base_model, config.tokenizer_config or config.base_model, *(d.path for d in specs), *data_files]
-    relevant = {
-        "base_model": config.base_model,
-        "tokenizer": config.tokenizer_config,
-        "sequence_len": config.sequence_len,
-        "spec": [d.model_dump() for d in eval_specs],
-        "split": {"val_set_size": config.val_set_size, "seed": config.seed} if split_off_training_data else None,
-        "general": [d.model_dump() for d in config.general_eval_datasets or []],
-        "precision": precision_name(config.bf16, config.fp16),
-        "quantization": {key: getattr(config, key) for key in QuantizationKeys.model_fields},
-        "loss_impl": config.loss_impl,
-    }
-    return fingerprint(*sources, settings=relevant)
+    names = sorted(eval_sets)
+    rows = [eval_sets[name] for name in names]
+    return cache_key("base perplexities", config, rows=rows, settings={"sets": names, "loss_impl": config.loss_impl})
 
 
-def load_base_perplexities(output_dir: Path, config: MFTConfigBase) -> dict[str, float] | None:
-    """The cached base perplexities if they were measured for this very base and data.
+def _measured(file: Path) -> dict[str, Any]:
+    """The measurements a base-perplexity file holds, by key ({} when absent; damaged ones are logged)."""
+    if not file.is_file():
+        return {}
+    try:
+        measured = json.loads(file.read_text(encoding="utf-8")).get("measured")
+        if not isinstance(measured, dict):
+            raise ValueError(f"'measured' is {measured!r}, not an object")
+        return measured
+    except (OSError, ValueError, AttributeError) as error:  # truncated, not text, not an object
+        logger.warning("%s is damaged (%s); measuring the base perplexities again", file, error)
+        return {}
+
+
+def load_base_perplexities(output_dir: Path, config: MFTConfigBase, eval_sets: Mapping[str, Dataset]) -> dict[str, float] | None:
+    """The cached base perplexities if they were measured on these very rows with this base.
 
     None (measured again) when absent, stale, or damaged: unreadable, or not one finite perplexity
-    (>= 1) for each evaluation set of this config; a damaged file is logged.
+    (>= 1) for each of ``eval_sets``; a damaged file is logged.
     """
     file = output_dir / BASE_PPL_FILE
-    if not file.is_file():
-        return None
-    try:
-        cached = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:  # truncated or not text
-        logger.warning("%s is damaged (%s); measuring the base perplexities again", file, error)
-        return None
-    if not (isinstance(cached, dict) and cached.get("key") == base_key(config)):
-        return None  # another base or other data: stale, so measured again
-    perplexities = cached.get("perplexities")
-    if not _valid_perplexities(perplexities, _eval_set_names(config)):
+    measured, key = _measured(file), base_key(config, eval_sets)
+    if key not in measured:
+        return None  # another base or other rows: stale, so measured again
+    perplexities = measured[key]
+    if not _valid_perplexities(perplexities, set(eval_sets)):
         logger.warning("%s holds %r, not a finite perplexity for each of %s; measuring them again",
-                       file, perplexities, sorted(_eval_set_names(config)))  # fmt: skip
+                       file, perplexities, sorted(eval_sets))  # fmt: skip
         return None
     return {k: float(v) for k, v in perplexities.items()}
-
-
-def _eval_set_names(config: MFTConfigBase) -> set[str]:
-    spec = {SPEC} if config.test_datasets or config.val_set_size > 0 else set()
-    return spec | ({GENERAL} if config.general_eval_datasets else set())
 
 
 def _valid_perplexities(perplexities: Any, names: set[str]) -> bool:
@@ -245,6 +233,18 @@ def _valid_perplexities(perplexities: Any, names: set[str]) -> bool:
         and set(perplexities) == names
         and all(type(v) in (int, float) and math.isfinite(v) and v >= 1.0 for v in perplexities.values())
     )
+
+
+def gather_base_perplexities(output_dir: Path, siblings: Sequence[Path]) -> None:
+    """Add the measurements found in ``siblings`` (the other runs of a sweep) to ``output_dir``'s file.
+
+    The sweep cannot tell which one fits a run (its key needs the run's rows); the run picks the one
+    whose key matches when it has built them (:func:`load_base_perplexities`).
+    """
+    measured = {key: value for folder in siblings if folder != output_dir for key, value in _measured(folder / BASE_PPL_FILE).items()}
+    own = _measured(output_dir / BASE_PPL_FILE)
+    if set(measured) - set(own):
+        atomic_write_text(output_dir / BASE_PPL_FILE, json.dumps({"measured": {**measured, **own}}))
 
 
 def metrics_json(metrics: dict[str, Any]) -> str:
@@ -265,8 +265,12 @@ def read_metrics(folder: Path) -> dict[str, Any]:
     return metrics
 
 
-def save_base_perplexities(output_dir: Path, config: MFTConfigBase, perplexities: dict[str, float]) -> None:
-    atomic_write_text(output_dir / BASE_PPL_FILE, json.dumps({"key": base_key(config), "perplexities": perplexities}))
+def save_base_perplexities(
+    output_dir: Path, config: MFTConfigBase, eval_sets: Mapping[str, Dataset], perplexities: dict[str, float]
+) -> None:
+    """Store ``perplexities`` under the key of these rows (:func:`base_key`), beside the file's other measurements."""
+    measured = {**_measured(output_dir / BASE_PPL_FILE), base_key(config, eval_sets): perplexities}
+    atomic_write_text(output_dir / BASE_PPL_FILE, json.dumps({"measured": measured}))
 
 
 def best_evaluation(log_history: list[dict[str, Any]], best_model_checkpoint: str | None) -> dict[str, Any] | None:

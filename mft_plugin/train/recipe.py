@@ -19,9 +19,11 @@ from transformers import PreTrainedModel, TrainingArguments, set_seed
 from mft_plugin.config.schema import MFTConfigBase
 from mft_plugin.data.batches import PaddingCollator
 from mft_plugin.data.packing import lay_out, split_records
-from mft_plugin.data.prepared import TRAIN, prepared_datasets, prepared_key
+from mft_plugin.data.prepared import TRAIN, prepared_datasets
+from mft_plugin.digest import data_key
 from mft_plugin.eval.metrics import GENERAL, SPEC
 from mft_plugin.loss.chunked import select_loss_impl
+from mft_plugin.models.attention import check_packing
 from mft_plugin.models.loading import (
     load_frozen_teacher,
     load_model,
@@ -84,7 +86,7 @@ def build_datasets(config: MFTConfigBase, context: RecipeContext) -> tuple[Datas
             built[GENERAL] = context.packed_blocks(config.general_eval_datasets)
         return built
 
-    datasets = prepared_datasets(config.dataset_prepared_path, prepared_key(config), build)
+    datasets = prepared_datasets(config.dataset_prepared_path, data_key(config), build)
     return datasets.pop(TRAIN), datasets
 
 
@@ -213,6 +215,7 @@ def _run(config: MFTConfigBase, registry: Registry) -> dict[str, Any]:
     for mitigation in mitigations:  # 2. model stage
         model = mitigation.prepare_model(model, context)
     chunked_loss = select_loss_impl(config, objective, model)  # loss_impl; fails here if it cannot apply
+    check_packing(config, model)  # packed records kept apart by this model, or packing refused
     collator = PaddingCollator(tokenizer.pad_token_id, config.sequence_len if config.pad_to_sequence_len else None)
     own_dtype = config.teacher is not None and "dtype" in config.teacher.model_fields_set  # else the run's precision
     make_teacher = lambda: build_teacher(objective.needs_teacher, model, lambda: load_frozen_teacher(config), own_dtype)  # noqa: E731
@@ -239,7 +242,8 @@ def _run(config: MFTConfigBase, registry: Registry) -> dict[str, Any]:
         callbacks=stopping_callbacks(config),  # loss_watchdog_*, early_stopping_patience
     )
     trainer.set_base_perplexities(  # measured once; cached for resumed runs and sweep siblings
-        load_base_perplexities(output_dir, config), lambda measured: save_base_perplexities(output_dir, config, measured)
+        load_base_perplexities(output_dir, config, eval_sets),
+        lambda measured: save_base_perplexities(output_dir, config, eval_sets, measured),
     )
     for mitigation in mitigations:
         mitigation.on_train_begin(trainer.model, context)

@@ -13,13 +13,12 @@ block length, so ``ewc_lambda`` means the same at any ``sequence_len`` or ``fish
 squared gradient of a *mean* NLL would shrink as 1 / tokens per gradient). Only trainable
 parameters take part (with an adapter: the adapter's), and F and theta* are float32 copies of
 those alone: 8 bytes per trainable parameter. ``fisher_path`` saves F (safetensors, written
-atomically) with a hash of the starting parameters, the base and the data; a later run with the
-same hash loads it instead of recomputing (e.g. a sweep over ``ewc_lambda``).
+atomically) with a hash of the starting parameters, the base as it is held and the blocks it is
+averaged over (:mod:`mft_plugin.digest`); a later run with the same hash loads it instead of recomputing (e.g. a sweep over ``ewc_lambda``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -84,25 +83,17 @@ def estimate_fisher(model: torch.nn.Module, blocks: Dataset, batch_size: int, pa
     return {name: f / max(tokens, 1) for name, f in fisher.items()}
 
 
-def fisher_key(params: EWCParams, context: RunContext, anchors: dict[str, torch.Tensor]) -> str:
-    """Hash of what the Fisher depends on: starting parameters, base model, data and settings."""
-    from mft_plugin.config.adapters import QuantizationKeys
-    from mft_plugin.files import fingerprint
+def fisher_key(params: EWCParams, context: RunContext, anchors: dict[str, torch.Tensor], blocks: Dataset) -> str:
+    """The key of the Fisher (:func:`mft_plugin.digest.cache_key`): the blocks it is averaged over, the
+    base as it is held, the starting parameters, and how it is estimated."""
+    from mft_plugin.digest import cache_key, tensors_digest
 
-    digest = hashlib.sha256()
-    for name, anchor in anchors.items():
-        digest.update(name.encode() + str(tuple(anchor.shape)).encode() + anchor.cpu().numpy().tobytes())
-    config = context.config
     settings = {
-        "fisher": params.model_dump(mode="json", exclude={"name", "ewc_lambda", "fisher_path"}),
+        "fisher_batch_size": params.fisher_batch_size,
         "definition": "per-token",  # squared gradient of summed NLL / labelled tokens (not of the mean NLL)
-        "sequence_len": config.sequence_len,
-        "seed": config.seed,
-        "quantization": config.model_dump(include=set(QuantizationKeys.model_fields)),
-        "trainable": digest.hexdigest(),
+        "trainable": tensors_digest(anchors),
     }
-    sources = [config.base_model, config.tokenizer_config or config.base_model, *(d.path for d in params.datasets)]
-    return fingerprint(*sources, settings=settings)
+    return cache_key("ewc fisher", context.config, rows=[blocks], settings=settings)
 
 
 def load_fisher(path: Path, key: str, anchors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
@@ -177,13 +168,13 @@ class EWCMitigation(Mitigation):
 
     def _fisher(self, model: torch.nn.Module, context: RunContext, anchors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         path = Path(self.params.fisher_path) if self.params.fisher_path else None
-        key = fisher_key(self.params, context, anchors) if path else ""
+        blocks = context.packed_blocks(self.params.datasets).shuffle(seed=context.config.seed)
+        blocks = blocks.select(range(min(self.params.fisher_samples, len(blocks))))
+        key = fisher_key(self.params, context, anchors, blocks) if path else ""
         fisher = load_fisher(path, key, anchors) if path else None
         if fisher is not None:
             logger.info("ewc: Fisher loaded from %s", path)
             return fisher
-        blocks = context.packed_blocks(self.params.datasets).shuffle(seed=context.config.seed)
-        blocks = blocks.select(range(min(self.params.fisher_samples, len(blocks))))
         if len(blocks) < self.params.fisher_samples:
             logger.warning("ewc: only %d general blocks for fisher_samples %d", len(blocks), self.params.fisher_samples)
         fisher = estimate_fisher(model, blocks, self.params.fisher_batch_size, context.tokenizer.pad_token_id)
