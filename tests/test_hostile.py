@@ -413,8 +413,8 @@ def test_damaged_model_files_end_in_one_error_naming_the_file(
     assert line.startswith("error: base_model: ") and expected in line, err
 
 
-def test_a_tokenizer_of_another_vocabulary_is_warned_about(
-    config: dict[str, Any], weightless_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+def test_a_tokenizer_of_another_vocabulary_is_refused(
+    config: dict[str, Any], weightless_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     other = tmp_path / "tokenizer"
     shutil.copytree(weightless_model, other)
@@ -424,9 +424,19 @@ def test_a_tokenizer_of_another_vocabulary_is_warned_about(
     vocab[first], vocab[second] = vocab[second], vocab[first]
     (other / "tokenizer.json").write_text(json.dumps(data))
     path = write_yaml(tmp_path / "config.yml", {**config, "tokenizer_config": str(other)})
-    with caplog.at_level(logging.WARNING):
-        assert main([str(path), "--validate"]) == 0
-    assert f"tokenizer_config: {other} maps 2 token(s) to other ids than" in caplog.text
+    code, err = cli(capsys, str(path), "--validate")
+    assert code == 2 and "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if "tokenizer_config" in line]
+    assert f"tokenizer_config: {other} maps 2 token(s) to other ids than {weightless_model}'s own tokenizer" in line
+
+
+def test_a_copy_of_the_model_s_own_tokenizer_is_accepted(
+    config: dict[str, Any], weightless_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = tmp_path / "tokenizer"
+    shutil.copytree(weightless_model, other)
+    path = write_yaml(tmp_path / "config.yml", {**config, "tokenizer_config": str(other)})
+    assert cli(capsys, str(path), "--validate")[0] == 0
 
 
 # ---------------------------------------------------------------- faults during a run (shared tiny runs)
