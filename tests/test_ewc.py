@@ -16,7 +16,9 @@ from safetensors import safe_open
 from mft_plugin import run
 from mft_plugin.config.errors import validate_config
 from mft_plugin.strategies.mitigations import ewc
-from mft_plugin.strategies.mitigations.ewc import EWCMitigation, estimate_fisher
+from mft_plugin.strategies.mitigations import ewc_terms
+from mft_plugin.strategies.mitigations.ewc import EWCMitigation
+from mft_plugin.strategies.mitigations.ewc_terms import estimate_fisher
 
 LAMBDA = 3.0
 
@@ -57,7 +59,7 @@ def toy_ewc(corpora: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> tuple[
     model = ToyLM()
     mitigation = EWCMitigation(ewc_lambda=LAMBDA, datasets=[{"path": str(corpora["general_train"])}], fisher_samples=10)
     context = SimpleNamespace(
-        config=SimpleNamespace(seed=0),
+        config=SimpleNamespace(seed=0, bf16=False, fp16=False),
         tokenizer=SimpleNamespace(pad_token_id=0),
         packed_blocks=lambda specs: Dataset.from_dict({"input_ids": BLOCKS}),
     )
@@ -68,7 +70,7 @@ def toy_ewc(corpora: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> tuple[
 def test_fisher_matches_the_hand_computed_one(toy_ewc: tuple[ToyLM, EWCMitigation]) -> None:
     model, mitigation = toy_ewc
     expected = hand_fisher(model)
-    fisher = {name: f for (p, f, _), name in zip(mitigation.terms, ["head.weight", "head.bias"], strict=True)}
+    fisher = {name: term.fisher for term, name in zip(mitigation.terms, ["head.weight", "head.bias"], strict=True)}
     assert len(mitigation.terms) == 2  # the frozen embedding takes no part
     for name, f in fisher.items():
         assert f.dtype == torch.float32 and f.abs().sum() > 0
@@ -144,8 +146,8 @@ def test_fisher_is_saved_and_reused_only_for_the_same_model_and_data(
         names = set(handle.keys())
         assert handle.metadata()[ewc.KEY] and handle.get_tensor("model.embed_tokens.weight").dtype == torch.float32
     calls = []
-    original = ewc.estimate_fisher
-    monkeypatch.setattr(ewc, "estimate_fisher", lambda *args: calls.append(1) or original(*args))
+    original = ewc_terms.estimate_fisher
+    monkeypatch.setattr(ewc_terms, "estimate_fisher", lambda *args: calls.append(1) or original(*args))
     run(validate_config({**config, "overwrite_output_dir": True, "mitigations": [{**config["mitigations"][0], "ewc_lambda": 5.0}]}))
     assert calls == []  # same base, data and starting parameters: loaded
     with caplog.at_level(logging.WARNING):

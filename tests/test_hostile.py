@@ -326,7 +326,7 @@ def test_a_truncated_base_perplexity_cache_is_measured_again(
     assert f"{tmp_path / BASE_PPL_FILE} is damaged" in caplog.text
 
 
-ANCHORS = {"layer.weight": torch.zeros(3, 2), "layer.bias": torch.zeros(3)}
+SHAPES = {"layer.weight": (3, 2), "layer.bias": (3,)}  # the Fisher tensors the run expects
 
 
 def _damage_fisher(path: Path, how: str) -> None:
@@ -352,10 +352,10 @@ def _damage_fisher(path: Path, how: str) -> None:
 def test_a_damaged_fisher_file_is_recomputed(how: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "fisher.safetensors"
     save_fisher(path, {"layer.weight": torch.ones(3, 2), "layer.bias": torch.ones(3)}, "the-key")
-    assert set(load_fisher(path, "the-key", ANCHORS) or {}) == set(ANCHORS)  # guard: the good file loads
+    assert set(load_fisher(path, "the-key", SHAPES) or {}) == set(SHAPES)  # guard: the good file loads
     _damage_fisher(path, how)
     with caplog.at_level(logging.WARNING):
-        assert load_fisher(path, "the-key", ANCHORS) is None
+        assert load_fisher(path, "the-key", SHAPES) is None
     assert f"ewc: {path} is damaged" in caplog.text and "recomputing the Fisher" in caplog.text
 
 
