@@ -64,7 +64,7 @@ def fisher_key(params: EWCParams, context: RunContext, anchors: dict[str, torch.
     config = context.config
     settings = {
         "fisher": params.model_dump(mode="json", exclude={"name", "ewc_lambda", "fisher_path"}),
-        "definition": "per-token, lora delta",  # squared gradient of summed NLL / labelled tokens; LoRA pairs by their delta
+        "definition": "per-token, lora delta",  # d(summed NLL)^2 / labelled tokens; LoRA pairs by their weight delta
         "precision": mixed_precision(config),
         "sequence_len": config.sequence_len,
         "seed": config.seed,

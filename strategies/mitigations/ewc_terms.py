@@ -51,7 +51,8 @@ def lora_pairs(model: torch.nn.Module) -> dict[str, LoraPair]:
             continue
         for adapter in sorted(set(lora_a) & set(lora_b)):
             a, b = lora_a[adapter], lora_b[adapter]
-            if isinstance(a, torch.nn.Linear) and isinstance(b, torch.nn.Linear) and a.weight.requires_grad and b.weight.requires_grad:
+            linear = isinstance(a, torch.nn.Linear) and isinstance(b, torch.nn.Linear)  # not LoRA's Conv layers
+            if linear and a.weight.requires_grad and b.weight.requires_grad:
                 pairs[f"{name}{PAIR_SUFFIX}{adapter}"] = LoraPair(module, a.weight, b.weight, float(module.scaling[adapter]))
     return pairs
 
