@@ -132,17 +132,18 @@ def train(config: MFTConfigBase, registry: Registry) -> int:
     from mft_plugin.train.checkpoints import CheckpointError
     from mft_plugin.data.documents import DataError
     from mft_plugin.train.launch import is_main_process
+    from mft_plugin.files import RunFileError
     from mft_plugin.train.outputs import OutputDirError, describe_write_failure
     from mft_plugin.train.recipe import run
     from mft_plugin.train.safety import NonFiniteError
     from mft_plugin.train.signals import TrainingInterrupted
 
-    try:
-        run(config, registry)
+    try:  # the summary is read while the run still holds its folder: another run cannot clear it in between
+        run(config, registry, then=print_run_summary if is_main_process() else None)
     except TrainingInterrupted as stopped:  # SIGINT/SIGTERM: a checkpoint was saved
         print(stopped, file=sys.stderr)
         return stopped.exit_code
-    except (ConfigError, OutputDirError, CheckpointError, PackingLeakError) as error:
+    except (ConfigError, OutputDirError, CheckpointError, PackingLeakError, RunFileError) as error:
         print(error, file=sys.stderr)
         return 2
     except DataError as error:  # bad data, named by file and record, found before any model is loaded
@@ -157,8 +158,6 @@ def train(config: MFTConfigBase, registry: Registry) -> int:
             raise
         print(f"error: {message}", file=sys.stderr)
         return 1
-    if is_main_process():
-        print_run_summary(Path(config.output_dir))
     return 0
 
 

@@ -15,7 +15,9 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+import yaml
 
 
 @contextlib.contextmanager
@@ -45,6 +47,33 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so that a crash never leaves a half-written file (:func:`atomic_path`)."""
     with atomic_path(path) as temporary:
         temporary.write_text(text, encoding="utf-8")
+
+
+class RunFileError(ValueError):
+    """A file that a run or a sweep wrote (``metrics.json``, ``config.yml``, ``trainer_state.json``,
+    ``sweep.json``) is missing, unreadable or damaged: the message names the file and what is wrong."""
+
+
+def read_run_file(path: Path, kind: Literal["json", "yaml"] = "json", expected: type = dict) -> Any:
+    """``path`` parsed as ``kind``, which must give an ``expected`` (a JSON object by default).
+
+    Such files are written atomically, so a damaged one was changed by hand or by another program; it
+    is reported as :class:`RunFileError`, never as a parser's traceback, and nothing is written over it.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RunFileError(f"{path} is missing") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise RunFileError(f"{path} cannot be read ({' '.join(str(error).split())})") from None
+    try:
+        parsed = json.loads(text) if kind == "json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as error:
+        reason = " ".join(str(error).split())
+        raise RunFileError(f"{path} is damaged (not valid {kind.upper()}: {reason}; truncated?)") from None
+    if not isinstance(parsed, expected):
+        raise RunFileError(f"{path} is damaged (it holds a {type(parsed).__name__}, not a {expected.__name__})")
+    return parsed
 
 
 FULL_HASH_BYTES = 64 << 20

@@ -181,7 +181,10 @@ class Mitigation(Strategy):
         """Called once before the first step (e.g. to estimate a Fisher information)."""
 
     def penalty(self, model: torch.nn.Module) -> torch.Tensor | None:
-        """Loss stage: a regularizer added to each optimizer step's loss, or None."""
+        """Loss stage: a regularizer added to each optimizer step's loss, or None.
+
+        Called once per optimizer step (on its first micro-batch, whose loss it joins in full), so
+        that its value and gradient are computed once whatever the gradient accumulation."""
         return None
 
 

@@ -34,8 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from mft_plugin.config.schema import MFTConfigBase
 from mft_plugin.config.errors import (
     ConfigError,
@@ -45,7 +43,7 @@ from mft_plugin.config.errors import (
     read_yaml,
     validate_config,
 )
-from mft_plugin.files import atomic_write_text
+from mft_plugin.files import RunFileError, atomic_write_text, read_run_file
 from mft_plugin.report.results import SWEEP_FILE, load_run
 from mft_plugin.report.summary import run_summary
 from mft_plugin.train.console import quiet_unused_libraries
@@ -162,8 +160,8 @@ def check_finished(sweep: Sweep, registry: Registry | None = None) -> None:
             continue
         saved_file = run.output_dir / "config.yml"
         try:
-            saved = validate_config(yaml.safe_load(saved_file.read_text(encoding="utf-8")), registry, str(saved_file))
-        except ConfigError as error:
+            saved = validate_config(read_run_file(saved_file, "yaml"), registry, str(saved_file))
+        except (ConfigError, RunFileError) as error:
             raise SweepError(f"{run.output_dir}: finished, but {error}\ndelete the folder to train it again") from None
         saved_keys, planned = saved.model_dump(mode="json"), run.config.model_dump(mode="json")
         changed = sorted(key for key in {*saved_keys, *planned} - {RESUME} if saved_keys.get(key) != planned.get(key))
@@ -274,8 +272,7 @@ def main(argv: Sequence[str], registry: Registry | None = None) -> int:
         return stopped.exit_code
     from mft_plugin.report import tables as report
 
-    if any(run.finished for run in sweep.runs):
-        report.main([str(sweep.folder)])
+    reported = report.main([str(sweep.folder)]) if any(run.finished for run in sweep.runs) else 0
     for name, error in failures.items():
         print(f"run {name} failed: {type(error).__name__}: {error}", file=sys.stderr)
-    return 1 if failures else 0
+    return 1 if failures else reported

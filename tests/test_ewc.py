@@ -12,11 +12,14 @@ import pytest
 import torch
 from datasets import Dataset
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from mft_plugin import run
 from mft_plugin.config.errors import validate_config
 from mft_plugin.strategies.mitigations import ewc
-from mft_plugin.strategies.mitigations.ewc import EWCMitigation, estimate_fisher
+from mft_plugin.strategies.mitigations import ewc_terms
+from mft_plugin.strategies.mitigations.ewc import EWCMitigation
+from mft_plugin.strategies.mitigations.ewc_terms import estimate_fisher
 
 LAMBDA = 3.0
 
@@ -37,13 +40,15 @@ class ToyLM(torch.nn.Module):
 BLOCKS = [[1, 4, 2, 6, 3], [5, 5, 0, 2], [6, 1, 1, 3, 0, 4]]
 
 
-def hand_fisher(model: ToyLM) -> dict[str, torch.Tensor]:
+def hand_fisher(model: ToyLM, bf16: bool = False) -> dict[str, torch.Tensor]:
     """F_i = sum over blocks of (d/d theta_i of the block's summed next-token NLL)^2, over all their
-    next-token predictions; the NLL spelled out."""
+    next-token predictions; the NLL spelled out (in float32, from logits made in bf16 if ``bf16``)."""
     squares = {name: torch.zeros_like(p) for name, p in model.named_parameters() if p.requires_grad}
     for block in BLOCKS:
         ids = torch.tensor(block)
-        logits = model.head(torch.tanh(model.embed.weight[ids]))  # [seq, vocab]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model.head(torch.tanh(model.embed.weight[ids]))  # [seq, vocab]
+        logits = logits.float()
         nll = [torch.logsumexp(logits[t], 0) - logits[t, ids[t + 1]] for t in range(len(block) - 1)]
         grads = torch.autograd.grad(sum(nll), [model.head.weight, model.head.bias])
         squares["head.weight"] += grads[0] ** 2
@@ -57,7 +62,7 @@ def toy_ewc(corpora: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> tuple[
     model = ToyLM()
     mitigation = EWCMitigation(ewc_lambda=LAMBDA, datasets=[{"path": str(corpora["general_train"])}], fisher_samples=10)
     context = SimpleNamespace(
-        config=SimpleNamespace(seed=0),
+        config=SimpleNamespace(seed=0, bf16=False, fp16=False),
         tokenizer=SimpleNamespace(pad_token_id=0),
         packed_blocks=lambda specs: Dataset.from_dict({"input_ids": BLOCKS}),
     )
@@ -68,7 +73,7 @@ def toy_ewc(corpora: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> tuple[
 def test_fisher_matches_the_hand_computed_one(toy_ewc: tuple[ToyLM, EWCMitigation]) -> None:
     model, mitigation = toy_ewc
     expected = hand_fisher(model)
-    fisher = {name: f for (p, f, _), name in zip(mitigation.terms, ["head.weight", "head.bias"], strict=True)}
+    fisher = {name: term.fisher for term, name in zip(mitigation.terms, ["head.weight", "head.bias"], strict=True)}
     assert len(mitigation.terms) == 2  # the frozen embedding takes no part
     for name, f in fisher.items():
         assert f.dtype == torch.float32 and f.abs().sum() > 0
@@ -144,8 +149,8 @@ def test_fisher_is_saved_and_reused_only_for_the_same_model_and_data(
         names = set(handle.keys())
         assert handle.metadata()[ewc.KEY] and handle.get_tensor("model.embed_tokens.weight").dtype == torch.float32
     calls = []
-    original = ewc.estimate_fisher
-    monkeypatch.setattr(ewc, "estimate_fisher", lambda *args: calls.append(1) or original(*args))
+    original = ewc_terms.estimate_fisher
+    monkeypatch.setattr(ewc_terms, "estimate_fisher", lambda *args: calls.append(1) or original(*args))
     run(validate_config({**config, "overwrite_output_dir": True, "mitigations": [{**config["mitigations"][0], "ewc_lambda": 5.0}]}))
     assert calls == []  # same base, data and starting parameters: loaded
     with caplog.at_level(logging.WARNING):
@@ -155,3 +160,106 @@ def test_fisher_is_saved_and_reused_only_for_the_same_model_and_data(
     run(validate_config(lora))
     with safe_open(str(path), framework="pt") as handle:  # with an adapter: its parameters only
         assert set(handle.keys()) != names and all("lora_" in name for name in handle.keys())  # noqa: SIM118
+
+
+# --- LoRA pairs, once per optimizer step, in the run's precision (issue 22) ----------------------
+
+
+def lora_toy() -> tuple[ToyLM, ToyLM]:
+    """The toy LM with LoRA (r 2, scaling 2) on its head, as peft starts it (B = 0), and its plain copy."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    plain = ToyLM()
+    adapted = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, target_modules=["head"]), ToyLM())
+    adapted.head.base_layer.bias.requires_grad_(False)
+    return adapted, plain
+
+
+def toy_context(bf16: bool = False) -> SimpleNamespace:
+    return SimpleNamespace(
+        config=SimpleNamespace(seed=0, bf16=bf16, fp16=False),
+        tokenizer=SimpleNamespace(pad_token_id=0),
+        packed_blocks=lambda specs: Dataset.from_dict({"input_ids": BLOCKS}),
+    )
+
+
+def naive_pair_penalty(model: torch.nn.Module, anchors: tuple[torch.Tensor, torch.Tensor], fisher: torch.Tensor) -> torch.Tensor:
+    """lambda/2 sum F_W (s (B A - B* A*))^2 for the head's LoRA pair, written out, through autograd."""
+    a, b, scale = model.head.lora_A["default"].weight, model.head.lora_B["default"].weight, model.head.scaling["default"]
+    delta = scale * (b @ a - anchors[1] @ anchors[0])
+    return LAMBDA / 2 * (fisher * delta**2).sum()
+
+
+def test_lora_pairs_take_the_fisher_of_their_layer_weight_and_regularize_a(corpora: dict[str, Path]) -> None:
+    """At the start B = 0, so A has no gradient and its own Fisher would be 0: A would never be held.
+    The pair is held through its weight delta, with the Fisher that full finetuning takes for the head."""
+    model, plain = lora_toy()
+    mitigation = EWCMitigation(ewc_lambda=LAMBDA, datasets=[{"path": str(corpora["general_train"])}], fisher_samples=10)
+    mitigation.on_train_begin(model, toy_context())  # type: ignore[arg-type]
+    (term,) = mitigation.terms
+    assert isinstance(term, ewc_terms.PairTerm)
+    torch.testing.assert_close(term.fisher, hand_fisher(plain)["head.weight"])  # B = 0: the layer weight is the base's
+    a, b = model.head.lora_A["default"].weight, model.head.lora_B["default"].weight
+    anchors = (a.detach().clone(), b.detach().clone())
+    with torch.no_grad():
+        a.add_(torch.randn_like(a))
+        b.add_(torch.randn_like(b))
+    naive = naive_pair_penalty(model, anchors, term.fisher)
+    naive_grads = torch.autograd.grad(naive, [a, b])
+    penalty = mitigation.penalty(model)
+    torch.testing.assert_close(penalty, naive)
+    penalty.backward()
+    torch.testing.assert_close(a.grad, naive_grads[0])
+    torch.testing.assert_close(b.grad, naive_grads[1])
+    assert a.grad.abs().min() > 0  # A is held too
+
+
+def test_the_fisher_is_computed_in_the_run_s_precision(corpora: dict[str, Path]) -> None:
+    """Under ``bf16`` the Trainer's forward runs in bf16 autocast; the Fisher must be of that model."""
+    model = ToyLM()
+    mitigation = EWCMitigation(ewc_lambda=LAMBDA, datasets=[{"path": str(corpora["general_train"])}], fisher_samples=10)
+    mitigation.on_train_begin(model, toy_context(bf16=True))  # type: ignore[arg-type]
+    in_autocast, in_float32 = hand_fisher(model, bf16=True), hand_fisher(model)
+    fisher = mitigation.terms[0].fisher
+    torch.testing.assert_close(fisher, in_autocast["head.weight"], rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(fisher, in_float32["head.weight"], rtol=1e-3, atol=0)  # guard: the precision shows
+
+
+def naive_penalty(mitigation: EWCMitigation) -> torch.Tensor:
+    """lambda/2 sum F Delta^2 over every term, written out and differentiated by autograd."""
+    total = 0.0
+    for term in mitigation.terms:
+        if isinstance(term, ewc_terms.PairTerm):
+            (a, b), (a0, b0) = term.params, term.anchors
+            delta = term.scale * (b.float() @ a.float() - b0 @ a0)
+        else:
+            delta = term.params[0].float() - term.anchor
+        total = total + (term.fisher * delta**2).sum()
+    return 0.5 * mitigation.params.ewc_lambda * total
+
+
+def test_the_penalty_counts_once_per_optimizer_step_as_its_share_in_every_micro_batch(
+    two_step_config: dict[str, Any], corpora: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LoRA + EWC with 2 micro-batches per step: the penalty is computed once per step (not per
+    micro-batch), and the run ends with the weights of the naive one, where every micro-batch adds
+    1/2 of the penalty through autograd."""
+    from mft_plugin.train.trainer import MFTTrainer
+
+    config = ewc_config(two_step_config, corpora, ewc_lambda=1e7)
+    config.update(mitigations=["lora", config["mitigations"][0]], micro_batch_size=2, gradient_accumulation_steps=2, max_steps=3)
+    values: list[float] = []
+    original = ewc_terms.penalty
+    monkeypatch.setattr(ewc_terms, "penalty", lambda *args: (value := original(*args), values.append(value.item()))[0])
+    run(validate_config({**config, "output_dir": str(tmp_path / "once")}))
+    assert len(values) == 3 and values[0] == 0.0 and values[-1] > 0.01  # one per step; it bites from step 2 on
+
+    def every_micro_batch(self: MFTTrainer, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {m.name: naive_penalty(m) / self.current_gradient_accumulation_steps for m in self.mitigations if getattr(m, "terms", None)}
+
+    monkeypatch.setattr(MFTTrainer, "_penalties", every_micro_batch)
+    run(validate_config({**config, "output_dir": str(tmp_path / "naive")}))
+    once, naive = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("once", "naive"))
+    assert once.keys() == naive.keys()
+    for name in once:
+        torch.testing.assert_close(once[name], naive[name], rtol=1e-5, atol=1e-7)

@@ -37,6 +37,7 @@ from mft_plugin.strategies.mitigations.ewc import KEY, load_fisher, save_fisher
 from mft_plugin.train.checkpoints import RUN_CONFIG, finish_checkpoint, record_run_config
 from mft_plugin.train.outputs import (
     BASE_PPL_FILE,
+    LOCK_FILE,
     METRICS_FILE,
     base_key,
     exclusive_output_dir,
@@ -326,7 +327,7 @@ def test_a_truncated_base_perplexity_cache_is_measured_again(
     assert f"{tmp_path / BASE_PPL_FILE} is damaged" in caplog.text
 
 
-ANCHORS = {"layer.weight": torch.zeros(3, 2), "layer.bias": torch.zeros(3)}
+SHAPES = {"layer.weight": (3, 2), "layer.bias": (3,)}  # the Fisher tensors the run expects
 
 
 def _damage_fisher(path: Path, how: str) -> None:
@@ -352,10 +353,10 @@ def _damage_fisher(path: Path, how: str) -> None:
 def test_a_damaged_fisher_file_is_recomputed(how: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "fisher.safetensors"
     save_fisher(path, {"layer.weight": torch.ones(3, 2), "layer.bias": torch.ones(3)}, "the-key")
-    assert set(load_fisher(path, "the-key", ANCHORS) or {}) == set(ANCHORS)  # guard: the good file loads
+    assert set(load_fisher(path, "the-key", SHAPES) or {}) == set(SHAPES)  # guard: the good file loads
     _damage_fisher(path, how)
     with caplog.at_level(logging.WARNING):
-        assert load_fisher(path, "the-key", ANCHORS) is None
+        assert load_fisher(path, "the-key", SHAPES) is None
     assert f"ewc: {path} is damaged" in caplog.text and "recomputing the Fisher" in caplog.text
 
 
@@ -413,8 +414,8 @@ def test_damaged_model_files_end_in_one_error_naming_the_file(
     assert line.startswith("error: base_model: ") and expected in line, err
 
 
-def test_a_tokenizer_of_another_vocabulary_is_warned_about(
-    config: dict[str, Any], weightless_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+def test_a_tokenizer_of_another_vocabulary_is_refused(
+    config: dict[str, Any], weightless_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     other = tmp_path / "tokenizer"
     shutil.copytree(weightless_model, other)
@@ -424,9 +425,19 @@ def test_a_tokenizer_of_another_vocabulary_is_warned_about(
     vocab[first], vocab[second] = vocab[second], vocab[first]
     (other / "tokenizer.json").write_text(json.dumps(data))
     path = write_yaml(tmp_path / "config.yml", {**config, "tokenizer_config": str(other)})
-    with caplog.at_level(logging.WARNING):
-        assert main([str(path), "--validate"]) == 0
-    assert f"tokenizer_config: {other} maps 2 token(s) to other ids than" in caplog.text
+    code, err = cli(capsys, str(path), "--validate")
+    assert code == 2 and "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if "tokenizer_config" in line]
+    assert f"tokenizer_config: {other} maps 2 token(s) to other ids than {weightless_model}'s own tokenizer" in line
+
+
+def test_a_copy_of_the_model_s_own_tokenizer_is_accepted(
+    config: dict[str, Any], weightless_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = tmp_path / "tokenizer"
+    shutil.copytree(weightless_model, other)
+    path = write_yaml(tmp_path / "config.yml", {**config, "tokenizer_config": str(other)})
+    assert cli(capsys, str(path), "--validate")[0] == 0
 
 
 # ---------------------------------------------------------------- faults during a run (shared tiny runs)
@@ -558,3 +569,67 @@ def test_a_full_disk_during_a_save_says_so_and_where(
         f"under {two_step_config['output_dir']} (disk full? [enforce fail at inline_container.cc"  # fmt: skip
     assert f"error: could not write {where}" in err and "MiB free there now" in err, err
     assert not (Path(two_step_config["output_dir"]) / METRICS_FILE).exists()
+
+
+# ---------------------------------------------------------------- another run's folder (held-out probes)
+
+
+def _finished_folder(config: dict[str, Any]) -> Path:
+    """``output_dir`` as a finished run of ``config`` leaves it (its recorded config, model, metrics)."""
+    out = Path(config["output_dir"])
+    record_run_config(out, validate_config(config).model_dump(mode="json"))
+    (out / "model.safetensors").write_text("the first run's model")
+    (out / METRICS_FILE).write_text('{"eval_S": 0.1}')
+    return out
+
+
+def test_an_output_dir_holding_another_configs_run_is_refused_before_loading(
+    config: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = _finished_folder(config)
+    other = write_yaml(tmp_path / "other.yml", {**config, "learning_rate": 0.5, "objective": {"name": "ft"}})
+    code, err = cli(capsys, str(other))
+    assert code == 2
+    (line,) = [line for line in err.splitlines() if "output_dir" in line]
+    assert f"output_dir: {out} holds a run of another config (learning_rate, objective.name, objective.tau differ)" in line
+    assert (out / METRICS_FILE).read_text() == '{"eval_S": 0.1}' and (out / "model.safetensors").is_file()  # nothing lost
+    assert cli(capsys, str(write_yaml(tmp_path / "same.yml", config)), "--validate")[0] == 0  # its own config: a rerun
+    replace = write_yaml(tmp_path / "replace.yml", {**config, "learning_rate": 0.5, "overwrite_output_dir": True})
+    assert cli(capsys, str(replace), "--validate")[0] == 0
+
+
+def test_the_folder_stays_held_until_the_run_s_summary_is_read(
+    config: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Held-out probe: a second run (overwrite_output_dir) took the folder as soon as the first run's
+    recipe returned and cleared its metrics.json before the first printed its summary from it."""
+    import filelock
+
+    from mft_plugin import cli as cli_module
+    from mft_plugin.train import recipe
+
+    out = Path(config["output_dir"])
+    monkeypatch.setattr(recipe, "_run", lambda config, registry: _finished_folder(config.model_dump(mode="json")) and {})
+    taken_meanwhile = []
+
+    def summary(output_dir: Path) -> None:
+        try:  # what a second run does first: take the folder's lock (another file description, as another process)
+            filelock.FileLock(out / LOCK_FILE, timeout=0).acquire()
+            taken_meanwhile.append(True)
+        except filelock.Timeout:
+            taken_meanwhile.append(False)
+
+    monkeypatch.setattr(cli_module, "print_run_summary", summary)
+    assert cli(capsys, str(write_yaml(tmp_path / "config.yml", config)))[0] == 0
+    assert taken_meanwhile == [False]
+
+
+def test_resuming_a_finished_run_with_a_damaged_metrics_file_is_one_error(
+    config: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = _finished_folder(config)
+    (out / METRICS_FILE).write_text('{"eval_S": 0.')
+    code, err = cli(capsys, str(write_yaml(tmp_path / "config.yml", {**config, "resume_from_checkpoint": True})))
+    assert code == 2
+    assert err.strip().splitlines()[-1].startswith(f"{out / METRICS_FILE} is damaged (not valid JSON: "), err
+    assert (out / METRICS_FILE).read_text() == '{"eval_S": 0.'  # left as it was

@@ -226,3 +226,29 @@ def test_run_summary_without_a_selected_checkpoint(tmp_path: Path) -> None:
     lines = run_summary(load_run(run)).splitlines()
     assert lines[1] == "Final model: the last step's (no specialized validation set: nothing to choose by)."
     assert not any(line.startswith(("  S ", "  DG")) for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("file", "damage", "expected"),
+    [
+        ("objective=ft,seed=1/metrics.json", lambda text: text[: len(text) // 2], "is damaged (not valid JSON: "),
+        ("objective=ft,seed=2/metrics.json", lambda text: "[1, 2]", "is damaged (it holds a list, not a dict)"),
+        ("objective=mft,seed=1/config.yml", lambda text: "objective: [unclosed\n", "is damaged (not valid YAML: "),
+        ("objective=mft,seed=2/trainer_state.json", lambda text: text[:-3], "is damaged (not valid JSON: "),
+        ("objective=mft,seed=2/trainer_state.json", lambda text: '{"log_history": 3}', "is damaged (its log_history is not a list"),
+        (SWEEP_FILE, lambda text: text[:-5], "is damaged (not valid JSON: "),
+    ],
+)
+def test_a_damaged_run_file_is_one_error_naming_it(
+    ablation: Path, file: str, damage: Any, expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Held-out probe: a truncated metrics.json ended in a JSONDecodeError traceback. Now: one line naming
+    the file, exit 2, and no table written over the last good one."""
+    path = ablation / file
+    path.write_text(damage(path.read_text()))
+    assert main(["report", str(ablation)]) == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and captured.out == ""
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith(f"error: {path} {expected}"), line
+    assert not (ablation / RESULTS_MD).exists() and not (ablation / RESULTS_CSV).exists()

@@ -16,8 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from mft_plugin.files import RunFileError, read_run_file
 from mft_plugin.train.outputs import METRICS_FILE, read_metrics
 
 SWEEP_FILE = "sweep.json"  # a sweep's runs in grid order (mft_plugin.sweep), for `mft-run report`
@@ -51,8 +50,10 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 def load_run(folder: Path) -> RunResult:
     metrics = read_metrics(folder)
     config_file, state_file = folder / "config.yml", folder / "trainer_state.json"
-    config = yaml.safe_load(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
-    history = json.loads(state_file.read_text(encoding="utf-8"))["log_history"] if state_file.is_file() else []
+    config = read_run_file(config_file, "yaml") if config_file.is_file() else {}
+    history = read_run_file(state_file).get("log_history", []) if state_file.is_file() else []
+    if not (isinstance(history, list) and all(isinstance(entry, dict) for entry in history)):
+        raise RunFileError(f"{state_file} is damaged (its log_history is not a list of logged entries)")
     return RunResult(folder, flatten(config), metrics, [entry for entry in history if "eval_S" in entry])
 
 
@@ -63,7 +64,9 @@ def find_runs(paths: Sequence[Path]) -> list[Path]:
         if (path / METRICS_FILE).is_file():
             found.append(path)
         elif (path / SWEEP_FILE).is_file():
-            names = json.loads((path / SWEEP_FILE).read_text(encoding="utf-8"))["runs"]
+            names = read_run_file(path / SWEEP_FILE).get("runs")
+            if not (isinstance(names, list) and all(isinstance(name, str) for name in names)):
+                raise RunFileError(f"{path / SWEEP_FILE} is damaged (no list of run names under 'runs')")
             found.extend(path / name for name in names if (path / name / METRICS_FILE).is_file())
         else:
             found.extend(sorted(file.parent for file in path.glob(f"*/{METRICS_FILE}")))

@@ -24,7 +24,8 @@ import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from mft_plugin.files import atomic_write_text
+
+from mft_plugin.files import RunFileError, atomic_write_text
 from mft_plugin.report.results import (
     SEED,
     Row,
@@ -144,12 +145,16 @@ def main(argv: Sequence[str]) -> int:
         atomic_write_text(out / RESULTS_MD, markdown_table(csv_records(args.paths[0].read_text(encoding="utf-8"))))
         written = [out / RESULTS_MD]
     else:
-        folders = find_runs(args.paths)
-        if not folders:
-            print(f"no finished run (a folder with {METRICS_FILE}) in {', '.join(map(str, args.paths))}", file=sys.stderr)
+        try:
+            folders = find_runs(args.paths)
+            if not folders:
+                print(f"no finished run (a folder with {METRICS_FILE}) in {', '.join(map(str, args.paths))}", file=sys.stderr)
+                return 2
+            out = args.out or args.paths[0]
+            written = write_report(folders, out)  # reads every run before it writes anything
+        except RunFileError as error:
+            print(f"error: {error}; restore or remove that run's folder, then report again", file=sys.stderr)
             return 2
-        out = args.out or args.paths[0]
-        written = write_report(folders, out)
     for path in written:
         print(f"wrote {path}", file=sys.stderr)
     print((out / RESULTS_MD).read_text(encoding="utf-8"), end="")

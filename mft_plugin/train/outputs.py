@@ -24,8 +24,8 @@ import filelock
 from mft_plugin.config.schema import MFTConfigBase
 from mft_plugin.digest import cache_key
 from mft_plugin.eval.metrics import SPEC
-from mft_plugin.files import atomic_write_text
-from mft_plugin.train.checkpoints import RUN_CONFIG, check_resume_config, record_run_config, resume_checkpoint
+from mft_plugin.files import RunFileError, atomic_write_text, read_run_file
+from mft_plugin.train.checkpoints import RUN_CONFIG, check_resume_config, config_differences, record_run_config, resume_checkpoint
 from mft_plugin.train.launch import is_main_process
 from mft_plugin.train.safety import SKIPPED_KEY, skipped_steps
 
@@ -67,6 +67,9 @@ def prepare_output_dir(config: MFTConfigBase, create: bool = True) -> Path:
             "resume_from_checkpoint: true to continue it, overwrite_output_dir: true to start over, "
             "or choose another output_dir"
         )
+    resuming = resume_checkpoint(config.resume_from_checkpoint, output_dir) is not None  # checked against its own config
+    if not (config.overwrite_output_dir or resuming) and (problem := _other_config_problem(config, output_dir)):
+        raise OutputDirError(problem)
     if not create:
         return output_dir
     starting_over = config.overwrite_output_dir and not config.resume_from_checkpoint
@@ -74,6 +77,27 @@ def prepare_output_dir(config: MFTConfigBase, create: bool = True) -> Path:
         clear_results(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     return output_dir
+
+
+def _other_config_problem(config: MFTConfigBase, output_dir: Path) -> str | None:
+    """Why ``output_dir`` holds another config's run (started, killed or finished), or None.
+
+    A run records its config (``mft_run_config.json``) before anything else; one with other settings
+    in the same folder would replace that run's model and metrics, or clear them while it reads them.
+    The same config (a rerun, a resume) may go on.
+    """
+    try:
+        recorded = read_run_file(output_dir / RUN_CONFIG) if (output_dir / RUN_CONFIG).is_file() else None
+    except RunFileError as error:
+        return f"output_dir: {output_dir} holds a run whose config record is unusable ({error})" + _ELSEWHERE
+    differences = config_differences(recorded, config.model_dump(mode="json")) if recorded is not None else []
+    if not differences:
+        return None
+    shown = ", ".join(differences[:6]) + (f" and {len(differences) - 6} more" if len(differences) > 6 else "")
+    return f"output_dir: {output_dir} holds a run of another config ({shown} differ)" + _ELSEWHERE
+
+
+_ELSEWHERE = "; choose another output_dir, or set overwrite_output_dir: true to replace that run"
 
 
 @contextlib.contextmanager
@@ -259,7 +283,7 @@ def metrics_json(metrics: dict[str, Any]) -> str:
 
 def read_metrics(folder: Path) -> dict[str, Any]:
     """A finished run's ``metrics.json``, with an undefined DG/S (``null``, S <= 0) as +inf."""
-    metrics = json.loads((folder / METRICS_FILE).read_text(encoding="utf-8"))
+    metrics = read_run_file(folder / METRICS_FILE)  # RunFileError naming the file if missing or damaged
     if DG_OVER_S in metrics and metrics[DG_OVER_S] is None and (metrics.get("eval_S") or 0.0) <= 0:
         metrics[DG_OVER_S] = math.inf
     return metrics

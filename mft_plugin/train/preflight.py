@@ -7,7 +7,6 @@ model's config and tokenizer) is checked here, still before a single weight is r
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,7 +24,6 @@ from mft_plugin.config.errors import ConfigError, with_locations
 from mft_plugin.models.loading import load_tokenizer
 from mft_plugin.train.outputs import OutputDirError, prepare_output_dir
 
-logger = logging.getLogger(__name__)
 
 
 EMBEDDING_MODULES = ("embed_tokens", "lm_head")  # Llama, Mistral, Qwen, Gemma, Phi-3 spell them so
@@ -108,7 +106,7 @@ def preflight(config: MFTConfigBase, source: str | None = None, overrides: Seque
     vocab_problems = token_problems(config, tokenizer, getattr(model_config, "vocab_size", None))
     problems += vocab_problems
     if not vocab_problems and config.tokenizer_config:
-        _warn_if_other_vocabulary(config, tokenizer)
+        problems += other_vocabulary_problems(config, tokenizer)
     if problems:
         raise ConfigError(with_locations(problems, source, overrides))
 
@@ -134,19 +132,23 @@ def _output_problems(config: MFTConfigBase) -> list[str]:
     return []
 
 
-def _warn_if_other_vocabulary(config: MFTConfigBase, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Warn when ``tokenizer_config`` maps tokens to other ids than the model's own tokenizer does.
+def other_vocabulary_problems(config: MFTConfigBase, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """Refuse a ``tokenizer_config`` that maps tokens to other ids than the model's own tokenizer does.
 
-    Such a tokenizer may fit the embedding size, yet every token would be read as another one.
+    Such a tokenizer may fit the embedding size, yet the model would read each of those tokens as
+    another one: every loss and perplexity would be measured on scrambled text. A tokenizer that only
+    lacks some of the model's tokens (the same ids for all it has) is accepted.
     """
     try:
         own = load_tokenizer(config.model_copy(update={"tokenizer_config": None}), with_added_tokens=False)
     except (OSError, ValueError):  # the model ships no tokenizer: nothing to compare with
-        return
-    if own.get_vocab() != tokenizer.get_vocab():
-        differing = sum(1 for token, index in tokenizer.get_vocab().items() if own.get_vocab().get(token) != index)
-        logger.warning(
-            "tokenizer_config: %s maps %d token(s) to other ids than %s's own tokenizer; the model would read "
-            "them as other tokens. Use the model's own tokenizer unless this is intended",
-            config.tokenizer_config, differing, config.base_model,
-        )  # fmt: skip
+        return []
+    own_ids = own.get_vocab()
+    differing = sum(1 for token, index in tokenizer.get_vocab().items() if own_ids.get(token) != index)
+    if not differing:
+        return []
+    return [
+        f"tokenizer_config: {config.tokenizer_config} maps {differing} token(s) to other ids than "
+        f"{config.base_model}'s own tokenizer, so the model would read them as other tokens; "
+        "use the model's own tokenizer (leave tokenizer_config out)"
+    ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -184,14 +185,21 @@ def training_arguments(
     )
 
 
-def run(config: MFTConfigBase, registry: Registry | None = None) -> dict[str, Any]:
+def run(
+    config: MFTConfigBase, registry: Registry | None = None, then: Callable[[Path], None] | None = None
+) -> dict[str, Any]:
     """Train as ``config`` says; write the model, the resolved config and ``metrics.json``.
 
     ``registry`` must be the one that validated ``config`` (default: the installed plugins). The
-    run holds ``output_dir`` exclusively from start to end (``exclusive_output_dir``).
+    run holds ``output_dir`` exclusively from start to end (``exclusive_output_dir``), ``then``
+    included: it is called with ``output_dir`` after the run's files are written (``mft-run``
+    prints its summary from them), so no other run can clear them before it has read them.
     """
     with exclusive_output_dir(Path(config.output_dir)):
-        return _run(config, registry or default_registry())
+        metrics = _run(config, registry or default_registry())
+        if then is not None:
+            then(Path(config.output_dir))
+        return metrics
 
 
 def _run(config: MFTConfigBase, registry: Registry) -> dict[str, Any]:

@@ -70,6 +70,7 @@ class MFTTrainer(Trainer):
         self.engine = engine or Engine()
         self.teacher = self.engine.place_teacher(teacher, self.accelerator)  # sharded like the student where it is
         self.mitigations = list(mitigations)
+        self._penalized_step: int | None = None  # the optimizer step whose loss holds the penalties
         self.eval_sets = eval_sets or {}
         self.base_perplexities: dict[str, float] = {}
         self.nonfinite = NonFiniteGuard(skip=skip_nonfinite_batches)
@@ -94,20 +95,32 @@ class MFTTrainer(Trainer):
         else:
             outputs = model(**model_inputs(inputs))
             token_losses = plain_token_losses(self.objective, teacher, outputs.logits, inputs, labels)
-        penalties = {m.name: p for m in self.mitigations if (p := m.penalty(model)) is not None}
+        penalties = self._penalties(model)
         if num_items_in_batch is None or not model.training:  # one batch on its own (not a training step)
             loss = masked_mean(token_losses, labels) + sum(penalties.values())
         else:
-            loss = self._step_share(token_losses, num_items_in_batch) + sum(penalties.values()) / self.current_gradient_accumulation_steps
+            loss = self._step_share(token_losses, num_items_in_batch) + sum(penalties.values())
         if model.training:
             self.nonfinite.check_loss(self.state.global_step + 1, loss, self.objective.name, token_losses, penalties)
         return (loss, outputs) if return_outputs else loss
 
+    def _penalties(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The mitigations' penalties, in training on an optimizer step's first micro-batch only.
+
+        The weights do not change between the micro-batches of a step, so a penalty counted in full
+        once per step is the same sum as its share in each, and is computed and differentiated once
+        (its gradient joins the accumulated one before clipping, on every rank alike).
+        """
+        if model.training:
+            if self._penalized_step == self.state.global_step:
+                return {}
+            self._penalized_step = self.state.global_step
+        return {m.name: p for m in self.mitigations if (p := m.penalty(model)) is not None}
+
     def _step_share(self, token_losses: torch.Tensor, num_items_in_batch: torch.Tensor | int) -> torch.Tensor:
         """This micro-batch's share of the step's loss: its token losses summed over the labelled tokens of
         the whole step (all micro-batches, all ranks), times the ranks that the gradient is averaged over.
-        Summed over micro-batches and averaged over ranks, it is the mean over the step's tokens (and a
-        penalty, divided by the micro-batches, counts once per step)."""
+        Summed over micro-batches and averaged over ranks, it is the mean over the step's tokens."""
         count = torch.as_tensor(num_items_in_batch, device=token_losses.device).clamp(min=1)
         return token_losses.sum() / count * self.accelerator.num_processes
 

@@ -1,18 +1,21 @@
 """``ewc``: elastic weight consolidation (Kirkpatrick et al. 2017), the paper's Table 5 baseline.
 
 At the start of training a diagonal Fisher information F is estimated on general-domain data,
-and every step adds the penalty
+and every optimizer step adds the penalty
 
-    lambda/2 * sum_i F_i (theta_i - theta*_i)^2
+    lambda/2 * sum_i F_i (Delta_i)^2
 
-where theta* are the parameters at the start. F is the *empirical* Fisher per token: over
-``fisher_samples`` general-domain blocks (in mini-batches of ``fisher_batch_size``), the squared
-gradient of each mini-batch's *summed* token NLL, summed, divided by the number of labelled tokens.
-Where token gradients are uncorrelated that is the mean per-token squared gradient whatever the
-block length, so ``ewc_lambda`` means the same at any ``sequence_len`` or ``fisher_batch_size`` (the
-squared gradient of a *mean* NLL would shrink as 1 / tokens per gradient). Only trainable
-parameters take part (with an adapter: the adapter's), and F and theta* are float32 copies of
-those alone: 8 bytes per trainable parameter. ``fisher_path`` saves F (safetensors, written
+where Delta_i is parameter i's change since the start (theta_i - theta*_i), and for a LoRA pair the
+change of the weight it adds to its layer (``ewc_terms`` says why: B = 0 at the start leaves A with
+no Fisher of its own). F is the *empirical* Fisher per token: over ``fisher_samples`` general-domain
+blocks (in mini-batches of ``fisher_batch_size``), the squared gradient of each mini-batch's *summed*
+token NLL, summed, divided by the number of labelled tokens, computed in the run's precision
+(autocast). Where token gradients are uncorrelated that is the mean per-token squared gradient
+whatever the block length, so ``ewc_lambda`` means the same at any ``sequence_len`` or
+``fisher_batch_size`` (the squared gradient of a *mean* NLL would shrink as 1 / tokens per gradient).
+Only trainable parameters take part (with an adapter: the adapter's). The penalty is evaluated once
+per optimizer step, with its analytic gradient (``ewc_terms.penalty``): no autograd graph over the
+parameters, whatever the gradient accumulation. ``fisher_path`` saves F (safetensors, written
 atomically) with a hash of the starting parameters, the base as it is held and the blocks it is
 averaged over (:mod:`mft_plugin.digest`); a later run with the same hash loads it instead of recomputing (e.g. a sweep over ``ewc_lambda``).
 """
@@ -20,6 +23,8 @@ averaged over (:mod:`mft_plugin.digest`); a later run with the same hash loads i
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,56 +52,20 @@ class EWCParams(StrategyParams):
     fisher_path: str | None = Field(None, description="a .safetensors file to reuse the Fisher from (and save it to)")
 
 
-def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
-
-
-def estimate_fisher(model: torch.nn.Module, blocks: Dataset, batch_size: int, pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Diagonal empirical Fisher of the trainable parameters, float32, in eval mode (no dropout).
-
-    The sum over mini-batches of (d summed-token-NLL / d theta)^2, divided by their labelled tokens;
-    gradients are cleared after.
-    """
-    import torch
-
-    from mft_plugin.data.batches import PaddingCollator
-    from mft_plugin.data.labels import shift_for_causal_lm, valid_mask
-    from mft_plugin.loss.corrected import nll_token_losses
-    from mft_plugin.models.forms import eval_mode
-
-    params = trainable_parameters(model)
-    fisher = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
-    collate, device = PaddingCollator(pad_token_id), next(iter(params.values())).device
-    starts, tokens = range(0, len(blocks), batch_size), 0
-    with eval_mode(model), torch.enable_grad():
-        for start in starts:
-            batch = collate([blocks[i] for i in range(start, min(start + batch_size, len(blocks)))])
-            labels = shift_for_causal_lm(batch["labels"].to(device))
-            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-            model.zero_grad(set_to_none=True)
-            nll_token_losses(logits, labels).sum().backward()
-            tokens += int(valid_mask(labels).sum())
-            for name, p in params.items():
-                if p.grad is not None:
-                    fisher[name] += p.grad.detach().float() ** 2
-    model.zero_grad(set_to_none=True)
-    return {name: f / max(tokens, 1) for name, f in fisher.items()}
-
-
 def fisher_key(params: EWCParams, context: RunContext, anchors: dict[str, torch.Tensor], blocks: Dataset) -> str:
     """The key of the Fisher (:func:`mft_plugin.digest.cache_key`): the blocks it is averaged over, the
-    base as it is held, the starting parameters, and how it is estimated."""
+    base as it is held (precision and quantization included), the starting parameters, and how it is estimated."""
     from mft_plugin.digest import cache_key, tensors_digest
 
     settings = {
         "fisher_batch_size": params.fisher_batch_size,
-        "definition": "per-token",  # squared gradient of summed NLL / labelled tokens (not of the mean NLL)
+        "definition": "per-token, lora delta",  # d(summed NLL)^2 / labelled tokens; LoRA pairs by their weight delta
         "trainable": tensors_digest(anchors),
     }
     return cache_key("ewc fisher", context.config, rows=[blocks], settings=settings)
 
 
-def load_fisher(path: Path, key: str, anchors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+def load_fisher(path: Path, key: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor] | None:
     """The saved Fisher if ``path`` holds one for this very ``key``, else None (recomputed).
 
     A damaged file (truncated, not safetensors, tensors missing, of other shapes, negative or not
@@ -115,20 +84,20 @@ def load_fisher(path: Path, key: str, anchors: dict[str, torch.Tensor]) -> dict[
     except (OSError, ValueError, SafetensorError) as error:
         logger.warning("ewc: %s is damaged (%s); recomputing the Fisher", path, " ".join(str(error).split()))
         return None
-    problem = _fisher_problem(fisher, anchors)
+    problem = _fisher_problem(fisher, shapes)
     if problem:
         logger.warning("ewc: %s is damaged (%s); recomputing the Fisher", path, problem)
         return None
     return fisher
 
 
-def _fisher_problem(fisher: dict[str, torch.Tensor], anchors: dict[str, torch.Tensor]) -> str | None:
-    """Why ``fisher`` is not a Fisher for these parameters, or None."""
-    if set(fisher) != set(anchors):
-        return f"{len(set(anchors) - set(fisher))} parameter(s) missing, {len(set(fisher) - set(anchors))} unknown"
+def _fisher_problem(fisher: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """Why ``fisher`` is not a Fisher of these shapes (``ewc_terms.fisher_shapes``), or None."""
+    if set(fisher) != set(shapes):
+        return f"{len(set(shapes) - set(fisher))} parameter(s) missing, {len(set(fisher) - set(shapes))} unknown"
     for name, f in fisher.items():
-        if f.shape != anchors[name].shape or not f.is_floating_point():
-            return f"{name}: {f.dtype} {tuple(f.shape)}, expected float {tuple(anchors[name].shape)}"
+        if tuple(f.shape) != shapes[name] or not f.is_floating_point():
+            return f"{name}: {f.dtype} {tuple(f.shape)}, expected float {shapes[name]}"
         if not bool(f.isfinite().all()) or bool((f < 0).any()):
             return f"{name}: negative or non-finite values"
     return None
@@ -149,7 +118,7 @@ class EWCMitigation(Mitigation):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.terms: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]] = []  # (theta, F, theta*)
+        self.terms: list[Any] = []  # ewc_terms.Term: one per unpaired parameter, one per LoRA pair
 
     @classmethod
     def config_problems(cls, params: StrategyParams, config: Any) -> list[str]:
@@ -161,31 +130,42 @@ class EWCMitigation(Mitigation):
         return []
 
     def on_train_begin(self, model: torch.nn.Module, context: RunContext) -> None:
-        params = trainable_parameters(model)
-        anchors = {name: p.detach().float().clone() for name, p in params.items()}
-        fisher = self._fisher(model, context, anchors)
-        self.terms = [(p, fisher[name].to(p.device), anchors[name]) for name, p in params.items()]
+        from mft_plugin.strategies.mitigations.ewc_terms import build_terms, trainable_parameters
+
+        anchors = {name: p.detach().float().clone() for name, p in trainable_parameters(model).items()}
+        self.terms = build_terms(model, self._fisher(model, context, anchors), anchors)
 
     def _fisher(self, model: torch.nn.Module, context: RunContext, anchors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        from mft_plugin.strategies.mitigations.ewc_terms import estimate_fisher, fisher_shapes
+
         path = Path(self.params.fisher_path) if self.params.fisher_path else None
         blocks = context.packed_blocks(self.params.datasets).shuffle(seed=context.config.seed)
         blocks = blocks.select(range(min(self.params.fisher_samples, len(blocks))))
         key = fisher_key(self.params, context, anchors, blocks) if path else ""
-        fisher = load_fisher(path, key, anchors) if path else None
+        fisher = load_fisher(path, key, fisher_shapes(model)) if path else None
         if fisher is not None:
             logger.info("ewc: Fisher loaded from %s", path)
             return fisher
         if len(blocks) < self.params.fisher_samples:
             logger.warning("ewc: only %d general blocks for fisher_samples %d", len(blocks), self.params.fisher_samples)
-        fisher = estimate_fisher(model, blocks, self.params.fisher_batch_size, context.tokenizer.pad_token_id)
+        precision = run_precision(context.config, next(iter(anchors.values())).device)
+        fisher = estimate_fisher(model, blocks, self.params.fisher_batch_size, context.tokenizer.pad_token_id, precision)
         if path and is_main_process():
             save_fisher(path, fisher, key)
             logger.info("ewc: Fisher saved to %s", path)
         return fisher
 
     def penalty(self, model: torch.nn.Module) -> torch.Tensor | None:
-        """lambda/2 * sum_i F_i (theta_i - theta*_i)^2, float32; None before :meth:`on_train_begin`."""
-        if not self.terms:
-            return None
-        total = sum(((p.float() - anchor) ** 2 * fisher).sum() for p, fisher, anchor in self.terms)
-        return 0.5 * self.params.ewc_lambda * total
+        """lambda/2 * sum_i F_i Delta_i^2, float32, with its analytic gradient; None before :meth:`on_train_begin`."""
+        from mft_plugin.strategies.mitigations.ewc_terms import penalty
+
+        return penalty(self.params.ewc_lambda, self.terms) if self.terms else None
+
+
+def run_precision(config: Any, device: torch.device) -> Callable[[], AbstractContextManager[Any]]:
+    """The run's autocast (``bf16``/``fp16`` resolved as the Trainer resolves them), as a context factory."""
+    from mft_plugin.models.loading import mixed_precision
+    from mft_plugin.models.precision import run_autocast
+
+    precision = mixed_precision(config)
+    return lambda: run_autocast(precision == "bf16", precision == "fp16", device.type)
