@@ -4,8 +4,10 @@ The paper trains 1000 steps over 4M tokens (Sec. 3.1): every context is seen abo
 online teacher recomputes the same p^T each time. ``teacher_cache:`` runs the teacher once over the
 training blocks before training and stores, per token, either
 
-- its final hidden states (the default, :mod:`.hidden_states`): p^T is then recomputed exactly, chunk
-  by chunk, from them and the frozen head; no other teacher weight is held during training;
+- in adapter runs (a frozen head shared by teacher and student), u = W^T p^T, p^T_l and p^T_max
+  (the default there, :mod:`.projected`): the loss and its gradient then need no teacher logits at all;
+- otherwise its final hidden states (the default, :mod:`.hidden_states`): p^T is then recomputed exactly,
+  chunk by chunk, from them and the frozen head; no other teacher weight is held during training;
 - or p^T_l, p^T_max and the ``top_k`` largest probabilities (:mod:`.top_k`): an approximation.
 
 This module owns what both share. The cache lives in ``{path}/{key}``, where the key hashes the base
@@ -38,8 +40,10 @@ from mft_plugin.data.batches import ROW_COLUMN, PaddingCollator
 from mft_plugin.data.labels import shift_for_causal_lm
 from mft_plugin.files import fingerprint
 from mft_plugin.models.forms import is_quantized
+from mft_plugin.models.heads import UnfusableError
 from mft_plugin.models.precision import precision_name, run_autocast
 from mft_plugin.teacher.hidden_states import HiddenStates
+from mft_plugin.teacher.projected import Projected, logit_scale, projection_problem
 from mft_plugin.teacher.sources import FrozenCopyTeacher, SharedBaseTeacher, Teacher
 from mft_plugin.teacher.stored import STORAGE, CacheLayout, Field
 from mft_plugin.teacher.top_k import TopK
@@ -62,22 +66,38 @@ def blocks_digest(blocks: Dataset) -> str:
     return digest.hexdigest()
 
 
-def cache_layout(config: MFTConfigBase) -> CacheLayout:
-    """What ``teacher_cache:`` stores: the exact hidden states, or the top-k approximation."""
-    top_k = config.teacher_cache.top_k
-    return TopK(top_k) if top_k is not None else HiddenStates()
+def cache_layout(config: MFTConfigBase, student: torch.nn.Module | None = None) -> CacheLayout:
+    """What ``teacher_cache:`` stores for ``student`` (None: as for full finetuning), with the reason:
+    the top-k approximation if asked, else the projected layout where its identity holds (``layout:
+    auto``) or is asked for (UnfusableError where it does not hold), else the hidden states."""
+    settings = config.teacher_cache
+    if settings.top_k is not None:
+        return TopK(settings.top_k)
+    problem = "no student given" if student is None else projection_problem(student)
+    if settings.layout == "projected" and problem is not None:
+        raise UnfusableError(f"teacher_cache.layout: projected cannot serve this run: {problem}")
+    if settings.layout != "hidden_states" and problem is None:
+        return Projected(logit_scale(student.config))
+    return HiddenStates()
 
 
-def cache_folder(config: MFTConfigBase, blocks: Dataset) -> Path:
+def layout_reason(config: MFTConfigBase, layout: CacheLayout, student: torch.nn.Module) -> str:
+    """The startup line's words for which layout was chosen, and why."""
+    if layout.kind != HiddenStates.kind:
+        return "asked for" if layout.kind == TopK.kind or config.teacher_cache.layout != "auto" else "frozen head shared with the base"
+    return "asked for" if config.teacher_cache.layout == "hidden_states" else f"projected does not apply: {projection_problem(student)}"
+
+
+def cache_folder(config: MFTConfigBase, blocks: Dataset, layout: CacheLayout | None = None) -> Path:
     """``{teacher_cache.path}/{key}`` (default path: ``output_dir/teacher_cache``)."""
     root = Path(config.teacher_cache.path or Path(config.output_dir) / "teacher_cache")
-    return root / cache_key(config, blocks)
+    return root / cache_key(config, blocks, layout)
 
 
-def cache_key(config: MFTConfigBase, blocks: Dataset) -> str:
+def cache_key(config: MFTConfigBase, blocks: Dataset, layout: CacheLayout | None = None) -> str:
     """What the cached outputs depend on: the base model's files, how the teacher is held and in which
-    precision it runs, what is stored, the data."""
-    layout = cache_layout(config)
+    precision it runs, what is stored (``layout``, default :func:`cache_layout` without a student), the data."""
+    layout = layout or cache_layout(config)
     teacher = config.teacher.model_dump() if config.teacher is not None else None
     bnb = ("load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype")
     quantization = {k: getattr(config, k) for k in bnb}
@@ -181,7 +201,9 @@ def cached_teacher(
     """The cache of these blocks (built with ``make_teacher()``, in the run's precision, if missing or
     damaged) and the blocks with their cache row in :data:`ROW_COLUMN`. The main process builds it;
     the others then read it."""
-    layout, folder = cache_layout(config), cache_folder(config, blocks)
+    layout = cache_layout(config, student)
+    folder = cache_folder(config, blocks, layout)
+    logger.warning("teacher cache: %s layout (%s), in %s", layout.kind, layout_reason(config, layout, student), folder)
     with args.main_process_first(desc="teacher cache"):
         fields = _usable(folder, layout.kind)
         if fields is None:
