@@ -17,6 +17,7 @@ from peft import LoraConfig, get_peft_model
 from mft_plugin import get_objective, run
 from mft_plugin.cli import main
 from mft_plugin.config.errors import validate_config
+from mft_plugin.data.batches import FT_LOSS_COLUMN
 from mft_plugin.data.labels import shift_for_causal_lm
 from mft_plugin.loss.chunked import ChunkedLoss, chunked_token_losses
 from mft_plugin.loss.corrected import masked_mean
@@ -110,8 +111,9 @@ def test_a_projected_teacher_refuses_a_head_that_trains() -> None:
         chunked_token_losses(problem["hidden"], problem["weight"].requires_grad_(), problem["labels"], get_objective("mft"), target)
 
 
-@pytest.mark.parametrize("biased", [False, True])
-def test_the_projected_cache_of_a_lora_student_trains_like_the_online_teacher(tmp_path: Path, biased: bool) -> None:
+@pytest.mark.parametrize(("biased", "replay"), [(False, False), (True, True)], ids=["plain", "bias_and_replay_row"])
+def test_the_projected_cache_of_a_lora_student_trains_like_the_online_teacher(tmp_path: Path, biased: bool, replay: bool) -> None:
+    """Replay rows (plain NLL, w = 1) never read their u."""
     base = with_bias_head(tiny_llama(0)) if biased else tiny_llama(0)
     student = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     teacher, data, layout = SharedBaseTeacher(student), blocks(), Projected()
@@ -119,6 +121,8 @@ def test_the_projected_cache_of_a_lora_student_trains_like_the_online_teacher(tm
     cache = layout.open(open_fields(tmp_path / "cache", layout.kind), student)
     assert ("bias_dot" in cache.fields) == biased and cache.fields["u"].array.dtype.name == "float32"
     batch, fused = training_batch(data, [4, 1, 2]), ChunkedLoss(get_objective("mft"), output_head(student), chunk_size=5)
+    if replay:
+        batch[FT_LOSS_COLUMN] = torch.tensor([0, 1, 0])
     labels = shift_for_causal_lm(batch["labels"])
     results = []
     for source in (teacher, cache):
