@@ -21,12 +21,13 @@ from mft_plugin.data.batches import FT_LOSS_COLUMN
 from mft_plugin.data.labels import shift_for_causal_lm
 from mft_plugin.loss.chunked import ChunkedLoss, chunked_token_losses
 from mft_plugin.loss.corrected import masked_mean
-from mft_plugin.loss.projected import ProjectedTarget
+from mft_plugin.loss.projected import projected_cross_entropy, subtract_teacher_gradient_
 from mft_plugin.models.heads import UnfusableError, output_head
 from mft_plugin.teacher.cache import cache_key, cache_layout, open_fields, write_cache
 from mft_plugin.teacher.hidden_states import HiddenStates
 from mft_plugin.teacher.projected import Projected, ProjectedCache, logit_scale
 from mft_plugin.teacher.sources import SharedBaseTeacher
+from mft_plugin.teacher.views import ProjectedTeacher
 from tests.test_chunked_loss import HIDDEN, TOKENS, VOCAB, gradients, tiny_llama
 from tests.test_exactness import with_bias_head
 from tests.test_objectives import IGNORE, objective
@@ -52,12 +53,12 @@ def tied_problem(seed: int = 0) -> dict[str, torch.Tensor]:
     return {"hidden": make(TOKENS, HIDDEN), "weight": make(VOCAB, HIDDEN), "bias": make(VOCAB), "teacher_logits": teacher_logits, "labels": labels}
 
 
-def naive_projection(p_teacher: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: float, labels: torch.Tensor) -> ProjectedTarget:
+def naive_projection(p_teacher: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: float, labels: torch.Tensor) -> ProjectedTeacher:
     """u = s sum_v p^T_v W_v and s sum_v p^T_v b_v, written out as sums; p^T_l and max_v p^T_v."""
     u = scale * torch.stack([sum(p[v] * weight[v] for v in range(VOCAB)) for p in p_teacher])
     bias_dot = scale * torch.stack([sum(p[v] * bias[v] for v in range(VOCAB)) for p in p_teacher])
     safe = labels.clamp(min=0)
-    return ProjectedTarget(u, p_teacher[torch.arange(len(safe)), safe], p_teacher.amax(1), bias_dot)
+    return ProjectedTeacher(u, p_teacher[torch.arange(len(safe)), safe], p_teacher.amax(1), bias_dot)
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.4])
@@ -72,12 +73,12 @@ def test_the_identity_gives_the_cross_entropy_and_its_gradient(scale: float) -> 
     labels = problem["labels"].clamp(min=0)
     target = naive_projection(p_teacher, problem["weight"], problem["bias"], scale, labels)
     nll = -log_p_student[torch.arange(TOKENS), labels]
-    got = target.cross_entropy(slice(None), hidden.detach(), logits.detach()[torch.arange(TOKENS), labels], nll.detach())
+    got = projected_cross_entropy(target, slice(None), hidden.detach(), logits.detach()[torch.arange(TOKENS), labels], nll.detach())
     torch.testing.assert_close(got, expected.detach(), rtol=1e-10, atol=1e-10)
     ((1 - w) * expected + w * nll).sum().backward()  # autograd's dloss/dh of the corrected loss
     p_student = log_p_student.exp().detach()
     grad = scale * (p_student - w[:, None] * torch.nn.functional.one_hot(labels, VOCAB)) @ problem["weight"]
-    target.subtract_teacher_gradient_(grad, slice(None), w, torch.ones(TOKENS, dtype=torch.bool))
+    subtract_teacher_gradient_(target, grad, slice(None), w, torch.ones(TOKENS, dtype=torch.bool))
     torch.testing.assert_close(grad, hidden.grad, rtol=1e-10, atol=1e-10)
 
 

@@ -37,18 +37,18 @@ import torch
 from mft_plugin.config.schema import MFTConfigBase
 from mft_plugin.data.batches import RowRouting
 from mft_plugin.data.labels import valid_mask
-from mft_plugin.loss.projected import ProjectedTarget, projected
+from mft_plugin.loss.projected import projected, projected_cross_entropy, subtract_teacher_gradient_
 from mft_plugin.models.heads import UnfusableError, default_chunk_size, forward_hidden, fusable_head
 from mft_plugin.strategy import Objective
 from mft_plugin.teacher.sources import Teacher
-from mft_plugin.teacher.views import TeacherView, matmul_into
+from mft_plugin.teacher.views import ProjectedTeacher, TeacherView, matmul_into
 
 @dataclass(frozen=True)
 class _Problem:
     """The fixed inputs of one fused loss: what every chunk reads."""
 
     objective: Objective | None  # None: plain NLL (evaluation)
-    teacher: TeacherView | ProjectedTarget | None  # projected: no [chunk, V] teacher buffer (loss/projected.py)
+    teacher: TeacherView | ProjectedTeacher | None  # projected: no [chunk, V] teacher buffer (loss/projected.py)
     labels: torch.Tensor  # [N], ignored ones replaced by 0
     valid: torch.Tensor  # [N] bool
     nll_rows: torch.Tensor | None  # [N] bool: tokens trained on plain NLL (w = 1), e.g. replay rows
@@ -80,7 +80,7 @@ def _chunk_losses(
     if problem.nll_rows is not None:
         w = w.masked_fill(problem.nll_rows[rows], 1.0)
     if target is not None:
-        return (1.0 - w) * target.cross_entropy(rows, h, z_label, nll) + w * nll, w, None
+        return (1.0 - w) * projected_cross_entropy(target, rows, h, z_label, nll) + w * nll, w, None
     # CE(p^T, p^S); nansum: 0 * log 0 = 0 where both models give an entry -inf (NaN only from that product)
     distill = -torch.mul(p_teacher, log_p_student, out=buffers.product[:n]).nansum(dim=1)
     return (1.0 - w) * distill + w * nll, w, p_teacher
@@ -137,7 +137,7 @@ class _FusedCorrectedCrossEntropy(torch.autograd.Function):
                 if grad_hidden is not None:
                     matmul_into(grad_hidden[rows], grad.to(head.dtype), head)
                     if target is not None:
-                        target.subtract_teacher_gradient_(grad_hidden[rows], rows, w, valid)
+                        subtract_teacher_gradient_(target, grad_hidden[rows], rows, w, valid)
                 if grad_weight is not None:  # h of ignored tokens zeroed: 0 * NaN there would poison all of dW
                     _accumulate_product(grad_weight, grad, h.masked_fill(~valid.unsqueeze(1), 0.0))
                 if grad_bias is not None:

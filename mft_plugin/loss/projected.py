@@ -20,43 +20,32 @@ others before anything is built.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from mft_plugin.strategy import TeacherStats
+from mft_plugin.teacher.views import ProjectedTeacher
 
 
-@dataclass(frozen=True)
-class ProjectedTarget:
-    """One batch's projected teacher, per token: ``u`` ``[N, H]`` float32 (s W^T p^T), ``p_label`` and
-    ``p_max`` ``[N]`` float32 (p^T_l, max_v p^T_v: every objective's w is rebuilt from them), and
-    ``bias_dot`` ``[N]`` float32 (s b . p^T) where the head has a bias, else None."""
-
-    u: torch.Tensor
-    p_label: torch.Tensor
-    p_max: torch.Tensor
-    bias_dot: torch.Tensor | None = None
-
-    def stats(self, rows: slice) -> TeacherStats:
-        return TeacherStats(p_label=self.p_label[rows], p_max=self.p_max[rows])
-
-    def cross_entropy(self, rows: slice, h: torch.Tensor, z_label: torch.Tensor, nll: torch.Tensor) -> torch.Tensor:
-        """CE(p^T, p^S) ``[n]`` of the tokens ``rows`` from the student's hidden states ``h`` ``[n, H]``,
-        its logit at the label ``z_label`` ``[n]`` and -log p^S_l ``nll`` ``[n]`` (logsumexp = z_l + nll)."""
-        u = self.u[rows]
-        distill = (z_label.to(nll.dtype) + nll) - (h.to(u.dtype) * u).sum(dim=1).to(nll.dtype)
-        if self.bias_dot is not None:
-            distill = distill - self.bias_dot[rows].to(nll.dtype)
-        return distill
-
-    def subtract_teacher_gradient_(self, grad_hidden: torch.Tensor, rows: slice, w: torch.Tensor, valid: torch.Tensor) -> None:
-        """``grad_hidden`` ``[n, H]`` (s W^T (p^S - w 1_l) of the tokens ``rows``) -= (1 - w) u, except at
-        ignored tokens (``valid`` ``[n]`` False), whose gradient stays 0."""
-        coefficient = (1.0 - w).masked_fill(~valid, 0.0).to(self.u.dtype)
-        grad_hidden.sub_((coefficient.unsqueeze(1) * self.u[rows]).to(grad_hidden.dtype))
+def projected_cross_entropy(
+    teacher: ProjectedTeacher, rows: slice, h: torch.Tensor, z_label: torch.Tensor, nll: torch.Tensor
+) -> torch.Tensor:
+    """CE(p^T, p^S) ``[n]`` of the tokens ``rows`` from the student's hidden states ``h`` ``[n, H]``, its
+    logit at the label ``z_label`` ``[n]`` and -log p^S_l ``nll`` ``[n]`` (logsumexp(z^S) = z^S_l + nll)."""
+    u = teacher.u[rows]
+    distill = (z_label.to(nll.dtype) + nll) - (h.to(u.dtype) * u).sum(dim=1).to(nll.dtype)
+    if teacher.bias_dot is not None:
+        distill = distill - teacher.bias_dot[rows].to(nll.dtype)
+    return distill
 
 
-def projected(teacher: object) -> ProjectedTarget | None:
+def subtract_teacher_gradient_(
+    teacher: ProjectedTeacher, grad_hidden: torch.Tensor, rows: slice, w: torch.Tensor, valid: torch.Tensor
+) -> None:
+    """``grad_hidden`` ``[n, H]`` (s W^T (p^S - w 1_l) of the tokens ``rows``) -= (1 - w) u, except at
+    ignored tokens (``valid`` ``[n]`` False), whose gradient stays 0."""
+    coefficient = (1.0 - w).masked_fill(~valid, 0.0).to(teacher.u.dtype)
+    grad_hidden.sub_((coefficient.unsqueeze(1) * teacher.u[rows]).to(grad_hidden.dtype))
+
+
+def projected(teacher: object) -> ProjectedTeacher | None:
     """``teacher`` if the fused loss is to take its projected branch, else None."""
-    return teacher if isinstance(teacher, ProjectedTarget) else None
+    return teacher if isinstance(teacher, ProjectedTeacher) else None

@@ -23,11 +23,10 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from mft_plugin.loss.projected import ProjectedTarget
 from mft_plugin.models.forms import has_adapters
 from mft_plugin.models.heads import UnfusableError, output_head
 from mft_plugin.teacher.stored import Field, cache_rows, no_logits, teacher_chunks, write_tokens
-from mft_plugin.teacher.views import TeacherHead
+from mft_plugin.teacher.views import ProjectedTeacher, TeacherHead
 
 # Config keys of a constant factor on the logits: multiplied by, or divided by (Granite)
 SCALE_KEYS = {"logit_scale": False, "lm_head_multiplier": False, "logits_scaling": True}
@@ -136,11 +135,11 @@ class ProjectedCache:
         self.device = torch.device(device)
         return self
 
-    def targets(self, batch: Mapping[str, torch.Tensor], rows: torch.Tensor | None = None) -> ProjectedTarget:
+    def targets(self, batch: Mapping[str, torch.Tensor], rows: torch.Tensor | None = None) -> ProjectedTeacher:
         """The stored outputs of the batch's blocks, all rows (replay rows' are read and weighed 0)."""
         blocks, width = cache_rows(batch), batch["input_ids"].shape[1]
         read = {name: field.rows(blocks, width).to(self.device).flatten(0, 1) for name, field in self.fields.items()}
-        return ProjectedTarget(**read)
+        return ProjectedTeacher(**read)
 
     def logits(self, batch: Mapping[str, torch.Tensor], rows: torch.Tensor | None = None) -> torch.Tensor:
         no_logits()
