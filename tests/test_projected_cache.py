@@ -18,20 +18,19 @@ from mft_plugin import get_objective, run
 from mft_plugin.cli import main
 from mft_plugin.config.errors import validate_config
 from mft_plugin.data.batches import FT_LOSS_COLUMN
-from mft_plugin.data.labels import shift_for_causal_lm
-from mft_plugin.loss.chunked import ChunkedLoss, chunked_token_losses
+from mft_plugin.loss.chunked import chunked_token_losses
 from mft_plugin.loss.corrected import masked_mean
 from mft_plugin.loss.projected import projected_cross_entropy, subtract_teacher_gradient_
-from mft_plugin.models.heads import UnfusableError, output_head
+from mft_plugin.models.heads import UnfusableError
 from mft_plugin.teacher.cache import cache_key, cache_layout, open_fields, write_cache
 from mft_plugin.teacher.hidden_states import HiddenStates
-from mft_plugin.teacher.projected import Projected, ProjectedCache, logit_scale
+from mft_plugin.teacher.projected import Projected, logit_scale
 from mft_plugin.teacher.sources import SharedBaseTeacher
 from mft_plugin.teacher.views import ProjectedTeacher
-from tests.test_chunked_loss import HIDDEN, TOKENS, VOCAB, gradients, tiny_llama
+from tests.test_chunked_loss import HIDDEN, TOKENS, VOCAB, tiny_llama
 from tests.test_exactness import with_bias_head
 from tests.test_objectives import IGNORE, objective
-from tests.test_teacher_cache import COLLATOR, blocks, training_batch
+from tests.test_teacher_cache import COLLATOR, assert_trains_like_the_online_teacher, blocks, training_batch
 from tests.tiny import DATA, REFERENCE_MODEL, write_corpus, write_yaml
 
 CASES = [("mft", 0.0), ("mft", 0.25), ("mft", 1.0), ("singly_corrective", 0.25), ("distill_ft", None)]
@@ -121,20 +120,10 @@ def test_the_projected_cache_of_a_lora_student_trains_like_the_online_teacher(tm
     write_cache(teacher, data, COLLATOR, tmp_path / "cache", layout)
     cache = layout.open(open_fields(tmp_path / "cache", layout.kind), student)
     assert ("bias_dot" in cache.fields) == biased and cache.fields["u"].array.dtype.name == "float32"
-    batch, fused = training_batch(data, [4, 1, 2]), ChunkedLoss(get_objective("mft"), output_head(student), chunk_size=5)
+    batch = training_batch(data, [4, 1, 2])
     if replay:
         batch[FT_LOSS_COLUMN] = torch.tensor([0, 1, 0])
-    labels = shift_for_causal_lm(batch["labels"])
-    results = []
-    for source in (teacher, cache):
-        student.zero_grad()
-        losses = fused(student, source, batch, labels)
-        masked_mean(losses, labels).backward()
-        results.append((losses.detach(), gradients(student)))
-    (online, online_grads), (cached, cached_grads) = results
-    torch.testing.assert_close(cached, online, rtol=1e-5, atol=1e-6)
-    for name, grad in online_grads.items():
-        torch.testing.assert_close(cached_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_trains_like_the_online_teacher(lambda: student, teacher, cache, batch, chunk_size=5)
 
 
 def test_teacher_cache_picks_projected_for_a_frozen_shared_head_and_hidden_states_otherwise(base_config: dict[str, Any]) -> None:

@@ -25,7 +25,7 @@ import torch
 
 from mft_plugin.models.forms import has_adapters
 from mft_plugin.models.heads import UnfusableError, output_head
-from mft_plugin.teacher.stored import Field, cache_rows, no_logits, teacher_chunks, write_tokens
+from mft_plugin.teacher.stored import Field, PerTokenCache, teacher_chunks, write_tokens
 from mft_plugin.teacher.views import ProjectedTeacher, TeacherHead
 
 # Config keys of a constant factor on the logits: multiplied by, or divided by (Granite)
@@ -124,22 +124,9 @@ class Projected:
         return ProjectedCache(fields)
 
 
-class ProjectedCache:
+class ProjectedCache(PerTokenCache):
     """The projected cache, read batch by batch (a teacher for ``MFTTrainer``); the head is the student's."""
-
-    def __init__(self, fields: dict[str, Field], device: torch.device | str = "cpu") -> None:
-        self.fields = fields
-        self.device = torch.device(device)
-
-    def to(self, device: torch.device | str) -> ProjectedCache:
-        self.device = torch.device(device)
-        return self
 
     def targets(self, batch: Mapping[str, torch.Tensor], rows: torch.Tensor | None = None) -> ProjectedTeacher:
         """The stored outputs of the batch's blocks, all rows (replay rows' are read and weighed 0)."""
-        blocks, width = cache_rows(batch), batch["input_ids"].shape[1]
-        read = {name: field.rows(blocks, width).to(self.device).flatten(0, 1) for name, field in self.fields.items()}
-        return ProjectedTeacher(**read)
-
-    def logits(self, batch: Mapping[str, torch.Tensor], rows: torch.Tensor | None = None) -> torch.Tensor:
-        no_logits()
+        return ProjectedTeacher(**self.read(batch))

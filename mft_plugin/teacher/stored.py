@@ -72,6 +72,27 @@ class CacheLayout(Protocol):
         """The teacher that reads these arrays during training."""
 
 
+class PerTokenCache:
+    """A cache whose arrays are all per token, ``[blocks, width, ...]`` (top-k, projected), read batch by
+    batch: what its teachers share. A subclass's ``targets`` builds its view from :meth:`read`."""
+
+    def __init__(self, fields: dict[str, Field], device: torch.device | str = "cpu") -> None:
+        self.fields = fields
+        self.device = torch.device(device)
+
+    def to(self, device: torch.device | str) -> PerTokenCache:
+        self.device = torch.device(device)
+        return self
+
+    def read(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every stored array at the batch's blocks, all rows (reading is free), ``[N, ...]`` on the device."""
+        blocks, width = cache_rows(batch), batch["input_ids"].shape[1]
+        return {name: field.rows(blocks, width).to(self.device).flatten(0, 1) for name, field in self.fields.items()}
+
+    def logits(self, batch: Mapping[str, torch.Tensor], rows: torch.Tensor | None = None) -> torch.Tensor:
+        no_logits()
+
+
 def cache_rows(batch: Mapping[str, torch.Tensor]) -> np.ndarray:
     """The cache rows of a training batch's blocks (its ``teacher_row`` routing column)."""
     return RowRouting.of(batch).cache_rows.cpu().numpy()

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from mft_plugin.strategy import TeacherStats
-from mft_plugin.teacher.stored import Field, cache_rows, no_logits, teacher_chunks, write_tokens
+from mft_plugin.teacher.stored import Field, PerTokenCache, teacher_chunks, write_tokens
 from mft_plugin.teacher.views import TeacherHead
 
 SCALARS = ("p_label", "p_max", "rest")
@@ -93,23 +93,11 @@ class TopK:
         return TopKCache(fields)
 
 
-class TopKCache:
+class TopKCache(PerTokenCache):
     """The top-k cache of one base model and training set, read batch by batch (a teacher for ``MFTTrainer``)."""
-
-    def __init__(self, fields: dict[str, Field], device: torch.device | str = "cpu") -> None:
-        self.fields = fields
-        self.device = torch.device(device)
-
-    def to(self, device: torch.device | str) -> TopKCache:
-        self.device = torch.device(device)
-        return self
 
     def targets(self, batch: Mapping[str, torch.Tensor], rows: torch.Tensor | None = None) -> CachedTeacherChunks:
         """The cached outputs of the batch's blocks, all rows (reading is free)."""
-        blocks, width = cache_rows(batch), batch["input_ids"].shape[1]
-        read = {name: self.fields[name].rows(blocks, width).to(self.device).flatten(0, 1) for name in (*SCALARS, *RANKED)}
+        read = self.read(batch)
         read["top_ids"] = read["top_ids"].long()
         return CachedTeacherChunks(**read)
-
-    def logits(self, batch: Mapping[str, torch.Tensor], rows: torch.Tensor | None = None) -> torch.Tensor:
-        no_logits()
