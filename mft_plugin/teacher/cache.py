@@ -40,10 +40,9 @@ from mft_plugin.data.batches import ROW_COLUMN, PaddingCollator
 from mft_plugin.data.labels import shift_for_causal_lm
 from mft_plugin.files import fingerprint
 from mft_plugin.models.forms import is_quantized
-from mft_plugin.models.heads import UnfusableError
 from mft_plugin.models.precision import precision_name, run_autocast
 from mft_plugin.teacher.hidden_states import HiddenStates
-from mft_plugin.teacher.projected import Projected, logit_scale, projection_problem
+from mft_plugin.teacher.projected import Projected, projection_problem
 from mft_plugin.teacher.sources import FrozenCopyTeacher, SharedBaseTeacher, Teacher
 from mft_plugin.teacher.stored import STORAGE, CacheLayout, Field
 from mft_plugin.teacher.top_k import TopK
@@ -67,18 +66,15 @@ def blocks_digest(blocks: Dataset) -> str:
 
 
 def cache_layout(config: MFTConfigBase, student: torch.nn.Module | None = None) -> CacheLayout:
-    """What ``teacher_cache:`` stores for ``student`` (None: as for full finetuning), with the reason:
-    the top-k approximation if asked, else the projected layout where its identity holds (``layout:
-    auto``) or is asked for (UnfusableError where it does not hold), else the hidden states."""
+    """What ``teacher_cache:`` stores for ``student`` (None: as for full finetuning): the top-k
+    approximation if asked; else the projected layout where its identity holds (``layout: auto``) or
+    where it is asked for (UnfusableError if it does not hold); else the hidden states."""
     settings = config.teacher_cache
     if settings.top_k is not None:
         return TopK(settings.top_k)
-    problem = "no student given" if student is None else projection_problem(student)
-    if settings.layout == "projected" and problem is not None:
-        raise UnfusableError(f"teacher_cache.layout: projected cannot serve this run: {problem}")
-    if settings.layout != "hidden_states" and problem is None:
-        return Projected(logit_scale(student.config))
-    return HiddenStates()
+    if settings.layout == "hidden_states" or (settings.layout == "auto" and projection_problem(student) is not None):
+        return HiddenStates()
+    return Projected.for_student(student)
 
 
 def layout_reason(config: MFTConfigBase, layout: CacheLayout, student: torch.nn.Module) -> str:

@@ -63,10 +63,11 @@ def config_problem(model_config: Any) -> str | None:
     return None
 
 
-def projection_problem(student: torch.nn.Module) -> str | None:
-    """Why CE(p^T, p^S) = logsumexp(z^S) - h^S . u - b . p^T does not hold for this student, or None:
-    the teacher must be its base (an adapter run) and its head frozen and plain."""
-    if not has_adapters(student):
+def projection_problem(student: torch.nn.Module | None) -> str | None:
+    """Why CE(p^T, p^S) = logsumexp(z^S) - h^S . u - b . p^T does not hold for this student (None: not
+    known, as for full finetuning), or None: the teacher must be its base (an adapter run) and its head
+    frozen and plain."""
+    if student is None or not has_adapters(student):
         return "the run has no adapter (full finetuning): the head trains, and the teacher is a frozen copy"
     if (problem := config_problem(getattr(student, "config", None))) is not None:
         return problem
@@ -77,6 +78,11 @@ def projection_problem(student: torch.nn.Module) -> str | None:
     if any(parameter.requires_grad for parameter in head.parameters()):
         return "the head trains (lora_modules_to_save with lm_head or embed_tokens under tied embeddings)"
     return None
+
+
+def _require_projection(student: torch.nn.Module | None) -> None:
+    if (problem := projection_problem(student)) is not None:
+        raise UnfusableError(f"teacher_cache.layout: projected cannot serve this run: {problem}")
 
 
 def project(p_teacher: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -95,6 +101,12 @@ class Projected:
 
     def __init__(self, scale: float = 1.0) -> None:
         self.scale = scale
+
+    @classmethod
+    def for_student(cls, student: torch.nn.Module | None) -> Projected:
+        """The layout for ``student``'s frozen head and logit scale; UnfusableError where the identity fails."""
+        _require_projection(student)
+        return cls(logit_scale(student.config))
 
     def settings(self) -> dict[str, object]:
         return {"scale": self.scale}
@@ -119,8 +131,7 @@ class Projected:
         write_tokens(arrays, start, labels, out)
 
     def open(self, fields: dict[str, Field], student: torch.nn.Module) -> ProjectedCache:
-        if (problem := projection_problem(student)) is not None:
-            raise UnfusableError(f"teacher_cache.layout: projected cannot serve this run: {problem}")
+        _require_projection(student)
         return ProjectedCache(fields)
 
 
