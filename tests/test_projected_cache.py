@@ -18,13 +18,14 @@ from mft_plugin import get_objective, run
 from mft_plugin.cli import main
 from mft_plugin.config.errors import validate_config
 from mft_plugin.data.batches import FT_LOSS_COLUMN
-from mft_plugin.loss.chunked import chunked_token_losses
+from mft_plugin.data.labels import shift_for_causal_lm
+from mft_plugin.loss.chunked import ChunkedLoss, chunked_token_losses
 from mft_plugin.loss.corrected import masked_mean
 from mft_plugin.loss.projected import projected_cross_entropy, subtract_teacher_gradient_
-from mft_plugin.models.heads import UnfusableError
+from mft_plugin.models.heads import UnfusableError, output_head
 from mft_plugin.teacher.cache import cache_key, cache_layout, open_fields, write_cache
 from mft_plugin.teacher.hidden_states import HiddenStates
-from mft_plugin.teacher.projected import Projected, logit_scale
+from mft_plugin.teacher.projected import Projected, logit_scale, project
 from mft_plugin.teacher.sources import SharedBaseTeacher
 from mft_plugin.teacher.views import ProjectedTeacher
 from tests.test_chunked_loss import HIDDEN, TOKENS, VOCAB, tiny_llama
@@ -124,6 +125,26 @@ def test_the_projected_cache_of_a_lora_student_trains_like_the_online_teacher(tm
     if replay:
         batch[FT_LOSS_COLUMN] = torch.tensor([0, 1, 0])
     assert_trains_like_the_online_teacher(lambda: student, teacher, cache, batch, chunk_size=5)
+
+
+def test_under_bf16_autocast_u_is_built_with_float32_products_and_the_loss_stays_the_online_teachers(tmp_path: Path) -> None:
+    """Autocast would run the float32 p^T @ W in bfloat16 (and its bits be stored as float32 garbage)."""
+    p_teacher = torch.softmax(torch.randn(5, VOCAB, generator=torch.Generator().manual_seed(0)), dim=1)
+    weight, bias = torch.randn(VOCAB, HIDDEN).bfloat16(), torch.randn(VOCAB).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = project(p_teacher, weight, bias, 1.0)
+    assert under_autocast[0].dtype == torch.float32
+    assert all(torch.equal(a, b) for a, b in zip(under_autocast, project(p_teacher, weight, bias, 1.0)))
+    student = get_peft_model(tiny_llama(0), LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    teacher, data, layout = SharedBaseTeacher(student), blocks(), Projected()
+    batch = training_batch(data, [0, 3])
+    labels = shift_for_causal_lm(batch["labels"])
+    fused = ChunkedLoss(get_objective("mft"), output_head(student))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        write_cache(teacher, data, COLLATOR, tmp_path / "cache", layout)
+        cached = masked_mean(fused(student, layout.open(open_fields(tmp_path / "cache", layout.kind), student), batch, labels), labels)
+        online = masked_mean(fused(student, teacher, batch, labels), labels)
+    assert cached.item() == pytest.approx(online.item(), rel=1e-3)  # bf16's rounding of the online logits
 
 
 def test_teacher_cache_picks_projected_for_a_frozen_shared_head_and_hidden_states_otherwise(base_config: dict[str, Any]) -> None:

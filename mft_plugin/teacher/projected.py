@@ -87,9 +87,11 @@ def _require_projection(student: torch.nn.Module | None) -> None:
 
 def project(p_teacher: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """u = s W^T p^T ``[n, H]`` and s b . p^T ``[n]`` (or None), float32, from p^T ``[n, V]`` and the head
-    ``weight`` ``[V, H]``, ``bias`` ``[V]``: float32 products whatever the head's dtype."""
-    u = (p_teacher.float() @ weight.float()).mul_(scale)
-    bias_dot = None if bias is None else (p_teacher.float() @ bias.float()).mul_(scale)
+    ``weight`` ``[V, H]``, ``bias`` ``[V]``: float32 products whatever the head's dtype, also under a bf16
+    autocast (which would run a float32 matmul in bfloat16)."""
+    with torch.autocast(p_teacher.device.type, enabled=False):
+        u = (p_teacher.float() @ weight.float()).mul_(scale)
+        bias_dot = None if bias is None else (p_teacher.float() @ bias.float()).mul_(scale)
     return u, bias_dot
 
 
