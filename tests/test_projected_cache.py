@@ -235,5 +235,8 @@ def test_lora_and_qlora_mft_with_the_projected_cache_train_as_with_the_online_te
     expected, got = step_losses(str(tmp_path / "online")), step_losses(str(tmp_path / "cached"))
     assert len(got) == len(expected) == 2
     assert got == pytest.approx(expected, rel=1e-5)
-    for key in ("eval_S", "eval_DG", "eval_DG/S"):
-        assert cached[key] == pytest.approx(online[key], rel=1e-4), key
+    for key in ("eval_spec_ppl", "eval_general_ppl"):
+        assert cached[key] == pytest.approx(online[key], rel=1e-6), key
+    for key in ("eval_S", "eval_DG"):  # small differences of perplexities (2 steps): compared absolutely
+        assert cached[key] == pytest.approx(online[key], abs=1e-6), key
+    assert cached["eval_DG/S"] == pytest.approx(online["eval_DG/S"], rel=1e-3)  # a ratio of two such (S ~ 0.02)
