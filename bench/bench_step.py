@@ -41,6 +41,8 @@ from mft_plugin.teacher.sources import FrozenCopyTeacher, SharedBaseTeacher
 from mft_plugin.data.batches import ROW_COLUMN
 from mft_plugin.teacher.cache import open_fields, write_cache
 from mft_plugin.teacher.hidden_states import HiddenStates
+from mft_plugin.teacher.projected import Projected
+from mft_plugin.teacher.stored import CacheLayout
 from mft_plugin.teacher.top_k import TopK
 from mft_plugin.train.trainer import MFTTrainer
 
@@ -101,25 +103,31 @@ def with_lora(model: torch.nn.Module) -> torch.nn.Module:
 
 
 CACHES = {"MFT hidden cache": None, "MFT top-64 cache": 64}  # variant: top_k (None: the exact hidden states)
+ADAPTER_CACHES = {"MFT hidden cache": HiddenStates, "MFT projected cache": Projected}  # LoRA+<these>: the shared base's
 
 
-def cache_folder(shape: Shape, top_k: int | None) -> Path:
-    return WORK / f"cache-{shape.name.replace(' ', '_')}-{top_k or 'hidden'}"
+def cache_folder(shape: Shape, tag: str) -> Path:
+    return WORK / f"cache-{shape.name.replace(' ', '_')}-{tag}"
+
+
+def built_cache(shape: Shape, student: torch.nn.Module, teacher: Any, layout: CacheLayout, tag: str) -> Any:
+    """The cache of the benchmark batch's blocks (built by ``teacher``, then dropped), as ``student`` reads it."""
+    folder = cache_folder(shape, tag)
+    if not folder.exists():
+        rows = batch(shape)["input_ids"].tolist()
+        write_cache(teacher, Dataset.from_dict({"input_ids": rows}), PaddingCollator(pad_token_id=0), folder, layout)
+    return layout.open(open_fields(folder, layout.kind), student)
 
 
 def teacher_cache(shape: Shape, model: torch.nn.Module, top_k: int | None) -> Any:
-    """The cache of the benchmark batch's blocks, built with a frozen copy that is then dropped."""
-    rows = batch(shape)["input_ids"].tolist()
-    folder, layout = cache_folder(shape, top_k), TopK(top_k) if top_k is not None else HiddenStates()
-    if not folder.exists():
-        write_cache(FrozenCopyTeacher(copy.deepcopy(model)), Dataset.from_dict({"input_ids": rows}),
-                    PaddingCollator(pad_token_id=0), folder, layout)  # fmt: skip
-    return layout.open(open_fields(folder, layout.kind), model)
+    """The full-finetuning cache, built with a frozen copy."""
+    layout = TopK(top_k) if top_k is not None else HiddenStates()
+    return built_cache(shape, model, FrozenCopyTeacher(copy.deepcopy(model)), layout, str(top_k or "hidden"))
 
 
-def disk_bytes_per_token(shape: Shape, top_k: int | None) -> float:
+def disk_bytes_per_token(shape: Shape, tag: str) -> float:
     """The cache's per-token arrays (the frozen head, a fixed V x H, excluded) over the tokens they hold."""
-    files = [f for f in cache_folder(shape, top_k).glob("*.npy") if not f.name.startswith("head_")]
+    files = [f for f in cache_folder(shape, tag).glob("*.npy") if not f.name.startswith("head_")]
     return sum(f.stat().st_size for f in files) / (shape.batch * shape.seq)
 
 
@@ -159,6 +167,9 @@ def variant(shape: Shape, kind: str) -> tuple[torch.nn.Module, str, Any]:
     adapter, _, objective = kind.partition("+")
     if adapter in ("LoRA", "QLoRA"):
         student = with_lora(load(shape, quantized=adapter == "QLoRA"))
+        if objective in ADAPTER_CACHES:
+            layout = ADAPTER_CACHES[objective]()
+            return student, "mft", built_cache(shape, student, SharedBaseTeacher(student), layout, f"{adapter}-{layout.kind}").to(device())
         return student, objective.lower(), SharedBaseTeacher(student) if objective == "MFT" else None
     student = load(shape).to(device())
     if kind == "FT":
@@ -206,8 +217,8 @@ def step_time_section(shapes: list[Shape], repeats: int) -> str:
                 cache = [
                     f"{r['MFT hidden cache']['seconds'] * 1e3:,.0f}",
                     f"{both_ratios(r, 'MFT hidden cache', 'FT')} (<= 1.10; MACs {exact_cache_mac_ratio(shape):.2f})",
-                    f"{disk_bytes_per_token(shape, None):,.0f}", f"{r['MFT top-64 cache']['seconds'] * 1e3:,.0f}",
-                    both_ratios(r, "MFT top-64 cache", "FT"), f"{disk_bytes_per_token(shape, 64):,.0f}",
+                    f"{disk_bytes_per_token(shape, 'hidden'):,.0f}", f"{r['MFT top-64 cache']['seconds'] * 1e3:,.0f}",
+                    both_ratios(r, "MFT top-64 cache", "FT"), f"{disk_bytes_per_token(shape, '64'):,.0f}",
                 ]  # fmt: skip
             rows.append([
                 shape.name, "chunked (auto)" if fused else "naive", f"{r['FT']['seconds'] * 1e3:,.0f}",
@@ -222,6 +233,28 @@ def step_time_section(shapes: list[Shape], repeats: int) -> str:
             "teacher head product) / FT step, the floor of an exact recomputation of p^T wherever matmuls dominate "
             "the step (`exact_cache_mac_ratio`).")
     return "## Full-finetuning step time\n\n" + note + "\n\n" + markdown_table(header, rows)
+
+
+def adapter_cache_section(shapes: list[Shape], repeats: int) -> str:
+    """Issue 24: LoRA+MFT with the projected cache / LoRA+FT <= 1.03, beside the online teacher and the
+    hidden-state cache (both the shared base's), with each cache's disk per token."""
+    kinds, rows = ["LoRA+FT", "LoRA+MFT", "LoRA+MFT hidden cache", "LoRA+MFT projected cache"], []
+    for shape in shapes:
+        r = measure(shape, kinds, fused=True, repeats=repeats)
+        rows.append([
+            shape.name, f"{r['LoRA+FT']['seconds'] * 1e3:,.0f}",
+            f"{r['LoRA+MFT']['seconds'] * 1e3:,.0f}", both_ratios(r, "LoRA+MFT", "LoRA+FT"),
+            f"{r['LoRA+MFT hidden cache']['seconds'] * 1e3:,.0f}", both_ratios(r, "LoRA+MFT hidden cache", "LoRA+FT"),
+            f"{disk_bytes_per_token(shape, 'LoRA-hidden_states'):,.0f}",
+            f"{r['LoRA+MFT projected cache']['seconds'] * 1e3:,.0f}",
+            f"{both_ratios(r, 'LoRA+MFT projected cache', 'LoRA+FT')} (<= 1.03)",
+            f"{disk_bytes_per_token(shape, 'LoRA-projected'):,.0f}",
+        ])  # fmt: skip
+    header = ["model", "LoRA+FT ms", "LoRA+MFT online ms", "online / FT", "hidden cache ms", "hidden / FT",
+              "hidden bytes/token", "projected cache ms", "projected / FT", "projected bytes/token"]  # fmt: skip
+    note = ("Rank-8 LoRA on q/k/v/o, chunked loss; teacher = the shared base (online), or its cache. Ratios: of the "
+            "median steps / of the fastest steps. The projected cache stores u = W^T p^T (float32), p^T_l and p^T_max.")
+    return "## LoRA step time: the projected teacher cache\n\n" + note + "\n\n" + markdown_table(header, rows)
 
 
 def adapter_memory_section(shapes: list[Shape], repeats: int) -> str:
@@ -260,7 +293,7 @@ def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--gpu-paper-size", action="store_true", help="a ~270M model, batch 8 x 1024 (needs a GPU)")
-    parser.add_argument("--only", choices=["step-time"], help="one section, written to bench/results/step-time-*.md")
+    parser.add_argument("--only", choices=["step-time", "lora-cache"], help="one section, written to bench/results/<it>-*.md")
     return parser
 
 
@@ -277,8 +310,11 @@ def main() -> None:
         "optimizer states) plus the extra bytes its step allocates at its peak (bench/_harness.py). "
         "The hidden cache holds the teacher's final hidden states (exact; its frozen head, V x H, not counted per "
         "token); the top-64 cache the top 64 probabilities per token."),
-        step_time_section(shapes, args.repeats),
     ]  # fmt: skip
+    if args.only != "lora-cache":
+        sections.append(step_time_section(shapes, args.repeats))
+    if args.only != "step-time":
+        sections.append(adapter_cache_section(shapes, args.repeats))
     if args.only is None:
         sections += [
             adapter_memory_section(shapes, args.repeats),

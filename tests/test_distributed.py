@@ -263,6 +263,12 @@ def test_two_processes_with_the_teacher_cache_equal_one_process(base_config: dic
 
 
 @pytest.mark.slow
+def test_two_processes_lora_with_the_projected_cache_equal_one_process(base_config: dict[str, Any], tmp_path: Path) -> None:
+    # teacher_cache: {} picks the projected layout for LoRA: each rank reads u, p^T_l, p^T_max of its blocks.
+    _compare_runs(base_config, tmp_path, {"mitigations": [{"name": "lora", "r": 4}], "teacher_cache": {}})
+
+
+@pytest.mark.slow
 def test_two_processes_lora_equal_one_process(base_config: dict[str, Any], tmp_path: Path) -> None:
     # The teacher is the shared base under disable_adapter(), called through the DDP-wrapped student.
     _compare_runs(base_config, tmp_path, {"mitigations": [{"name": "lora", "r": 4}]})

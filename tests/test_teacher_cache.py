@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -102,18 +103,26 @@ def test_the_hidden_state_cache_and_a_full_vocabulary_cache_train_exactly_like_t
 ) -> None:
     teacher, data = FrozenCopyTeacher(tiny_llama(1)), blocks()
     cache = build(tmp_path / "cache", teacher, data, top_k=top_k)
-    batch, mft = training_batch(data, [3, 4, 1]), get_objective("mft")
+    assert_trains_like_the_online_teacher(lambda: tiny_llama(0), teacher, cache, training_batch(data, [3, 4, 1]), chunk_size=7)
+
+
+def assert_trains_like_the_online_teacher(
+    student: Callable[[], torch.nn.Module], online: Any, cache: Any, batch: dict[str, torch.Tensor], chunk_size: int
+) -> None:
+    """The fused MFT loss per token and the student's gradients with ``cache`` equal those with ``online``;
+    ``student()`` gives the student of each (a fresh one, or the same one, its gradients then reset)."""
     labels = shift_for_causal_lm(batch["labels"])
     results = []
-    for source in (teacher, cache):
-        student = tiny_llama(0)
-        losses = ChunkedLoss(mft, output_head(student), chunk_size=7)(student, source, batch, labels)
+    for source in (online, cache):
+        model = student()
+        model.zero_grad()
+        losses = ChunkedLoss(get_objective("mft"), output_head(model), chunk_size=chunk_size)(model, source, batch, labels)
         masked_mean(losses, labels).backward()
-        results.append((losses.detach(), gradients(student)))
-    (online, online_grads), (cached, cached_grads) = results
-    torch.testing.assert_close(cached, online, rtol=1e-5, atol=1e-6)
-    for name, grad in online_grads.items():
-        torch.testing.assert_close(cached_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        results.append((losses.detach(), gradients(model)))
+    (expected, expected_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("top_k", [None, VOCAB], ids=["hidden_states", "full_top_k"])

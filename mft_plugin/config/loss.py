@@ -12,20 +12,27 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 LossImpl = Literal["auto", "naive", "chunked"]
+CacheLayoutName = Literal["auto", "projected", "hidden_states"]
 
 
 class TeacherCacheConfig(BaseModel):
     """``teacher_cache:``: the teacher computed once per training block and read from disk.
 
-    By default (``teacher_cache: {}``) the teacher's final hidden states, one ``hidden_size`` vector per
-    token: p^T is recomputed from them and the frozen head inside the chunked loss, exactly the online
-    teacher's. ``top_k: k`` stores instead p^T_l, p^T_max and the k largest probabilities per token
+    By default (``teacher_cache: {}``, ``layout: auto``) an exact layout: in adapter runs (frozen head
+    shared by teacher and student) u = W^T p^T, p^T_l, p^T_max per token (``projected``: the loss then
+    costs plain finetuning); otherwise the teacher's final hidden states (``hidden_states``), from which
+    p^T is recomputed with the frozen head inside the chunked loss. Both give the online teacher's loss.
+    ``top_k: k`` stores instead p^T_l, p^T_max and the k largest probabilities per token
     (smaller on disk when hidden_size is large, no teacher head at training time), an approximation
     of the distillation target's tail (README "Performance" states its bias).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    layout: CacheLayoutName = Field(
+        "auto",
+        description="what is stored: auto (projected in adapter runs, else hidden_states), projected, hidden_states",
+    )
     top_k: int | None = Field(
         None,
         ge=1,
@@ -39,6 +46,8 @@ class TeacherCacheConfig(BaseModel):
 
 def loss_impl_problem(loss_impl: LossImpl, teacher_cache: TeacherCacheConfig | None, sharded: bool) -> str | None:
     """Why these keys cannot go together, or None. ``sharded``: fsdp or deepspeed is on."""
+    if teacher_cache is not None and teacher_cache.top_k is not None and teacher_cache.layout != "auto":
+        return f"teacher_cache: top_k is a layout of its own; remove layout: {teacher_cache.layout} or top_k"
     if teacher_cache is not None and loss_impl == "naive":
         return "teacher_cache needs the chunked loss: set loss_impl: auto or chunked, or remove teacher_cache"
     if sharded and (loss_impl == "chunked" or teacher_cache is not None):

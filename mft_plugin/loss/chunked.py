@@ -37,17 +37,18 @@ import torch
 from mft_plugin.config.schema import MFTConfigBase
 from mft_plugin.data.batches import RowRouting
 from mft_plugin.data.labels import valid_mask
+from mft_plugin.loss.projected import projected, projected_cross_entropy, subtract_teacher_gradient_
 from mft_plugin.models.heads import UnfusableError, default_chunk_size, forward_hidden, fusable_head
 from mft_plugin.strategy import Objective
 from mft_plugin.teacher.sources import Teacher
-from mft_plugin.teacher.views import TeacherView, matmul_into
+from mft_plugin.teacher.views import ProjectedTeacher, TeacherView, matmul_into
 
 @dataclass(frozen=True)
 class _Problem:
     """The fixed inputs of one fused loss: what every chunk reads."""
 
     objective: Objective | None  # None: plain NLL (evaluation)
-    teacher: TeacherView | None
+    teacher: TeacherView | ProjectedTeacher | None  # projected: no [chunk, V] teacher buffer (loss/projected.py)
     labels: torch.Tensor  # [N], ignored ones replaced by 0
     valid: torch.Tensor  # [N] bool
     nll_rows: torch.Tensor | None  # [N] bool: tokens trained on plain NLL (w = 1), e.g. replay rows
@@ -64,18 +65,22 @@ class _Buffers:
 
 
 def _chunk_losses(
-    problem: _Problem, rows: slice, log_p_student: torch.Tensor, buffers: _Buffers
+    problem: _Problem, rows: slice, log_p_student: torch.Tensor, buffers: _Buffers, h: torch.Tensor, z_label: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Per-token losses ``[n]``, w ``[n]`` and p^T ``[n, V]`` (None without a teacher) of one chunk."""
+    """Per-token losses ``[n]``, w ``[n]`` and p^T ``[n, V]`` (None without a teacher, or projected) of
+    one chunk; ``h`` ``[n, H]`` and ``z_label`` ``[n]`` (z^S_l) serve a projected teacher only."""
     labels = problem.labels[rows]
     nll = -log_p_student.gather(1, labels.unsqueeze(1)).squeeze(1)
     if problem.teacher is None:
         return nll, torch.ones_like(nll), None
-    n = labels.shape[0]
-    p_teacher = buffers.teacher[:n]
-    w = problem.objective.label_weight(problem.teacher.chunk(rows, labels, p_teacher, log_p_student)).to(nll.dtype)
+    n, target = labels.shape[0], projected(problem.teacher)
+    p_teacher = None if target is not None else buffers.teacher[:n]
+    stats = target.stats(rows) if target is not None else problem.teacher.chunk(rows, labels, p_teacher, log_p_student)
+    w = problem.objective.label_weight(stats).to(nll.dtype)
     if problem.nll_rows is not None:
         w = w.masked_fill(problem.nll_rows[rows], 1.0)
+    if target is not None:
+        return (1.0 - w) * projected_cross_entropy(target, rows, h, z_label, nll) + w * nll, w, None
     # CE(p^T, p^S); nansum: 0 * log 0 = 0 where both models give an entry -inf (NaN only from that product)
     distill = -torch.mul(p_teacher, log_p_student, out=buffers.product[:n]).nansum(dim=1)
     return (1.0 - w) * distill + w * nll, w, p_teacher
@@ -106,7 +111,8 @@ class _FusedCorrectedCrossEntropy(torch.autograd.Function):
         accumulate = torch.promote_types(hidden.dtype, torch.float32)
         head = weight.to(problem.compute_dtype)
         rows_per_chunk = min(chunk_size, hidden.shape[0])
-        buffers = _Buffers(rows_per_chunk, weight.shape[0], accumulate, hidden.device, problem.teacher is not None)
+        target = projected(problem.teacher)
+        buffers = _Buffers(rows_per_chunk, weight.shape[0], accumulate, hidden.device, problem.teacher is not None and target is None)
         token_losses = hidden.new_zeros(hidden.shape[0], dtype=accumulate)
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = weight.new_zeros(weight.shape, dtype=torch.promote_types(weight.dtype, accumulate)) if want_weight else None
@@ -119,8 +125,9 @@ class _FusedCorrectedCrossEntropy(torch.autograd.Function):
                 log_p_student = matmul_into(buffers.student[: h.shape[0]], h, head.T)  # z^S [n, V]
                 if bias is not None:
                     log_p_student.add_(bias)
+                z_label = None if target is None else log_p_student.gather(1, problem.labels[rows].unsqueeze(1)).squeeze(1)
                 torch.log_softmax(log_p_student, dim=1, out=log_p_student)
-                losses, w, p_teacher = _chunk_losses(problem, rows, log_p_student, buffers)
+                losses, w, p_teacher = _chunk_losses(problem, rows, log_p_student, buffers, h, z_label)
                 valid = problem.valid[rows]
                 token_losses[rows] = losses.masked_fill(~valid, 0.0)
                 if grad_hidden is None and grad_weight is None and grad_bias is None:
@@ -129,6 +136,8 @@ class _FusedCorrectedCrossEntropy(torch.autograd.Function):
                 grad = _softmax_minus_target_(log_p_student.exp_(), p_teacher, w, problem.labels[rows], ignored)
                 if grad_hidden is not None:
                     matmul_into(grad_hidden[rows], grad.to(head.dtype), head)
+                    if target is not None:
+                        subtract_teacher_gradient_(target, grad_hidden[rows], rows, w, valid)
                 if grad_weight is not None:  # h of ignored tokens zeroed: 0 * NaN there would poison all of dW
                     _accumulate_product(grad_weight, grad, h.masked_fill(~valid.unsqueeze(1), 0.0))
                 if grad_bias is not None:
@@ -206,11 +215,14 @@ def chunked_token_losses(
     """
     if teacher is None and objective is not None and objective.needs_teacher:
         raise ValueError(f"objective {objective.name!r} needs a teacher")
+    if projected(teacher) is not None and any(t is not None and t.requires_grad for t in (weight, bias)):
+        raise ValueError("a projected teacher needs a frozen head (its gradient would need p^T itself)")
     valid = valid_mask(labels)
     problem = _Problem(
         objective, teacher, labels.masked_fill(~valid, 0), valid, nll_rows, compute_dtype or hidden.dtype
     )
-    chunk_size = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0], teacher is not None, weight.shape[1])
+    with_buffer = teacher is not None and projected(teacher) is None
+    chunk_size = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0], with_buffer, weight.shape[1])
     return _FusedCorrectedCrossEntropy.apply(hidden, weight, bias, problem, chunk_size)
 
 

@@ -4,8 +4,10 @@ The paper trains 1000 steps over 4M tokens (Sec. 3.1): every context is seen abo
 online teacher recomputes the same p^T each time. ``teacher_cache:`` runs the teacher once over the
 training blocks before training and stores, per token, either
 
-- its final hidden states (the default, :mod:`.hidden_states`): p^T is then recomputed exactly, chunk
-  by chunk, from them and the frozen head; no other teacher weight is held during training;
+- in adapter runs (a frozen head shared by teacher and student), u = W^T p^T, p^T_l and p^T_max
+  (the default there, :mod:`.projected`): the loss and its gradient then need no teacher logits at all;
+- otherwise its final hidden states (the default, :mod:`.hidden_states`): p^T is then recomputed exactly,
+  chunk by chunk, from them and the frozen head; no other teacher weight is held during training;
 - or p^T_l, p^T_max and the ``top_k`` largest probabilities (:mod:`.top_k`): an approximation.
 
 This module owns what both share. The cache lives in ``{path}/{key}``, where the key hashes the base
@@ -39,6 +41,7 @@ from mft_plugin.digest import cache_key
 from mft_plugin.models.forms import is_quantized
 from mft_plugin.models.precision import run_autocast
 from mft_plugin.teacher.hidden_states import HiddenStates
+from mft_plugin.teacher.projected import Projected, projection_problem
 from mft_plugin.teacher.sources import FrozenCopyTeacher, SharedBaseTeacher, Teacher
 from mft_plugin.teacher.stored import NO_ROW, STORAGE, CacheLayout, Field
 from mft_plugin.teacher.top_k import TopK
@@ -53,22 +56,36 @@ class CacheDamaged(ValueError):
     """A cache folder that cannot be read as its ``meta.json`` describes it (the message says why)."""
 
 
-def cache_layout(config: MFTConfigBase) -> CacheLayout:
-    """What ``teacher_cache:`` stores: the exact hidden states, or the top-k approximation."""
-    top_k = config.teacher_cache.top_k
-    return TopK(top_k) if top_k is not None else HiddenStates()
+def cache_layout(config: MFTConfigBase, student: torch.nn.Module | None = None) -> CacheLayout:
+    """What ``teacher_cache:`` stores for ``student`` (None: as for full finetuning): the top-k
+    approximation if asked; else the projected layout where its identity holds (``layout: auto``) or
+    where it is asked for (UnfusableError if it does not hold); else the hidden states."""
+    settings = config.teacher_cache
+    if settings.top_k is not None:
+        return TopK(settings.top_k)
+    if settings.layout == "hidden_states" or (settings.layout == "auto" and projection_problem(student) is not None):
+        return HiddenStates()
+    return Projected.for_student(student)
 
 
-def cache_folder(config: MFTConfigBase, blocks: Dataset) -> Path:
+def layout_reason(config: MFTConfigBase, layout: CacheLayout, student: torch.nn.Module) -> str:
+    """The startup line's words for which layout was chosen, and why."""
+    if layout.kind != HiddenStates.kind:
+        return "asked for" if layout.kind == TopK.kind or config.teacher_cache.layout != "auto" else "frozen head shared with the base"
+    return "asked for" if config.teacher_cache.layout == "hidden_states" else f"projected does not apply: {projection_problem(student)}"
+
+
+def cache_folder(config: MFTConfigBase, blocks: Dataset, layout: CacheLayout | None = None) -> Path:
     """``{teacher_cache.path}/{key}`` (default path: ``output_dir/teacher_cache``)."""
     root = Path(config.teacher_cache.path or Path(config.output_dir) / "teacher_cache")
-    return root / teacher_cache_key(config, blocks)
+    return root / teacher_cache_key(config, blocks, layout)
 
 
-def teacher_cache_key(config: MFTConfigBase, blocks: Dataset) -> str:
+def teacher_cache_key(config: MFTConfigBase, blocks: Dataset, layout: CacheLayout | None = None) -> str:
     """The key of the cache of ``blocks`` (:func:`mft_plugin.digest.cache_key`: the rows and the base as it
-    is held), plus what only this cache adds: its format, what it stores and how the teacher is held."""
-    layout = cache_layout(config)
+    is held), plus what only this cache adds: its format, what it stores (``layout``, default
+    :func:`cache_layout` without a student) and how the teacher is held."""
+    layout = layout or cache_layout(config)
     teacher = config.teacher.model_dump(mode="json") if config.teacher is not None else None
     settings = {"format": FORMAT_VERSION, "store": {"kind": layout.kind, **layout.settings()}, "teacher": teacher}
     return cache_key("teacher cache", config, rows=[blocks], settings=settings)
@@ -176,7 +193,9 @@ def cached_teacher(
     built = (blocks.select(taught) if len(taught) < len(blocks) else blocks).remove_columns(
         [column for column in ROUTING_COLUMNS if column in blocks.column_names]
     )
-    layout, folder = cache_layout(config), cache_folder(config, built)
+    layout = cache_layout(config, student)
+    folder = cache_folder(config, built, layout)
+    logger.warning("teacher cache: %s layout (%s), in %s", layout.kind, layout_reason(config, layout, student), folder)
     with args.main_process_first(desc="teacher cache"):
         fields = _usable(folder, layout.kind)
         if fields is None:

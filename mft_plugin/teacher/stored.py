@@ -1,12 +1,12 @@
 """What a teacher cache stores and how its arrays are read (:mod:`mft_plugin.teacher.cache` builds them).
 
-One :class:`CacheLayout` per kind of cache (:mod:`.hidden_states`, :mod:`.top_k`); arrays are ``.npy``
-files memory-mapped as :class:`Field`, in the dtype the teacher computed them in.
+One :class:`CacheLayout` per kind of cache (:mod:`.hidden_states`, :mod:`.projected`, :mod:`.top_k`);
+arrays are ``.npy`` files memory-mapped as :class:`Field`, in the dtype the teacher computed them in.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import NoReturn, Protocol
 
@@ -14,6 +14,9 @@ import numpy as np
 import torch
 
 from mft_plugin.data.batches import RowRouting
+from mft_plugin.data.labels import safe_labels
+from mft_plugin.models.heads import default_chunk_size
+from mft_plugin.strategy import TeacherStats
 from mft_plugin.teacher.sources import Teacher
 from mft_plugin.teacher.views import TeacherHead
 
@@ -82,8 +85,51 @@ class CacheLayout(Protocol):
         """The teacher that reads these arrays during training."""
 
 
+class PerTokenCache:
+    """A cache whose arrays are all per token, ``[blocks, width, ...]`` (top-k, projected), read batch by
+    batch: what its teachers share. A subclass's ``targets`` builds its view from :meth:`read`."""
+
+    def __init__(self, fields: dict[str, Field], device: torch.device | str = "cpu") -> None:
+        self.fields = fields
+        self.device = torch.device(device)
+
+    def to(self, device: torch.device | str) -> PerTokenCache:
+        self.device = torch.device(device)
+        return self
+
+    def read(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every stored array at the batch's blocks, all rows (reading is free), ``[N, ...]`` on the device."""
+        blocks, width = cache_rows(batch), batch["input_ids"].shape[1]
+        return {name: field.rows(blocks, width).to(self.device).flatten(0, 1) for name, field in self.fields.items()}
+
+    def logits(self, batch: Mapping[str, torch.Tensor], rows: torch.Tensor | None = None) -> torch.Tensor:
+        no_logits()
+
+
 def cache_rows(batch: Mapping[str, torch.Tensor]) -> np.ndarray:
     """The cache rows of a training batch's blocks (its ``teacher_row`` routing column)."""
     return RowRouting.of(batch).cache_rows.cpu().numpy()
 
 
+
+
+def teacher_chunks(view: TeacherHead, labels: torch.Tensor) -> Iterator[tuple[torch.Tensor, TeacherStats]]:
+    """p^T ``[n, V]`` (float32 at least, one reused buffer) and its stats, chunk by chunk over the tokens of
+    ``labels`` ``[batch, seq]`` (shifted): what the layouts that store per-token outputs reduce p^T to."""
+    flat = safe_labels(labels).flatten()
+    vocab = view.weight.shape[0]
+    chunk = default_chunk_size(flat.shape[0], vocab, with_teacher=False, hidden_size=view.weight.shape[1])
+    buffer = torch.empty((chunk, vocab), dtype=torch.promote_types(view.hidden.dtype, torch.float32), device=view.hidden.device)
+    for first in range(0, flat.shape[0], chunk):
+        rows = slice(first, first + chunk)
+        p_teacher = buffer[: flat[rows].shape[0]]
+        yield p_teacher, view.chunk(rows, flat[rows], p_teacher, None)
+
+
+def write_tokens(arrays: dict[str, np.ndarray], start: int, labels: torch.Tensor, parts: dict[str, list[torch.Tensor]]) -> None:
+    """Store per-token outputs gathered chunk by chunk (``parts``: name -> ``[n, ...]`` pieces, in token
+    order) as rows ``start ...`` of ``arrays``, for a batch whose ``labels`` are ``[batch, seq]``."""
+    batch, seq = labels.shape
+    for name, pieces in parts.items():
+        values = torch.cat(pieces)
+        arrays[name][start : start + batch, :seq] = as_stored(values.reshape(batch, seq, *values.shape[1:]))

@@ -24,10 +24,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from mft_plugin.data.labels import safe_labels
-from mft_plugin.models.heads import default_chunk_size
 from mft_plugin.strategy import TeacherStats
-from mft_plugin.teacher.stored import Field, as_stored, cache_rows, no_logits
+from mft_plugin.teacher.stored import Field, PerTokenCache, teacher_chunks, write_tokens
 from mft_plugin.teacher.views import TeacherHead
 
 SCALARS = ("p_label", "p_max", "rest")
@@ -80,48 +78,26 @@ class TopK:
 
     def write_batch(self, arrays: dict[str, np.ndarray], start: int, view: TeacherHead, labels: torch.Tensor) -> None:
         """The outputs of one batch of blocks (``labels`` ``[batch, seq]``, shifted), chunk by chunk."""
-        batch, seq = labels.shape
-        flat = safe_labels(labels).flatten()
-        vocab, k = view.weight.shape[0], arrays["top_ids"].shape[2]
-        chunk = default_chunk_size(flat.shape[0], vocab, with_teacher=False, hidden_size=view.weight.shape[1])
-        buffer = torch.empty((chunk, vocab), dtype=torch.promote_types(view.hidden.dtype, torch.float32), device=view.hidden.device)
+        k = arrays["top_ids"].shape[2]
         out: dict[str, list[torch.Tensor]] = {name: [] for name in (*SCALARS, *RANKED)}
-        for first in range(0, flat.shape[0], chunk):
-            rows = slice(first, first + chunk)
-            p_teacher = buffer[: flat[rows].shape[0]]
-            stats = view.chunk(rows, flat[rows], p_teacher, None)
+        for p_teacher, stats in teacher_chunks(view, labels):
             top = p_teacher.topk(k, dim=1)
-            out["p_label"].append(stats.p_label)
-            out["p_max"].append(stats.p_max)
-            out["top_probs"].append(top.values)
+            out["p_label"].append(stats.p_label.float())
+            out["p_max"].append(stats.p_max.float())
+            out["top_probs"].append(top.values.float())
             out["top_ids"].append(top.indices.int())
             out["rest"].append((1.0 - top.values.float().sum(dim=1)).clamp(min=0.0))
-        for name, parts in out.items():
-            values = torch.cat(parts)
-            values = values if name == "top_ids" else values.float()
-            arrays[name][start : start + batch, :seq] = as_stored(values.reshape(batch, seq, *values.shape[1:]))
+        write_tokens(arrays, start, labels, out)
 
     def open(self, fields: dict[str, Field], student: torch.nn.Module) -> TopKCache:
         return TopKCache(fields)
 
 
-class TopKCache:
+class TopKCache(PerTokenCache):
     """The top-k cache of one base model and training set, read batch by batch (a teacher for ``MFTTrainer``)."""
-
-    def __init__(self, fields: dict[str, Field], device: torch.device | str = "cpu") -> None:
-        self.fields = fields
-        self.device = torch.device(device)
-
-    def to(self, device: torch.device | str) -> TopKCache:
-        self.device = torch.device(device)
-        return self
 
     def targets(self, batch: Mapping[str, torch.Tensor], rows: torch.Tensor | None = None) -> CachedTeacherChunks:
         """The cached outputs of the batch's blocks, all rows (reading is free)."""
-        blocks, width = cache_rows(batch), batch["input_ids"].shape[1]
-        read = {name: self.fields[name].rows(blocks, width).to(self.device).flatten(0, 1) for name in (*SCALARS, *RANKED)}
+        read = self.read(batch)
         read["top_ids"] = read["top_ids"].long()
         return CachedTeacherChunks(**read)
-
-    def logits(self, batch: Mapping[str, torch.Tensor], rows: torch.Tensor | None = None) -> torch.Tensor:
-        no_logits()

@@ -5,6 +5,8 @@ Every teacher source (:mod:`mft_plugin.teacher.sources`: a frozen copy or the sh
 The fused loss (:mod:`mft_plugin.loss.chunked`) asks it for p^T of a few tokens at a time, so the
 teacher's ``[tokens, vocab]`` distribution is never held whole. :class:`TeacherStats` is what a
 correction weight (alpha, beta; paper Sec. 2 and 4) may depend on, part of the strategy contract.
+A :class:`ProjectedTeacher` (the projected cache of adapter runs) gives no p^T at all, only what the
+loss needs of it when the head is frozen and shared (:mod:`mft_plugin.loss.projected`).
 """
 
 from __future__ import annotations
@@ -70,3 +72,19 @@ class TeacherHead:
             logits.add_(self.bias)
         p_teacher = torch.softmax(logits, dim=1, out=out)
         return stats_of(p_teacher, labels)
+
+
+@dataclass(frozen=True)
+class ProjectedTeacher:
+    """One batch's projected teacher, per token: ``u`` ``[N, H]`` float32 (s W^T p^T for the shared frozen
+    head W and logit scale s), ``p_label`` and ``p_max`` ``[N]`` float32 (p^T_l, max_v p^T_v: every
+    objective's w is rebuilt from them), and ``bias_dot`` ``[N]`` float32 (s b . p^T) where the head has
+    a bias, else None."""
+
+    u: torch.Tensor
+    p_label: torch.Tensor
+    p_max: torch.Tensor
+    bias_dot: torch.Tensor | None = None
+
+    def stats(self, rows: slice) -> TeacherStats:
+        return TeacherStats(p_label=self.p_label[rows], p_max=self.p_max[rows])

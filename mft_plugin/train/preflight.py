@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -22,6 +23,7 @@ from mft_plugin.train.checkpoints import CheckpointError, check_named_checkpoint
 from mft_plugin.config.schema import MFTConfigBase
 from mft_plugin.config.errors import ConfigError, with_locations
 from mft_plugin.models.loading import load_tokenizer
+from mft_plugin.teacher.projected import config_problem
 from mft_plugin.train.outputs import OutputDirError, prepare_output_dir
 
 
@@ -67,13 +69,38 @@ def token_problems(config: MFTConfigBase, tokenizer: PreTrainedTokenizerBase, mo
     roles.pop("pad_token", None)  # padding is masked out of the loss: its embedding is never learned from
     wanted = [t for v in roles.values() for t in (v if isinstance(v, list) else [v])] + list(config.tokens or [])
     new = [token for token in wanted if token not in tokenizer.get_vocab()]
-    saved = [set(getattr(spec, "modules_to_save", None) or []) for spec in config.mitigations if hasattr(spec, "modules_to_save")]
+    saved = _saved_modules(config)
     if new and saved and not set(EMBEDDING_MODULES) <= saved[0]:
         problems.append(
             f"special_tokens: {', '.join(new)} would be new tokens with frozen random embeddings under the adapter; "
             f"set lora_modules_to_save: [{', '.join(EMBEDDING_MODULES)}] to train them (as Axolotl requires)"
         )
     return problems
+
+
+def _saved_modules(config: MFTConfigBase) -> list[set[str]]:
+    """Per adapter mitigation (those that take ``modules_to_save``), the modules it trains in full."""
+    return [set(getattr(spec, "modules_to_save", None) or []) for spec in config.mitigations if hasattr(spec, "modules_to_save")]
+
+
+def projected_cache_problems(config: MFTConfigBase, model_config: Any) -> list[str]:
+    """``teacher_cache.layout: projected`` where its identity cannot hold (:mod:`mft_plugin.teacher.projected`):
+    the head must be the frozen base head shared with the teacher, and the logits linear in it."""
+    if config.teacher_cache is None or config.teacher_cache.layout != "projected":
+        return []
+    saved = _saved_modules(config)
+    tied = getattr(model_config, "tie_word_embeddings", False)
+    trained = {"lm_head", "embed_tokens"} if tied else {"lm_head"}
+    if not saved:
+        problem = "there is no adapter (full finetuning trains the head)"
+    elif trained & saved[0]:
+        problem = f"lora_modules_to_save trains {', '.join(sorted(trained & saved[0]))}, so the head trains"
+    else:
+        problem = config_problem(model_config)
+    if problem is None:
+        return []
+    return [f"teacher_cache.layout: 'projected' cannot be used: {problem}; it needs a frozen LM head shared by teacher "
+            "and student and logits linear in it; use layout: auto or hidden_states"]
 
 
 def preflight(config: MFTConfigBase, source: str | None = None, overrides: Sequence[str] = ()) -> None:
@@ -103,6 +130,7 @@ def preflight(config: MFTConfigBase, source: str | None = None, overrides: Seque
         key = "tokenizer_type" if "tokenizer_type" in str(error) else "tokenizer_config" if config.tokenizer_config else "base_model"
         problems.append(f"{key}: cannot load the tokenizer: {_one_line(error)}")
         raise ConfigError(with_locations(problems, source, overrides)) from None
+    problems += projected_cache_problems(config, model_config)
     vocab_problems = token_problems(config, tokenizer, getattr(model_config, "vocab_size", None))
     problems += vocab_problems
     if not vocab_problems and config.tokenizer_config:
