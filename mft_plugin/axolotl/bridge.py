@@ -168,8 +168,14 @@ def evaluation_sets(args: BaseModel, cfg: Mapping[str, Any], tokenizer: PreTrain
 def loss_chooser(cfg: Mapping[str, Any], args: BaseModel, objective: Objective) -> Callable[[PreTrainedModel], tuple[ChunkedLoss | None, str]]:
     """The loss path for Axolotl's student, chosen as mft-run chooses it (:func:`mft_plugin.loss.chunked.loss_choice`:
     ``loss_impl``, the engine, the objective and a probe forward of the model), with why in words."""
-    config = config_view(cfg).model_copy(update={"loss_impl": args.loss_impl})  # type: ignore[attr-defined]
+    config = run_config(cfg, args)
     return lambda student: loss_choice(config, objective, student)
+
+
+def run_config(cfg: Mapping[str, Any], args: BaseModel) -> MFTConfigBase:
+    """:func:`config_view` with the plugin's own validated ``loss_impl``: what the loss path and the
+    base-perplexity key are chosen from, as mft-run chooses them from its config."""
+    return config_view(cfg).model_copy(update={"loss_impl": args.loss_impl})  # type: ignore[attr-defined]
 
 
 def describe_teacher(teacher: Teacher | None) -> str:

@@ -3,8 +3,8 @@
 Hooks used, in the order Axolotl calls them: ``get_input_args`` (our keys join Axolotl's
 schema), ``register`` (the strategies are built and checked against the rest of the config,
 before any data or weights load; the best-checkpoint keys are set), ``get_trainer_cls`` (the MFT
-trainer on top of Axolotl's), ``post_trainer_create`` (the base perplexities, mitigations'
-``on_train_begin``, and the startup line in Axolotl's log), ``post_train`` (``metrics.json``
+trainer on top of Axolotl's), ``post_trainer_create`` (the base perplexities, cached in ``base_perplexity.json`` under mft-run's
+key of the evaluation rows and the base, mitigations' ``on_train_begin``, and the startup line in Axolotl's log), ``post_train`` (``metrics.json``
 as mft-run writes it, from the same code: :func:`mft_plugin.train.outputs.final_metrics`).
 """
 
@@ -28,6 +28,7 @@ from mft_plugin.axolotl.bridge import (
     loss_chooser,
     plugin_args,
     resolved_config,
+    run_config,
     run_context,
     selected_strategies,
     trainer_class,
@@ -37,7 +38,7 @@ from mft_plugin.registry import default_registry
 from mft_plugin.strategy import Mitigation, Objective
 from mft_plugin.train.budget import Budget
 from mft_plugin.train.engine import Engine
-from mft_plugin.train.outputs import final_metrics, write_run_files
+from mft_plugin.train.outputs import final_metrics, load_base_perplexities, save_base_perplexities, write_run_files
 from mft_plugin.train.trainer import MFTTrainer
 
 LOG = logging.getLogger("axolotl.integrations.mft_plugin")  # under Axolotl's logger: in its log, rank 0
@@ -94,7 +95,12 @@ class MFTPlugin(BasePlugin):
 
     def post_trainer_create(self, cfg: Any, trainer: Trainer) -> None:
         self.trainer = trainer  # type: ignore[assignment]
-        trainer.set_base_perplexities(None, lambda measured: None)  # type: ignore[attr-defined]
+        out, sets, config = Path(cfg["output_dir"]), trainer.eval_sets, run_config(cfg, self.args)  # type: ignore[arg-type, attr-defined]
+        out.mkdir(parents=True, exist_ok=True)
+        trainer.set_base_perplexities(  # type: ignore[attr-defined]
+            load_base_perplexities(out, config, sets),  # mft-run's cache, under the same key of the rows and the base
+            lambda measured: save_base_perplexities(out, config, sets, measured) if trainer.is_world_process_zero() else None,
+        )
         context = run_context(cfg, trainer.processing_class)
         for mitigation in self.mitigations:
             mitigation.on_train_begin(trainer.model, context)
