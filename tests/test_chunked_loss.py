@@ -244,10 +244,10 @@ def test_a_head_that_is_not_a_plain_linear_cannot_be_fused() -> None:
     adapted_head = get_peft_model(tiny_llama(0), LoraConfig(r=2, target_modules=["lm_head"]))
     with pytest.raises(UnfusableError, match="not a torch.nn.Linear"):
         output_head(adapted_head)
-    capped = tiny_llama(0)
-    capped.config.final_logit_softcapping = 30.0
-    with pytest.raises(UnfusableError, match="final_logit_softcapping"):
-        output_head(capped)
+    scaled = tiny_llama(0)
+    scaled.config.output_multiplier_scale = 2.0  # a known change of the logits that is not fused
+    with pytest.raises(UnfusableError, match="output_multiplier_scale = 2.0"):
+        output_head(scaled)
 
 
 class OwnLossObjective(Objective):
