@@ -307,3 +307,26 @@ def test_evaluation_through_the_chunked_head_equals_the_logits_path(tiny_model: 
     model.lm_head.register_forward_hook(lambda module, args, out: logits_made.append(out.shape[-2]))
     assert trainer.perplexities()[SPEC] == pytest.approx(plain, rel=1e-6)
     assert logits_made and not any(logits_made)  # the head computed logits for zero positions
+
+
+# ---------------------------------------------------------------- evaluation does no gradient work
+
+
+def test_under_no_grad_the_fused_loss_does_no_head_gradient_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Evaluation (``torch.no_grad``) of a trainable head: the same losses, and neither the [V, H]
+    gradient buffer nor any chunk's gradient (``ctx.needs_input_grad`` alone ignores grad mode)."""
+    import mft_plugin.loss.chunked as chunked
+
+    problem = random_problem(seed=15)
+    hidden, weight = problem["hidden"].requires_grad_(), problem["weight"].requires_grad_()
+    teacher = TeacherHead(problem["teacher_hidden"], problem["teacher_weight"])
+    expected = chunked_token_losses(hidden, weight, problem["labels"], objective("mft", 0.25), teacher, 5).detach()
+    calls: list[str] = []
+    for name in ("_logit_gradient_", "_accumulate_product"):
+        original = getattr(chunked, name)
+        monkeypatch.setattr(chunked, name, lambda *args, _name=name, _original=original: calls.append(_name) or _original(*args))
+    with torch.no_grad():
+        got = chunked_token_losses(hidden, weight, problem["labels"], objective("mft", 0.25), teacher, 5)
+    assert torch.equal(got, expected) and calls == []
+    chunked_token_losses(hidden, weight, problem["labels"], objective("mft", 0.25), teacher, 5)  # with grad: it does
+    assert "_accumulate_product" in calls

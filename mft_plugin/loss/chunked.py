@@ -240,6 +240,8 @@ def chunked_token_losses(
     replayed data); ``compute_dtype``: of the matmuls (default ``hidden``'s; softmaxes and gradients
     are float32 whatever it is); ``transform``: the model's own after its head. Differentiable w.r.t.
     ``hidden``, ``weight`` and ``bias``; reduce the result with a sum or a mean over labelled tokens.
+    Under ``torch.no_grad`` (every evaluation, the base measurement) no gradient is computed: no
+    ``[V, H]`` buffer, no per-chunk head gradient.
     """
     if teacher is None and objective is not None and objective.needs_teacher:
         raise ValueError(f"objective {objective.name!r} needs a teacher")
@@ -248,6 +250,8 @@ def chunked_token_losses(
         objective, teacher, labels.masked_fill(~valid, 0), valid, nll_rows, compute_dtype or hidden.dtype, transform
     )
     chunk_size = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0], teacher is not None, weight.shape[1])
+    if not torch.is_grad_enabled():  # evaluation: ctx.needs_input_grad ignores grad mode, requires_grad does not
+        hidden, weight, bias = (None if t is None else t.detach() for t in (hidden, weight, bias))
     return _FusedCorrectedCrossEntropy.apply(hidden, weight, bias, problem, chunk_size)
 
 
