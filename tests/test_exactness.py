@@ -330,3 +330,43 @@ def test_under_no_grad_the_fused_loss_does_no_head_gradient_work(monkeypatch: py
     assert torch.equal(got, expected) and calls == []
     chunked_token_losses(hidden, weight, problem["labels"], objective("mft", 0.25), teacher, 5)  # with grad: it does
     assert "_accumulate_product" in calls
+
+
+# ---------------------------------------------------------------- fp16: the loss scale before the cast
+
+
+def tail_problem() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hidden states, a head (weight and bias) and labels where the last 8 vocabulary entries get p^S
+    below fp16's smallest subnormal (6e-8) at every token."""
+    problem = random_problem(seed=16)
+    weight, bias = problem["weight"].clone(), torch.zeros(VOCAB)
+    weight[-8:] *= 0.01
+    bias[-8:] = -14.0
+    return problem["hidden"], weight, bias, torch.where(problem["labels"] >= VOCAB - 8, 0, problem["labels"])
+
+
+@pytest.mark.parametrize("token_gradient", [2.0**11, 1.0 / 17])
+def test_fp16_scales_the_gradient_before_casting_it(token_gradient: float) -> None:
+    """An fp16 run's loss scale S: the trainer passes S / tokens as ``grad_scale``, the gradient each token
+    loss gets. The head's gradient on tail entries then survives the fp16 products, as in float32;
+    without the scale (S = 1, the old behaviour, whatever S was) it is 0."""
+    hidden, weight, bias, labels = tail_problem()
+    count = int((labels != IGNORE).sum())
+    assert count == 17
+
+    def grads(compute_dtype: torch.dtype, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        losses = chunked_token_losses(h, w, labels, None, None, 5, compute_dtype=compute_dtype, bias=bias, grad_scale=scale / count)
+        (masked_mean(losses, labels) * scale).backward()  # what a GradScaler's backward does
+        return h.grad / scale, w.grad / scale
+
+    tail_p = torch.softmax(hidden @ weight.T + bias, dim=1)[:, -8:]
+    assert tail_p.max() < 6e-8 and tail_p.min() > 0
+    expected_hidden, expected_weight = grads(torch.float32, 1.0)
+    got_hidden, got_weight = grads(torch.float16, token_gradient * count)
+    torch.testing.assert_close(got_hidden, expected_hidden, rtol=2e-2, atol=1e-4)
+    if token_gradient * count == 1.0:
+        assert not got_weight[-8:].any()  # flushed to zero in the fp16 product
+    else:
+        error = (got_weight[-8:] - expected_weight[-8:]).norm() / expected_weight[-8:].norm()
+        assert error < 1e-2  # fp16's own rounding of h and of the subnormal products, nothing lost

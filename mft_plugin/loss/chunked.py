@@ -63,6 +63,7 @@ class _Problem:
     nll_rows: torch.Tensor | None  # [N] bool: tokens trained on plain NLL (w = 1), e.g. replay rows
     compute_dtype: torch.dtype  # of the matmuls (the autocast dtype under mixed precision)
     transform: LogitTransform  # what the model does to its logits after the head
+    grad_scale: float  # the upstream gradient the token losses will get (fp16: loss scale / tokens), else 1
 
 
 class _Buffers:
@@ -132,6 +133,7 @@ class _FusedCorrectedCrossEntropy(torch.autograd.Function):
         wants_grad = want_hidden or want_weight or want_bias
         accumulate = torch.promote_types(hidden.dtype, torch.float32)
         head, transform = weight.to(problem.compute_dtype), problem.transform
+        scale = problem.grad_scale if problem.compute_dtype == torch.float16 else 1.0  # see _Problem.grad_scale
         rows_per_chunk = min(chunk_size, hidden.shape[0])
         buffers = _Buffers(
             rows_per_chunk, weight.shape[0], accumulate, hidden.device, problem.teacher is not None,
@@ -163,12 +165,16 @@ class _FusedCorrectedCrossEntropy(torch.autograd.Function):
                 grad = _logit_gradient_(
                     log_p_student.exp_(), p_teacher, w, problem.labels[rows], ignored, transform, derivative
                 )
+                if scale != 1.0:  # fp16: before the casts of the products, as the naive path's autograd does
+                    grad.mul_(scale)
                 if grad_hidden is not None:
-                    matmul_into(grad_hidden[rows], grad.to(head.dtype), head)
+                    product = matmul_into(grad_hidden[rows], grad.to(head.dtype), head)
+                    if scale != 1.0:
+                        product.div_(scale)
                 if grad_weight is not None:  # h of ignored tokens zeroed: 0 * NaN there would poison all of dW
-                    _accumulate_product(grad_weight, grad, h.masked_fill(~valid.unsqueeze(1), 0.0))
+                    _accumulate_product(grad_weight, grad, h.masked_fill(~valid.unsqueeze(1), 0.0), scale)
                 if grad_bias is not None:
-                    grad_bias.add_(grad.sum(dim=0))
+                    grad_bias.add_(grad.sum(dim=0), alpha=1.0 / scale)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, problem.valid)
         ctx.dtypes = weight.dtype, None if bias is None else bias.dtype
         return token_losses
@@ -196,13 +202,13 @@ def _rows_within(indices: torch.Tensor, start: int, stop: int, device: torch.dev
     return (indices[first:last] - start).to(device, non_blocking=True)
 
 
-def _accumulate_product(total: torch.Tensor, grad: torch.Tensor, h: torch.Tensor) -> None:
-    """``total += grad^T h``: the product in ``h``'s (the compute) dtype, the sum in ``total``'s (see the
-    module docstring)."""
+def _accumulate_product(total: torch.Tensor, grad: torch.Tensor, h: torch.Tensor, scale: float = 1.0) -> None:
+    """``total += grad^T h / scale``: the product in ``h``'s (the compute) dtype, the sum in ``total``'s
+    (see the module docstring); ``grad`` comes scaled by ``scale``."""
     if h.dtype == total.dtype:
-        total.addmm_(grad.T, h)
+        total.addmm_(grad.T, h, alpha=1.0 / scale)
     else:
-        total.add_(grad.T.to(h.dtype) @ h)
+        total.add_(grad.T.to(h.dtype) @ h, alpha=1.0 / scale)
 
 
 def _uniform_scale(grad_tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -229,6 +235,7 @@ def chunked_token_losses(
     compute_dtype: torch.dtype | None = None,
     bias: torch.Tensor | None = None,
     transform: LogitTransform = IDENTITY,
+    grad_scale: float = 1.0,
 ) -> torch.Tensor:
     """Per-token CE(p^C, p^S) ``[N]`` float32, 0 at ignored labels, as ``objective.token_losses`` gives
     for logits ``transform(hidden @ weight.T + bias)``, without ever holding ``[N, V]`` logits.
@@ -240,14 +247,18 @@ def chunked_token_losses(
     replayed data); ``compute_dtype``: of the matmuls (default ``hidden``'s; softmaxes and gradients
     are float32 whatever it is); ``transform``: the model's own after its head. Differentiable w.r.t.
     ``hidden``, ``weight`` and ``bias``; reduce the result with a sum or a mean over labelled tokens.
-    Under ``torch.no_grad`` (every evaluation, the base measurement) no gradient is computed: no
+    ``grad_scale``: the gradient each token loss will receive (an fp16 run's loss scale over the step's
+    tokens): in float16, p^S - p^C is multiplied by it before the cast of the products and divided
+    after, as the naive path's autograd scales it before the head's fp16 backward, so tail
+    probabilities below fp16's 6e-8 keep their gradient; ignored in float32 and bfloat16. Under ``torch.no_grad`` (every evaluation, the base measurement) no gradient is computed: no
     ``[V, H]`` buffer, no per-chunk head gradient.
     """
     if teacher is None and objective is not None and objective.needs_teacher:
         raise ValueError(f"objective {objective.name!r} needs a teacher")
     valid = valid_mask(labels)
     problem = _Problem(
-        objective, teacher, labels.masked_fill(~valid, 0), valid, nll_rows, compute_dtype or hidden.dtype, transform
+        objective, teacher, labels.masked_fill(~valid, 0), valid, nll_rows, compute_dtype or hidden.dtype, transform,
+        grad_scale,
     )
     chunk_size = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0], teacher is not None, weight.shape[1])
     if not torch.is_grad_enabled():  # evaluation: ctx.needs_input_grad ignores grad mode, requires_grad does not
@@ -284,12 +295,18 @@ class ChunkedLoss:
         self.objective, self.head, self.chunk_size, self.transform = objective, head, chunk_size, transform
 
     def __call__(
-        self, model: torch.nn.Module, teacher: Teacher | None, batch: Mapping[str, torch.Tensor], labels: torch.Tensor
+        self,
+        model: torch.nn.Module,
+        teacher: Teacher | None,
+        batch: Mapping[str, torch.Tensor],
+        labels: torch.Tensor,
+        grad_scale: float = 1.0,
     ) -> torch.Tensor:
         """Per-token losses ``[batch, seq]``, as :func:`mft_plugin.loss.plain.plain_token_losses` gives.
 
         ``batch``: the collated batch (model inputs and routing columns); ``labels`` are already
-        shifted. Rows routed to the plain FT loss (:class:`mft_plugin.data.batches.RowRouting`) get
+        shifted; ``grad_scale``: see :func:`chunked_token_losses`. Rows routed to the plain FT loss
+        (:class:`mft_plugin.data.batches.RowRouting`) get
         w = 1; the teacher runs only on the other rows.
         """
         captured = forward_hidden(model, self.head, batch)
@@ -300,7 +317,7 @@ class ChunkedLoss:
         token_nll = nll_rows.unsqueeze(1).expand_as(labels).flatten() if nll_rows is not None else None
         losses = chunked_token_losses(
             captured.hidden.flatten(0, -2), self.head.weight, labels.flatten(), self.objective, view,
-            self.chunk_size, token_nll, captured.compute_dtype, self.head.bias, self.transform,
+            self.chunk_size, token_nll, captured.compute_dtype, self.head.bias, self.transform, grad_scale,
         )
         return losses.view_as(labels)
 
