@@ -101,10 +101,6 @@ class LogitTransform:
             softcap = cap
         return cls(scale, softcap)
 
-    @property
-    def is_identity(self) -> bool:
-        return self.scale == 1.0 and self.softcap is None
-
     def apply_(self, logits: torch.Tensor) -> torch.Tensor:
         """z from y, in place in ``logits`` ``[n, V]`` (its dtype: float32 in the chunks)."""
         if self.scale != 1.0:
