@@ -80,12 +80,14 @@ class _Buffers:
 
 
 def _chunk_losses(
-    problem: _Problem, rows: slice, log_p_student: torch.Tensor, buffers: _Buffers
+    problem: _Problem, rows: slice, log_p_student: torch.Tensor, buffers: _Buffers, teacher_read: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Per-token losses ``[n]``, w ``[n]`` and p^T ``[n, V]`` (None without a teacher) of one chunk."""
+    """Per-token losses ``[n]``, w ``[n]`` and p^T ``[n, V]`` (None without a teacher) of one chunk;
+    ``teacher_read``: False where every token of the chunk has w = 1 (``nll_rows``, e.g. replay rows),
+    whose loss and gradient p^T does not enter: the teacher's head product is then skipped."""
     labels = problem.labels[rows]
     nll = -log_p_student.gather(1, labels.unsqueeze(1)).squeeze(1)
-    if problem.teacher is None:
+    if problem.teacher is None or not teacher_read:
         return nll, torch.ones_like(nll), None
     n = labels.shape[0]
     p_teacher = buffers.teacher[:n]
@@ -144,6 +146,7 @@ class _FusedCorrectedCrossEntropy(torch.autograd.Function):
         grad_weight = weight.new_zeros(weight.shape, dtype=torch.promote_types(weight.dtype, accumulate)) if want_weight else None
         grad_bias = bias.new_zeros(bias.shape, dtype=torch.promote_types(bias.dtype, accumulate)) if want_bias else None
         ignored_tokens = (~problem.valid).nonzero().squeeze(1).cpu()  # once per batch (one device sync)
+        teacher_tokens = None if problem.nll_rows is None else (~problem.nll_rows).nonzero().squeeze(1).cpu()
         with torch.autocast(hidden.device.type, enabled=False):  # the dtypes here are explicit
             for start in range(0, hidden.shape[0], chunk_size):
                 rows = slice(start, start + chunk_size)
@@ -156,7 +159,8 @@ class _FusedCorrectedCrossEntropy(torch.autograd.Function):
                 if buffers.derivative is not None:
                     derivative = transform.derivative(log_p_student, buffers.derivative[: h.shape[0]])
                 torch.log_softmax(log_p_student, dim=1, out=log_p_student)
-                losses, w, p_teacher = _chunk_losses(problem, rows, log_p_student, buffers)
+                teacher_read = teacher_tokens is None or _count_within(teacher_tokens, start, start + h.shape[0]) > 0
+                losses, w, p_teacher = _chunk_losses(problem, rows, log_p_student, buffers, teacher_read)
                 valid = problem.valid[rows]
                 token_losses[rows] = losses.masked_fill(~valid, 0.0)
                 if not wants_grad:
@@ -193,6 +197,12 @@ class _FusedCorrectedCrossEntropy(torch.autograd.Function):
         grad_weight = None if grad_weight is None else grad_weight.to(weight_dtype)
         grad_bias = None if grad_bias is None else grad_bias.to(bias_dtype)
         return grad_hidden, grad_weight, grad_bias, None, None
+
+
+def _count_within(indices: torch.Tensor, start: int, stop: int) -> int:
+    """How many of the sorted token ``indices`` (on the CPU) fall in ``[start, stop)``."""
+    first, last = torch.searchsorted(indices, torch.tensor([start, stop])).tolist()
+    return last - first
 
 
 def _rows_within(indices: torch.Tensor, start: int, stop: int, device: torch.device) -> torch.Tensor:
