@@ -129,6 +129,7 @@ def train(config: MFTConfigBase, registry: Registry) -> int:
     from mft_plugin.config.errors import ConfigError
     from mft_plugin.models.attention import PackingLeakError
     from mft_plugin.models.loading import ModelLoadError
+    from mft_plugin.models.heads import UnfusableError
     from mft_plugin.train.checkpoints import CheckpointError
     from mft_plugin.data.documents import DataError
     from mft_plugin.train.launch import is_main_process
@@ -145,6 +146,9 @@ def train(config: MFTConfigBase, registry: Registry) -> int:
         return stopped.exit_code
     except (ConfigError, OutputDirError, CheckpointError, PackingLeakError, RunFileError) as error:
         print(error, file=sys.stderr)
+        return 2
+    except UnfusableError as error:  # loss_impl: chunked or teacher_cache on a model the probe forward refused
+        print(f"error: {error}", file=sys.stderr)
         return 2
     except DataError as error:  # bad data, named by file and record, found before any model is loaded
         print(f"bad data: {error}", file=sys.stderr)

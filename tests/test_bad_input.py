@@ -218,3 +218,29 @@ def test_yaml_tags_that_would_run_code_are_refused(
     line = len(path.read_text().splitlines())
     assert problem.strip().startswith(f"{path}:{line}: malformed YAML: could not determine a constructor for the tag")
     assert not ran.exists()
+
+
+# ---------------------------------------------------------------- the fused loss: a head it cannot reproduce
+
+
+def test_a_cache_on_a_model_whose_config_changes_its_logits_unfused_is_refused_before_loading(
+    config: dict[str, Any], weightless_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = model_variant(weightless_model, tmp_path, output_multiplier_scale=2.0)
+    problems = refused({**config, "base_model": str(model), "teacher_cache": {}}, tmp_path, capsys)
+    assert len(problems) == 1 and problems[0].startswith("teacher_cache: needs the fused loss, which ")
+    assert "its config sets output_multiplier_scale = 2.0" in problems[0]
+    assert refused({**config, "base_model": str(model), "loss_impl": "chunked"}, tmp_path, capsys)[0].startswith("loss_impl: ")
+    assert main([str(write_yaml(tmp_path / "auto.yml", {**config, "base_model": str(model)})), "--validate"]) == 0  # auto: plain
+
+
+def test_a_cache_on_a_model_the_probe_refuses_ends_in_one_line_and_exit_2(
+    base_config: dict[str, Any], tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Llama whose config says ``logit_scale`` (Cohere's key, which Llama ignores): the fused logits are
+    scaled, the model's are not, and the probe forward after loading says so."""
+    model = model_variant(tiny_model, tmp_path, logit_scale=0.5)
+    code = main([str(write_yaml(tmp_path / "config.yml", {**base_config, "base_model": str(model), "teacher_cache": {}}))])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith("error: teacher_cache needs the chunked loss, which cannot be used: its logits are not")

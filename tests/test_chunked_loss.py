@@ -125,6 +125,35 @@ def test_nll_rows_train_on_plain_nll() -> None:
     torch.testing.assert_close(losses, torch.where(nll_rows, nll, mft_losses), rtol=1e-5, atol=1e-6)
 
 
+class CountingTeacher(TeacherHead):
+    """A teacher head that records the chunks it computes p^T for."""
+
+    def chunk(self, rows: slice, labels: torch.Tensor, out: torch.Tensor, log_p_student: torch.Tensor | None = None):
+        self.read.append(rows.start)
+        return super().chunk(rows, labels, out, log_p_student)
+
+
+def test_chunks_of_nll_rows_only_skip_the_teacher_and_keep_the_gradient() -> None:
+    """Replay rows (w = 1) do not read p^T: a chunk made of them alone skips the teacher's head product."""
+    problem = random_problem(seed=5)
+    nll_rows = torch.arange(TOKENS) < 10  # chunks of 5: the first two are all w = 1, the third is mixed
+    teacher = CountingTeacher(problem["teacher_hidden"], problem["teacher_weight"])
+    object.__setattr__(teacher, "read", [])
+    hidden, weight = problem["hidden"].clone().requires_grad_(), problem["weight"].clone().requires_grad_()
+    losses = chunked_token_losses(hidden, weight, problem["labels"], objective("mft", 0.25), teacher, 5, nll_rows=nll_rows)
+    masked_mean(losses, problem["labels"]).backward()
+    assert teacher.read == [10, 15, 20]
+    expected_hidden, expected_weight = problem["hidden"].clone().requires_grad_(), problem["weight"].clone().requires_grad_()
+    mft = objective("mft", 0.25)
+    logits, teacher_logits = (expected_hidden @ expected_weight.T)[None], (problem["teacher_hidden"] @ problem["teacher_weight"].T)[None]
+    labels = problem["labels"][None]
+    expected = torch.where(nll_rows, nll_token_losses(logits, labels)[0], mft.token_losses(logits, teacher_logits, labels)[0])
+    masked_mean(expected, problem["labels"]).backward()
+    torch.testing.assert_close(losses, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hidden.grad, expected_hidden.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(weight.grad, expected_weight.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_all_labels_ignored_gives_zero_loss_and_gradient() -> None:
     problem = {**random_problem(seed=6), "labels": torch.full((TOKENS,), IGNORE)}
     losses, grad_hidden, grad_weight = chunked(problem, "mft", 0.25, 4)
@@ -244,10 +273,10 @@ def test_a_head_that_is_not_a_plain_linear_cannot_be_fused() -> None:
     adapted_head = get_peft_model(tiny_llama(0), LoraConfig(r=2, target_modules=["lm_head"]))
     with pytest.raises(UnfusableError, match="not a torch.nn.Linear"):
         output_head(adapted_head)
-    capped = tiny_llama(0)
-    capped.config.final_logit_softcapping = 30.0
-    with pytest.raises(UnfusableError, match="final_logit_softcapping"):
-        output_head(capped)
+    scaled = tiny_llama(0)
+    scaled.config.output_multiplier_scale = 2.0  # a known change of the logits that is not fused
+    with pytest.raises(UnfusableError, match="output_multiplier_scale = 2.0"):
+        output_head(scaled)
 
 
 class OwnLossObjective(Objective):

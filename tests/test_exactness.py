@@ -21,7 +21,7 @@ from mft_plugin.data.labels import shift_for_causal_lm
 from mft_plugin.eval.metrics import SPEC, perplexity
 from mft_plugin.loss.chunked import ChunkedLoss, chunked_token_losses, select_loss_impl
 from mft_plugin.loss.corrected import masked_mean
-from mft_plugin.models.heads import UnfusableError, default_chunk_size, fusable_head, output_head
+from mft_plugin.models.heads import LogitTransform, UnfusableError, default_chunk_size, fusable_head, output_head
 from mft_plugin.teacher.sources import FrozenCopyTeacher, SharedBaseTeacher
 from mft_plugin.teacher.views import TeacherHead
 from mft_plugin.train.outputs import base_key
@@ -44,17 +44,29 @@ def with_bias_head(model: LlamaForCausalLM, seed: int = 0) -> LlamaForCausalLM:
     return model
 
 
-def losses_and_grads(problem: dict[str, torch.Tensor], name: str, tau: float | None, bias: torch.Tensor, fused: bool):
+def transformed(logits: torch.Tensor, transform: LogitTransform) -> torch.Tensor:
+    """The naive reference of a model's transform after its head, as Gemma 2 and Granite write it."""
+    logits = logits * transform.scale
+    if transform.softcap is not None:
+        logits = torch.tanh(logits / transform.softcap) * transform.softcap
+    return logits
+
+
+def losses_and_grads(
+    problem: dict[str, torch.Tensor], name: str, tau: float | None, bias: torch.Tensor, fused: bool,
+    transform: LogitTransform = LogitTransform(),
+):
     hidden, weight = problem["hidden"].clone().requires_grad_(), problem["weight"].clone().requires_grad_()
     bias = bias.clone().requires_grad_()
     chosen, labels = objective(name, tau), problem["labels"]
     teacher_bias = problem.get("teacher_bias")
     if fused:
-        teacher = TeacherHead(problem["teacher_hidden"], problem["teacher_weight"], teacher_bias)
-        losses = chunked_token_losses(hidden, weight, labels, chosen, teacher if chosen.needs_teacher else None, 5, bias=bias)
+        teacher = TeacherHead(problem["teacher_hidden"], problem["teacher_weight"], teacher_bias, transform)
+        teacher = teacher if chosen.needs_teacher else None
+        losses = chunked_token_losses(hidden, weight, labels, chosen, teacher, 5, bias=bias, transform=transform)
     else:
-        teacher_logits = torch.nn.functional.linear(problem["teacher_hidden"], problem["teacher_weight"], teacher_bias)[None]
-        student_logits = torch.nn.functional.linear(hidden, weight, bias)[None]
+        teacher_logits = transformed(torch.nn.functional.linear(problem["teacher_hidden"], problem["teacher_weight"], teacher_bias), transform)[None]
+        student_logits = transformed(torch.nn.functional.linear(hidden, weight, bias), transform)[None]
         losses = chosen.token_losses(student_logits, teacher_logits if chosen.needs_teacher else None, labels[None])[0]
     masked_mean(losses, labels).backward()
     return losses.detach(), hidden.grad, weight.grad, bias.grad
@@ -67,6 +79,29 @@ def test_a_head_with_a_bias_is_fused_exactly(name: str, tau: float | None) -> No
     bias = torch.randn(VOCAB, generator=torch.Generator().manual_seed(2))
     for got, expected in zip(losses_and_grads(problem, name, tau, bias, True), losses_and_grads(problem, name, tau, bias, False)):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+TRANSFORMS = {
+    "Granite's logits_scaling": LogitTransform(scale=1 / 4),
+    "Cohere's logit_scale": LogitTransform(scale=3.0),
+    "Gemma's softcap": LogitTransform(softcap=2.0),
+    "a scale and a softcap": LogitTransform(scale=2.0, softcap=3.0),
+}
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS.values(), ids=TRANSFORMS.keys())
+@pytest.mark.parametrize(("name", "tau"), [("ft", None), ("mft", 0.25), ("mft", 0.6)])
+def test_a_scaled_or_softcapped_head_is_fused_exactly(name: str, tau: float | None, transform: LogitTransform) -> None:
+    problem = random_problem(seed=14)
+    problem["teacher_bias"] = torch.randn(VOCAB, generator=torch.Generator().manual_seed(1))
+    bias = torch.randn(VOCAB, generator=torch.Generator().manual_seed(2))
+    if transform.softcap is not None:  # the cap bites: most logits lie beyond it
+        assert (transform.scale * problem["hidden"] @ problem["weight"].T).abs().gt(transform.softcap).float().mean() > 0.3
+    fused = losses_and_grads(problem, name, tau, bias, True, transform)
+    for got, expected in zip(fused, losses_and_grads(problem, name, tau, bias, False, transform)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    untransformed = losses_and_grads(problem, name, tau, bias, False)
+    assert not torch.allclose(fused[0], untransformed[0], rtol=1e-2)
 
 
 def test_a_model_with_a_biased_head_trains_fused_as_it_does_plain() -> None:
@@ -105,12 +140,14 @@ def test_the_probe_refuses_a_model_that_changes_its_logits_after_the_head(base_c
         select_loss_impl(validate_config({**base_config, "loss_impl": "chunked"}), mft, scaled_llama(0.5))
 
 
-def test_a_softcap_in_a_nested_text_config_is_refused() -> None:
+def test_a_softcap_and_a_scale_in_a_nested_text_config_are_read() -> None:
     model = tiny_llama(0)
     text_config = type(model.config)(**model.config.to_dict())
-    text_config.final_logit_softcapping = 30.0
+    text_config.final_logit_softcapping, text_config.logits_scaling = 30.0, 4.0
     model.config.get_text_config = lambda *args, **kwargs: text_config
-    with pytest.raises(UnfusableError, match="final_logit_softcapping"):
+    assert LogitTransform.of(model) == LogitTransform(scale=0.25, softcap=30.0)
+    text_config.output_multiplier_scale = 2.0
+    with pytest.raises(UnfusableError, match="output_multiplier_scale"):
         output_head(model)
 
 
@@ -272,3 +309,66 @@ def test_evaluation_through_the_chunked_head_equals_the_logits_path(tiny_model: 
     model.lm_head.register_forward_hook(lambda module, args, out: logits_made.append(out.shape[-2]))
     assert trainer.perplexities()[SPEC] == pytest.approx(plain, rel=1e-6)
     assert logits_made and not any(logits_made)  # the head computed logits for zero positions
+
+
+# ---------------------------------------------------------------- evaluation does no gradient work
+
+
+def test_under_no_grad_the_fused_loss_does_no_head_gradient_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Evaluation (``torch.no_grad``) of a trainable head: the same losses, and neither the [V, H]
+    gradient buffer nor any chunk's gradient (``ctx.needs_input_grad`` alone ignores grad mode)."""
+    import mft_plugin.loss.chunked as chunked
+
+    problem = random_problem(seed=15)
+    hidden, weight = problem["hidden"].requires_grad_(), problem["weight"].requires_grad_()
+    teacher = TeacherHead(problem["teacher_hidden"], problem["teacher_weight"])
+    expected = chunked_token_losses(hidden, weight, problem["labels"], objective("mft", 0.25), teacher, 5).detach()
+    calls: list[str] = []
+    for name in ("_logit_gradient_", "_accumulate_product"):
+        original = getattr(chunked, name)
+        monkeypatch.setattr(chunked, name, lambda *args, _name=name, _original=original: calls.append(_name) or _original(*args))
+    with torch.no_grad():
+        got = chunked_token_losses(hidden, weight, problem["labels"], objective("mft", 0.25), teacher, 5)
+    assert torch.equal(got, expected) and calls == []
+    chunked_token_losses(hidden, weight, problem["labels"], objective("mft", 0.25), teacher, 5)  # with grad: it does
+    assert "_accumulate_product" in calls
+
+
+# ---------------------------------------------------------------- fp16: the loss scale before the cast
+
+
+def tail_problem() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hidden states, a head (weight and bias) and labels where the last 8 vocabulary entries get p^S
+    below fp16's smallest subnormal (6e-8) at every token."""
+    problem = random_problem(seed=16)
+    weight, bias = problem["weight"].clone(), torch.zeros(VOCAB)
+    weight[-8:] *= 0.01
+    bias[-8:] = -14.0
+    return problem["hidden"], weight, bias, torch.where(problem["labels"] >= VOCAB - 8, 0, problem["labels"])
+
+
+@pytest.mark.parametrize("token_gradient", [2.0**11, 1.0 / 17])
+def test_fp16_scales_the_gradient_before_casting_it(token_gradient: float) -> None:
+    """An fp16 run's loss scale S: the trainer passes S / tokens as ``grad_scale``, the gradient each token
+    loss gets. The head's gradient on tail entries then survives the fp16 products, as in float32;
+    without the scale (S = 1, the old behaviour, whatever S was) it is 0."""
+    hidden, weight, bias, labels = tail_problem()
+    count = int((labels != IGNORE).sum())
+    assert count == 17
+
+    def grads(compute_dtype: torch.dtype, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        losses = chunked_token_losses(h, w, labels, None, None, 5, compute_dtype=compute_dtype, bias=bias, grad_scale=scale / count)
+        (masked_mean(losses, labels) * scale).backward()  # what a GradScaler's backward does
+        return h.grad / scale, w.grad / scale
+
+    tail_p = torch.softmax(hidden @ weight.T + bias, dim=1)[:, -8:]
+    assert tail_p.max() < 6e-8 and tail_p.min() > 0
+    expected_hidden, expected_weight = grads(torch.float32, 1.0)
+    got_hidden, got_weight = grads(torch.float16, token_gradient * count)
+    torch.testing.assert_close(got_hidden, expected_hidden, rtol=2e-2, atol=1e-4)
+    if token_gradient * count == 1.0:
+        assert not got_weight[-8:].any()  # flushed to zero in the fp16 product
+    else:
+        error = (got_weight[-8:] - expected_weight[-8:]).norm() / expected_weight[-8:].norm()
+        assert error < 1e-2  # fp16's own rounding of h and of the subnormal products, nothing lost

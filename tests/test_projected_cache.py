@@ -25,7 +25,7 @@ from mft_plugin.loss.projected import projected_cross_entropy, subtract_teacher_
 from mft_plugin.models.heads import UnfusableError, output_head
 from mft_plugin.teacher.cache import cache_layout, open_fields, teacher_cache_key, write_cache
 from mft_plugin.teacher.hidden_states import HiddenStates
-from mft_plugin.teacher.projected import Projected, logit_scale, project
+from mft_plugin.teacher.projected import Projected, project
 from mft_plugin.teacher.sources import SharedBaseTeacher
 from mft_plugin.teacher.views import ProjectedTeacher
 from tests.test_chunked_loss import HIDDEN, TOKENS, VOCAB, tiny_llama
@@ -163,12 +163,14 @@ def test_teacher_cache_picks_projected_for_a_frozen_shared_head_and_hidden_state
     assert projected != hidden
 
 
-def test_a_constant_logit_scale_is_read_from_the_config() -> None:
-    config = tiny_llama(0).config
-    assert logit_scale(config) == 1.0
-    config.logits_scaling = 4.0  # Granite divides
-    config.logit_scale = 0.5  # Cohere multiplies
-    assert logit_scale(config) == 0.125
+def test_a_constant_logit_scale_folds_into_the_layout_and_a_softcap_is_refused() -> None:
+    lora = get_peft_model(tiny_llama(0), LoraConfig(r=2, target_modules=["q_proj"]))
+    assert Projected.for_student(lora).scale == 1.0
+    lora.config.logits_scaling = 4.0  # Granite divides
+    assert Projected.for_student(lora).scale == 0.25
+    lora.config.final_logit_softcapping = 30.0  # Gemma 2
+    with pytest.raises(UnfusableError, match="softcaps its logits"):
+        Projected.for_student(lora)
 
 
 def refusal(tmp_path: Path, config: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> str:

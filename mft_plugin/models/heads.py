@@ -1,10 +1,11 @@
 """The model side of the fused loss: the LM head, and the final hidden states that feed it.
 
 The chunked loss (:mod:`mft_plugin.loss.chunked`), the teacher (:mod:`mft_plugin.teacher`), the
-teacher cache and the evaluation all compute logits as ``hidden @ head.weight.T (+ head.bias)``, a
-chunk of tokens at a time. This module finds that head, proves on a probe forward that the model's
-logits are exactly that (:func:`fusable_head`), captures its input during a model's own forward, and
-sizes the chunks.
+teacher cache and the evaluation all compute logits as ``T(hidden @ head.weight.T (+ head.bias))``, a
+chunk of tokens at a time, where T is the transform the model applies after its head
+(:class:`LogitTransform`: Gemma's softcap, Granite's and Cohere's scales). This module finds that
+head and transform, proves on a probe forward that the model's logits are exactly that
+(:func:`fusable_head`), captures the head's input during a model's own forward, and sizes the chunks.
 """
 
 from __future__ import annotations
@@ -26,10 +27,14 @@ from mft_plugin.models.forms import eval_mode
 # CPU benchmarks were measured with.
 CHUNK_BUDGET_BYTES = 32 << 20
 MIN_CHUNK_ROWS = 384
-# Config keys of models known to change the logits after the head (softcapping, scaling). A probe
-# forward (:func:`fusable_head`) catches the others; these are refused even where the probe's logits
-# are too small for the change to show (a softcap is nearly the identity near 0).
-LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+# Config keys with which transformers' models scale their logits after the head, and how: Granite
+# (and its MoE variants) divide by ``logits_scaling``, Cohere multiplies by ``logit_scale``, Falcon-H1
+# by ``lm_head_multiplier``. Gemma 2 and Gemma 3 (text) then cap them: ``final_logit_softcapping``.
+SCALE_KEYS = {"logits_scaling": "divides", "logit_scale": "multiplies", "lm_head_multiplier": "multiplies"}
+SOFTCAP_KEY = "final_logit_softcapping"
+# Keys known to change the logits in a way not fused here: refused even where the probe's logits are
+# too small for the change to show. A probe forward (:func:`fusable_head`) catches the unknown ones.
+UNFUSED_KEYS = ("output_multiplier_scale",)
 PROBE_TOKENS = 16
 # Relative tolerance of the probe: the head's own matmul against ours in the same dtype (cuBLAS/oneDNN may
 # pick other kernels for other shapes); a logit scale or softcap is off by far more.
@@ -53,35 +58,90 @@ def default_chunk_size(tokens: int, vocab: int, with_teacher: bool, hidden_size:
     return max(1, -(-buffer_rows // (3 if with_teacher else 1)))
 
 
+def _configs(source: object) -> list[object]:
+    """A model's config (or ``source`` itself, a config) and its nested text config, if any."""
+    config = getattr(source, "config", source)
+    get_text_config = getattr(config, "get_text_config", None)
+    text_config = get_text_config() if callable(get_text_config) else None
+    return [config] if text_config is None or text_config is config else [config, text_config]
+
+
+def _set(config: object, key: str) -> float | None:
+    value = getattr(config, key, None)
+    return None if value is None else float(value)
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a model does to its logits after the head: ``z = softcap(scale * y)``, ``y = h W^T (+ b)``,
+    with ``softcap(x) = c tanh(x / c)`` (identity when ``softcap`` is None).
+
+    The fused loss, the teacher (online or cached) and the evaluation apply it to each chunk of logits
+    so that they see the model's own logits; the gradient goes back through it exactly:
+    dz/dy = scale (1 - (z / c)^2).
+    """
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @classmethod
+    def of(cls, source: object) -> LogitTransform:
+        """The transform a model (or its config, also a nested text config) applies after its head;
+        UnfusableError naming the key for a known change not fused here (``UNFUSED_KEYS``)."""
+        scale, softcap = 1.0, None
+        for config in _configs(source):
+            for key in UNFUSED_KEYS:
+                if _set(config, key) not in (None, 1.0):
+                    raise UnfusableError(f"its config sets {key} = {getattr(config, key)} (logits are changed after the head)")
+        config = _configs(source)[-1]  # the text model's: it is the one that computes the logits
+        for key, how in SCALE_KEYS.items():
+            if (value := _set(config, key)) is not None:
+                scale *= 1.0 / value if how == "divides" else value
+        if (cap := _set(config, SOFTCAP_KEY)) is not None and cap > 0:
+            softcap = cap
+        return cls(scale, softcap)
+
+    def apply_(self, logits: torch.Tensor) -> torch.Tensor:
+        """z from y, in place in ``logits`` ``[n, V]`` (its dtype: float32 in the chunks)."""
+        if self.scale != 1.0:
+            logits.mul_(self.scale)
+        if self.softcap is not None:
+            logits.div_(self.softcap).tanh_().mul_(self.softcap)
+        return logits
+
+    def derivative(self, z: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """dz/dy ``[n, V]`` into ``out``, from the transformed logits ``z`` (softcap only; else it is ``scale``)."""
+        torch.div(z, self.softcap, out=out)
+        return out.square_().neg_().add_(1.0).mul_(self.scale)
+
+
+IDENTITY = LogitTransform()
+
+
 def output_head(model: torch.nn.Module) -> torch.nn.Linear:
     """The model's LM head if it is a plain ``torch.nn.Linear`` (with or without bias) and no known
-    config key changes the logits after it; else UnfusableError. :func:`fusable_head` also measures."""
+    config key changes the logits after it in a way not fused (:meth:`LogitTransform.of`); else
+    UnfusableError. :func:`fusable_head` also measures."""
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     if type(head) is not torch.nn.Linear:
         name = f"{type(head).__module__}.{type(head).__qualname__}"
         raise UnfusableError(f"its output layer is {name}, not a torch.nn.Linear (e.g. an adapter on lm_head)")
-    configs = [getattr(model, "config", None)]
-    get_text_config = getattr(configs[0], "get_text_config", None)
-    if callable(get_text_config):
-        configs.append(get_text_config())
-    for config in configs:
-        for key in LOGIT_POSTPROCESSING:
-            if getattr(config, key, None) not in (None, 1, 1.0):
-                raise UnfusableError(f"its config sets {key} = {getattr(config, key)} (logits are changed after the head)")
+    LogitTransform.of(model)
     return head
 
 
-def head_logits(hidden: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
-    """``hidden @ head.weight.T (+ head.bias)`` in ``hidden``'s dtype: the logits the fused path assumes."""
+def head_logits(hidden: torch.Tensor, head: torch.nn.Linear, transform: LogitTransform = IDENTITY) -> torch.Tensor:
+    """``T(hidden @ head.weight.T (+ head.bias))`` in float32: the logits the fused path computes."""
     bias = None if head.bias is None else head.bias.to(hidden.dtype)
-    return torch.nn.functional.linear(hidden, head.weight.to(hidden.dtype), bias)
+    return transform.apply_(torch.nn.functional.linear(hidden, head.weight.to(hidden.dtype), bias).float())
 
 
 @torch.no_grad()
 def fusable_head(model: torch.nn.Module) -> torch.nn.Linear:
-    """:func:`output_head`, once one probe forward shows that the model's logits are exactly the head
-    applied to its final hidden states (within the dtype's tolerance, ``PROBE_RTOL``).
+    """:func:`output_head`, once one probe forward shows that the model's logits are exactly its
+    :class:`LogitTransform` of the head applied to its final hidden states (within the dtype's
+    tolerance, ``PROBE_RTOL``).
 
     A model that scales or caps its logits under a config key nobody listed (or in its ``forward``)
     would otherwise train the fused loss on other logits than its own, silently.
@@ -99,7 +159,7 @@ def fusable_head(model: torch.nn.Module) -> torch.nn.Linear:
         handle.remove()
     if not seen:
         raise UnfusableError("its forward never called its output layer")
-    expected = head_logits(seen[-1], head)[:, -logits.shape[1] :].float()
+    expected = head_logits(seen[-1], head, LogitTransform.of(model))[:, -logits.shape[1] :]
     got = logits.float()
     rtol = PROBE_RTOL.get(seen[-1].dtype, 2e-2)
     error = (got - expected).abs().max().item()
@@ -107,7 +167,7 @@ def fusable_head(model: torch.nn.Module) -> torch.nn.Linear:
     if got.shape != expected.shape or not error <= rtol * max(scale, 1e-6):
         raise UnfusableError(
             f"its logits are not its head applied to its final hidden states (probe forward: largest difference "
-            f"{error:.3g} at logits up to {scale:.3g}; the model changes them after the head)"
+            f"{error:.3g} at logits up to {scale:.3g}; the model changes them after the head in a way its config does not say)"
         )
     return head
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from mft_plugin.models.forms import has_adapters
-from mft_plugin.models.heads import output_head
+from mft_plugin.models.heads import LogitTransform, output_head
 from mft_plugin.teacher.sources import frozen_head_view
 from mft_plugin.teacher.stored import Field, as_stored, cache_rows, no_logits
 from mft_plugin.teacher.views import TeacherHead
@@ -50,19 +50,21 @@ class HiddenStates:
                 arrays["head_bias"][:] = as_stored(view.bias)
 
     def open(self, fields: dict[str, Field], student: torch.nn.Module) -> HiddenStateCache:
-        return HiddenStateCache(fields, output_head(student) if has_adapters(student) else None)
+        shared_head = output_head(student) if has_adapters(student) else None
+        return HiddenStateCache(fields, shared_head, LogitTransform.of(student))
 
 
 class HiddenStateCache:
     """The exact cache, read batch by batch (a teacher for ``MFTTrainer``).
 
     ``shared_head``: the adapter run's base head (the student's, frozen); None: the frozen copy stored
-    in the cache (full finetuning, where the student's own head trains).
+    in the cache (full finetuning, where the student's own head trains). ``transform``: the model's
+    after its head (a finetuning run does not change its config).
     """
 
-    def __init__(self, fields: dict[str, Field], shared_head: torch.nn.Linear | None) -> None:
+    def __init__(self, fields: dict[str, Field], shared_head: torch.nn.Linear | None, transform: LogitTransform) -> None:
         self.hidden = fields["hidden"]
-        self.shared_head = shared_head
+        self.shared_head, self.transform = shared_head, transform
         self.device = torch.device("cpu")
         self.weight = self.bias = None
         if shared_head is None:
@@ -80,8 +82,8 @@ class HiddenStateCache:
         """The stored hidden states of the batch's blocks, all rows (reading is free), with the frozen head."""
         hidden = self.hidden.rows(cache_rows(batch), batch["input_ids"].shape[1]).to(self.device).flatten(0, 1)
         if self.shared_head is not None:
-            return frozen_head_view(hidden, self.shared_head)
-        return TeacherHead(hidden, self.weight, self.bias)
+            return frozen_head_view(hidden, self.shared_head, self.transform)
+        return TeacherHead(hidden, self.weight, self.bias, self.transform)
 
     def logits(self, batch: Mapping[str, torch.Tensor], rows: torch.Tensor | None = None) -> torch.Tensor:
         no_logits()

@@ -11,56 +11,34 @@ objective; paper Sec. 2 and 4), so one cache serves a whole sweep over tau and o
 u is built in float32 (p^T @ W with float32 accumulation, W upcast, whatever the run's dtype) and
 stored in float32: 4 x hidden_size bytes per token, twice the bfloat16 hidden-state cache, the price
 of not rounding the teacher's side of the gradient to bfloat16 (README "Teacher cache"). A constant
-logit scale s (``logit_scale``, ``lm_head_multiplier``; 1 / ``logits_scaling``) folds into u and
-b . p^T. Where the identity fails (a trainable head, a softcap), :func:`projection_problem` says why.
+logit scale s (:class:`mft_plugin.models.heads.LogitTransform`: ``logit_scale``, ``lm_head_multiplier``,
+1 / ``logits_scaling``) folds into u and b . p^T. Where the identity fails (a trainable head, a softcap), :func:`projection_problem` says why.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
 
 from mft_plugin.models.forms import has_adapters
-from mft_plugin.models.heads import UnfusableError, output_head
+from mft_plugin.models.heads import LogitTransform, UnfusableError, output_head
 from mft_plugin.teacher.stored import Field, PerTokenCache, teacher_chunks, write_tokens
 from mft_plugin.teacher.views import ProjectedTeacher, TeacherHead
 
-# Config keys of a constant factor on the logits: multiplied by, or divided by (Granite)
-SCALE_KEYS = {"logit_scale": False, "lm_head_multiplier": False, "logits_scaling": True}
-SOFTCAP_KEYS = ("final_logit_softcapping",)
 TOKEN_FIELDS = ("p_label", "p_max")
 
 
-def _configs(model_config: Any) -> list[Any]:
-    """The model's config and its text config (multimodal models nest the language model's keys)."""
-    configs = [model_config]
-    get_text_config = getattr(model_config, "get_text_config", None)
-    if callable(get_text_config) and get_text_config() is not model_config:
-        configs.append(get_text_config())
-    return configs
-
-
-def logit_scale(model_config: Any) -> float:
-    """The constant s of logits = s (W h + b) that ``model_config`` declares (1.0 when none)."""
-    scale = 1.0
-    for config in _configs(model_config):
-        for key, divides in SCALE_KEYS.items():
-            value = getattr(config, key, None)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                scale = scale / value if divides else scale * value
-    return scale
-
-
-def config_problem(model_config: Any) -> str | None:
-    """Why the logits of a model with this config are not linear in its head's output, or None."""
-    for config in _configs(model_config):
-        for key in SOFTCAP_KEYS:
-            if getattr(config, key, None) not in (None, 0, 0.0):
-                return f"its config sets {key} = {getattr(config, key)} (a softcapped head is not linear in p^T)"
-    return None
+def linearity_problem(source: object) -> str | None:
+    """Why the logits of this model (or its config) are not linear in its head's output (a softcap, or a
+    change the fused loss does not reproduce), or None; a constant scale is linear and folds into u."""
+    try:
+        softcap = LogitTransform.of(source).softcap
+    except UnfusableError as error:
+        return str(error)
+    return None if softcap is None else f"the model softcaps its logits (final_logit_softcapping = {softcap}: not linear in p^T)"
 
 
 def projection_problem(student: torch.nn.Module | None) -> str | None:
@@ -69,7 +47,7 @@ def projection_problem(student: torch.nn.Module | None) -> str | None:
     frozen and plain."""
     if student is None or not has_adapters(student):
         return "the run has no adapter (full finetuning): the head trains, and the teacher is a frozen copy"
-    if (problem := config_problem(getattr(student, "config", None))) is not None:
+    if (problem := linearity_problem(student)) is not None:
         return problem
     try:
         head = output_head(student)
@@ -108,7 +86,7 @@ class Projected:
     def for_student(cls, student: torch.nn.Module | None) -> Projected:
         """The layout for ``student``'s frozen head and logit scale; UnfusableError where the identity fails."""
         _require_projection(student)
-        return cls(logit_scale(student.config))
+        return cls(LogitTransform.of(student).scale)
 
     def settings(self) -> dict[str, object]:
         return {"scale": self.scale}

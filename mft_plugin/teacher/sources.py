@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 
 from mft_plugin.data.batches import model_inputs
 from mft_plugin.models.forms import eval_mode, has_adapters, is_quantized
-from mft_plugin.models.heads import forward_hidden, output_head
+from mft_plugin.models.heads import LogitTransform, forward_hidden, output_head
 from mft_plugin.teacher.views import TeacherHead, TeacherView
 
 Batch = Mapping[str, torch.Tensor]
@@ -70,13 +70,14 @@ def teacher_head(model: torch.nn.Module, batch: Batch, rows: torch.Tensor | None
             captured = forward_hidden(model, head, _picked(batch, rows))
             dtype = captured.compute_dtype
             hidden = hidden.to(captured.hidden.dtype).index_put_((rows,), captured.hidden)
-    return frozen_head_view(hidden.flatten(0, -2).to(dtype), head)
+    return frozen_head_view(hidden.flatten(0, -2).to(dtype), head, LogitTransform.of(model))
 
 
-def frozen_head_view(hidden: torch.Tensor, head: torch.nn.Linear) -> TeacherHead:
-    """The teacher view of hidden states ``[N, H]`` through ``head``, its weights cast to their dtype."""
+def frozen_head_view(hidden: torch.Tensor, head: torch.nn.Linear, transform: LogitTransform) -> TeacherHead:
+    """The teacher view of hidden states ``[N, H]`` through ``head`` (its weights cast to their dtype)
+    and the model's ``transform`` after it."""
     bias = None if head.bias is None else head.bias.detach().to(hidden.dtype)
-    return TeacherHead(hidden, head.weight.detach().to(hidden.dtype), bias)
+    return TeacherHead(hidden, head.weight.detach().to(hidden.dtype), bias, transform)
 
 
 class _ModelTeacher:

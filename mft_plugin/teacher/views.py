@@ -16,6 +16,7 @@ from typing import Protocol
 
 import torch
 
+from mft_plugin.models.heads import IDENTITY, LogitTransform
 from mft_plugin.strategy import TeacherStats
 
 
@@ -57,12 +58,13 @@ class TeacherLogits:
 @dataclass(frozen=True)
 class TeacherHead:
     """A teacher given as its final hidden states ``[N, H]``, head weight ``[V, H]`` and bias ``[V]``
-    (all in the dtype of the head's matmul): online, or read from the hidden-state cache. Its ``[N, V]``
-    logits are never materialized, only one chunk at a time."""
+    (all in the dtype of the head's matmul) and the model's transform after its head: online, or read
+    from the hidden-state cache. Its ``[N, V]`` logits are never materialized, only one chunk at a time."""
 
     hidden: torch.Tensor
     weight: torch.Tensor
     bias: torch.Tensor | None = None
+    transform: LogitTransform = IDENTITY
 
     def chunk(
         self, rows: slice, labels: torch.Tensor, out: torch.Tensor, log_p_student: torch.Tensor | None = None
@@ -70,7 +72,7 @@ class TeacherHead:
         logits = matmul_into(out, self.hidden[rows], self.weight.T)
         if self.bias is not None:
             logits.add_(self.bias)
-        p_teacher = torch.softmax(logits, dim=1, out=out)
+        p_teacher = torch.softmax(self.transform.apply_(logits), dim=1, out=out)
         return stats_of(p_teacher, labels)
 
 

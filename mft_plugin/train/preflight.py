@@ -22,8 +22,9 @@ from transformers.training_args import OptimizerNames
 from mft_plugin.train.checkpoints import CheckpointError, check_named_checkpoint, check_resume_config, resume_checkpoint
 from mft_plugin.config.schema import MFTConfigBase
 from mft_plugin.config.errors import ConfigError, with_locations
+from mft_plugin.models.heads import LogitTransform, UnfusableError
 from mft_plugin.models.loading import load_tokenizer
-from mft_plugin.teacher.projected import config_problem
+from mft_plugin.teacher.projected import linearity_problem
 from mft_plugin.train.outputs import OutputDirError, prepare_output_dir
 
 
@@ -52,6 +53,20 @@ def machine_problems(config: MFTConfigBase) -> list[str]:
     if not hasattr(transformers, config.model_type):
         problems.append(f"model_type: {config.model_type!r} is not a class of transformers {transformers.__version__}")
     return problems
+
+
+def fusion_problems(config: MFTConfigBase, model_config: object) -> list[str]:
+    """``teacher_cache`` and ``loss_impl: chunked`` need the fused loss: a model whose config changes its
+    logits after the head in a way the fused loss does not reproduce is refused here, before any data is
+    tokenized or weight loaded (the probe forward after loading catches what no config key says)."""
+    if config.teacher_cache is None and config.loss_impl != "chunked":
+        return []
+    try:
+        LogitTransform.of(model_config)
+    except UnfusableError as error:
+        key = "teacher_cache" if config.teacher_cache is not None else "loss_impl"
+        return [f"{key}: needs the fused loss, which {config.base_model} cannot take: {error}; use loss_impl: naive without a teacher_cache"]
+    return []
 
 
 def token_problems(config: MFTConfigBase, tokenizer: PreTrainedTokenizerBase, model_vocab: int | None) -> list[str]:
@@ -96,7 +111,7 @@ def projected_cache_problems(config: MFTConfigBase, model_config: Any) -> list[s
     elif trained & saved[0]:
         problem = f"lora_modules_to_save trains {', '.join(sorted(trained & saved[0]))}, so the head trains"
     else:
-        problem = config_problem(model_config)
+        problem = linearity_problem(model_config)
     if problem is None:
         return []
     return [f"teacher_cache.layout: 'projected' cannot be used: {problem}; it needs a frozen LM head shared by teacher "
@@ -118,6 +133,7 @@ def preflight(config: MFTConfigBase, source: str | None = None, overrides: Seque
     except (OSError, ValueError) as error:  # not a model folder (no config.json), nor a reachable hub name
         problems.append(f"base_model: cannot load {config.base_model!r}: {_one_line(error)}")
         raise ConfigError(with_locations(problems, source, overrides)) from None
+    problems += fusion_problems(config, model_config)
     positions = getattr(model_config, "max_position_embeddings", None)
     if positions is not None and config.sequence_len > positions:
         problems.append(

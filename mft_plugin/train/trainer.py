@@ -91,7 +91,8 @@ class MFTTrainer(Trainer):
         # the student's forward runs in the run's autocast (accelerate wraps it); so does the teacher's
         teacher = InPrecision(self.teacher, self.accelerator.autocast) if self.teacher is not None else None
         if self.chunked_loss is not None and not return_outputs:  # fused with the LM head, no logits made
-            outputs, token_losses = None, self.chunked_loss(model, teacher, inputs, labels)
+            grad_scale = self._token_gradient(num_items_in_batch) if model.training else 1.0
+            outputs, token_losses = None, self.chunked_loss(model, teacher, inputs, labels, grad_scale)
         else:
             outputs = model(**model_inputs(inputs))
             token_losses = plain_token_losses(self.objective, teacher, outputs.logits, inputs, labels)
@@ -116,6 +117,15 @@ class MFTTrainer(Trainer):
                 return {}
             self._penalized_step = self.state.global_step
         return {m.name: p for m in self.mitigations if (p := m.penalty(model)) is not None}
+
+    def _token_gradient(self, num_items_in_batch: torch.Tensor | int | None) -> float:
+        """The gradient each token loss gets in an fp16 run's backward (loss scale x ranks / the step's
+        tokens, as in :meth:`_step_share`), for the fused loss to scale p^S - p^C by before its fp16 casts;
+        1 without a loss scaler."""
+        scaler = self.accelerator.scaler
+        if scaler is None or num_items_in_batch is None:
+            return 1.0
+        return scaler.get_scale() * self.accelerator.num_processes / max(int(num_items_in_batch), 1)
 
     def _step_share(self, token_losses: torch.Tensor, num_items_in_batch: torch.Tensor | int) -> torch.Tensor:
         """This micro-batch's share of the step's loss: its token losses summed over the labelled tokens of
