@@ -1,5 +1,6 @@
 """The family matrix (issue 22): on tiny random models of 19 transformers families, the fused loss
-(``loss_impl: auto`` and ``chunked``), the exact teacher cache and LoRA + MFT give the naive run's
+(``loss_impl: auto`` and ``chunked``), the exact teacher cache, LoRA + MFT and LoRA + MFT with the
+projected teacher cache (the hidden-state one under a softcap) give the naive run's
 per-step losses and final perplexities, through the real recipe.
 
 Each model: 2 layers, hidden size 64, the shipped tokenizer's vocabulary, its LM head scaled up so
@@ -66,6 +67,7 @@ FUSED_RUNS = {
     "chunked": {"loss_impl": "chunked"},
     "teacher_cache": {"teacher_cache": {}},  # loss_impl: auto; the cache needs the fused loss
     "lora": {"loss_impl": "chunked"},
+    "lora_cache": {"teacher_cache": {}},  # the projected layout (hidden states where a softcap forbids it)
 }
 
 
@@ -158,7 +160,7 @@ def test_every_family_trains_fused_and_cached_as_it_does_naive(
     }
     assert len(expected["full"]) == 2 + 4
     for name, extra in FUSED_RUNS.items():
-        adapter = lora(family) if name == "lora" else {}
+        adapter = lora(family) if name.startswith("lora") else {}
         got = trace(validate, {**config, **extra, **adapter, "output_dir": str(tmp_path / name)})
         reference = expected["lora" if adapter else "full"]
         assert got == pytest.approx(reference, rel=1e-5), name

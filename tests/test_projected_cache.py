@@ -195,7 +195,7 @@ def test_layout_projected_is_refused_where_the_identity_does_not_hold(
         (softcapped / file.name).write_bytes(file.read_bytes())
     (softcapped / "config.json").write_text(json.dumps({**config, "final_logit_softcapping": 30.0}))
     line = refusal(tmp_path, {**asked, "base_model": str(softcapped), "adapter": "lora"}, capsys)
-    assert line.startswith("teacher_cache.layout: 'projected' cannot be used: its config sets final_logit_softcapping = 30.0")
+    assert line.startswith("teacher_cache.layout: 'projected' cannot be used: the model softcaps its logits (final_logit_softcapping = 30.0")
     assert main([str(write_yaml(tmp_path / "ok.yml", {**asked, "adapter": "lora"})), "--validate"]) == 0
 
 
