@@ -41,17 +41,12 @@ REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
     **{
         key: (_CUDA, OFF)
         for key in (
-            "liger_rope", "liger_rms_norm", "liger_rms_norm_gated", "liger_glu_activation", "liger_layer_norm",
-            "liger_fused_linear_cross_entropy", "cut_cross_entropy", "flash_attn_cross_entropy",
-            "flash_attn_fuse_mlp", "lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "use_kernels",
-            "fused_attn_kernel", "use_scattermoe", "use_sonicmoe", "use_dsv4_kernels", "use_glm_dsa_kernels",
-            "flash_optimum", "dsv4_fp4_grouped_mode", "tiled_mlp", "activation_offloading",
+            "flash_attn_cross_entropy", "use_dsv4_kernels", "use_glm_dsa_kernels", "flash_optimum", "dsv4_fp4_grouped_mode",
             "llama4_linearized_experts", "gemma4_hybrid_attn_impl", "pretrain_multipack_attn",
         )
     },
     "xformers_attention": ("xformers is a CUDA-only attention patch of Axolotl; use attn_implementation: sdpa", OFF),
     "flex_attn_compile_kwargs": ("torch.compile of flex attention is not run by mft-run", OFF),
-    "experts_implementation": ("a mixture-of-experts kernel choice; mft-run trains dense causal LMs", OFF),
     **{key: (_COMPILE, OFF) for key in ("torch_compile", "torch_compile_mode", "torch_compile_backend", "torch_compile_options")},
     **{key: (_FP8, OFF) for key in ("fp8", "fp8_enable_fsdp_float8_all_gather", "fp8_config")},
     "bfloat16": ("loads the weights in bfloat16 (pure bf16 training); mft-run keeps float32 weights: use bf16: true", OFF),
@@ -127,7 +122,6 @@ REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
     "test_value": ("not a training key", OFF),
     "adam_eps": ("not a key of Axolotl's schema, which drops it silently; the key is adam_epsilon", OFF),
     "accelerator_config": ("accelerate's state is set up by mft-run's engine (README 'Scaling out')", OFF),
-    "fsdp_version": ("write it inside the FSDP block: fsdp_config: {fsdp_version: 2}", OFF),
     "full_finetune": ("full finetuning is the default: leave adapter empty", OFF),
     "torchdistx_path": ("torchdistx is not used; transformers 5 loads with low memory", OFF),
     "plugins": ("Axolotl plugins run inside `axolotl train` (README 'Axolotl plugin'), not mft-run", OFF),
@@ -167,7 +161,7 @@ REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
     }.items()},
     **{key: (_CUDA, OFF) for key in (
         "flash_attn_d512", "flash_attn_rms_norm", "large_head_attention", "s2_attention", "sage_attention", "sdpa_varlen",
-        "lora_embedding_kernel", "tiled_mlp_num_shards", "deepcompile", "fp32_norms", "fp32_norm_classes",
+        "lora_embedding_kernel", "deepcompile", "fp32_norms", "fp32_norm_classes",
         "embeddings_skip_upcast", "layer_offloading", "ple_cpu_offload", "selective_checkpointing", "dynamic_checkpoint",
         "batch_flattening", "qlora_sharded_model_loading", "lora_on_cpu", "gpu_memory_limit", "max_memory",
         "chunked_cross_entropy", "chunked_cross_entropy_num_chunks",

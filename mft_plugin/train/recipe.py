@@ -6,6 +6,7 @@ then (inside the Trainer's loss) their penalties.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 from transformers import PreTrainedModel, TrainingArguments, set_seed
+from transformers.utils.import_utils import is_torch_tf32_available
 
 from mft_plugin.config.schema import MFTConfigBase
 from mft_plugin.data.batches import PaddingCollator
@@ -51,6 +53,8 @@ from mft_plugin.train.safety import check_finite_weights
 from mft_plugin.train.signals import StopOnSignal, TrainingInterrupted
 from mft_plugin.train.stopping import stopping_callbacks
 from mft_plugin.train.trainer import MFTTrainer
+
+logger = logging.getLogger(__name__)
 
 EVALUATIONS_PER_RUN = 10
 # transformers renamed `gradient_checkpointing` to `activation_checkpointing` (the old name stays an alias
@@ -156,8 +160,8 @@ def training_arguments(
         max_grad_norm=config.max_grad_norm,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        tf32=config.tf32,
-        **{CHECKPOINTING_ARGUMENT: config.gradient_checkpointing},
+        tf32=config.tf32 if is_torch_tf32_available() else None,  # else said inactive at the start (start_notes)
+        **{CHECKPOINTING_ARGUMENT: bool(config.gradient_checkpointing)},  # offload: the offloading is a note
         **{f"{CHECKPOINTING_ARGUMENT}_kwargs": checkpointing_kwargs.model_dump(exclude_none=True) if checkpointing_kwargs else None},
         **_sampling_argument(config.group_by_length),
         ddp_find_unused_parameters=config.ddp_find_unused_parameters,
@@ -198,6 +202,8 @@ def _run(config: MFTConfigBase, registry: Registry) -> dict[str, Any]:
     if (finished := begin_run(config, output_dir)) is not None:
         return finished
     set_seed(config.seed)
+    for note in config.start_notes:
+        logger.warning(note)
 
     tokenizer = load_tokenizer(config)
     engine = Engine.from_config(config)
