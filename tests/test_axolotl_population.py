@@ -12,7 +12,7 @@ from mft_plugin.config.errors import ConfigError, validate_config
 from mft_plugin.train.recipe import training_arguments
 from tests.axolotl_population import POPULATION, problems_of
 
-VALIDATING = 67  # of the 198 (51 before issue 25); README "Axolotl's example YAMLs" lists what stops the rest
+VALIDATING = 73  # of the 198 (51 before issue 25); README "Axolotl's example YAMLs" lists what stops the rest
 
 
 def test_the_population_is_axolotls_198_supervised_text_examples() -> None:
@@ -67,3 +67,77 @@ def test_speed_switches_are_said_inactive_once(base_config: dict[str, Any]) -> N
     assert args.activation_checkpointing  # the checkpointing half of `offload` is applied
     with pytest.raises(ConfigError, match="activation_offloading"):
         validate_config({**base_config, "activation_offloading": "sometimes"})
+
+
+# --- chat_template: end-of-turn tokens, reasoning traces, Axolotl's older spelling ------------------
+
+# a template whose turns end with "|" (one token of the shipped tokenizer) and that writes a reasoning trace
+JINJA = (
+    "{% for m in messages %}[{{ m['role'] }}]{% if m['reasoning_content'] %}<{{ m['reasoning_content'] }}>{% endif %}"
+    "{{ m['content'] }}|{% endfor %}"
+)
+TALK = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello.", "thought": "greet"}]
+
+
+def _labelled(tokenizer: Any, record: dict[str, Any], **params: Any) -> tuple[str, str]:
+    """The rendered record and its labelled tokens, decoded."""
+    from mft_plugin.data.labels import IGNORE_INDEX
+    from mft_plugin.registry import default_registry
+
+    chat = default_registry().get("format", "chat_template").cls(chat_template="jinja", chat_template_jinja=JINJA, **params)
+    row = chat.tokenize(record, tokenizer, False)
+    labelled = [token for token, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX]
+    return tokenizer.decode(row["input_ids"]), tokenizer.decode(labelled)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Any:
+    from transformers import AutoTokenizer
+
+    from tests.tiny import REFERENCE_MODEL
+
+    return AutoTokenizer.from_pretrained(REFERENCE_MODEL)
+
+
+@pytest.mark.parametrize(
+    ("params", "labelled"),
+    [
+        ({}, "Hello."),  # the template writes no EOS: no turn end is labelled (Axolotl's default eot_tokens: [eos])
+        ({"eot_tokens": ["|"]}, "Hello.|"),  # train_on_eot follows train_on_eos: turn
+        ({"eot_tokens": ["|"], "train_on_eot": "all"}, "|Hello.|"),
+        ({"eot_tokens": ["|"], "train_on_eot": "last"}, "Hello.|"),
+        ({"eot_tokens": ["|", "<never>"], "train_on_eos": "none"}, "Hello."),  # a token the template lacks is skipped
+        ({"eot_tokens": ["|"], "field_thinking": "thought"}, "greet>Hello.|"),  # the trace of a trained turn is trained
+    ],
+)
+def test_end_of_turn_tokens_and_reasoning_traces(tokenizer: Any, params: dict[str, Any], labelled: str) -> None:
+    whole, found = _labelled(tokenizer, {"messages": TALK}, **params)
+    thought = "<greet>" if "field_thinking" in params else ""
+    assert whole == f"[user]Hi?|[assistant]{thought}Hello.|" and found == labelled
+
+
+def test_end_of_turn_token_errors(tokenizer: Any) -> None:
+    from mft_plugin.strategy import RecordError
+
+    with pytest.raises(RecordError, match=r"eot_tokens: 'reasoning_content' is \d+ tokens of this tokenizer, not one"):
+        _labelled(tokenizer, {"messages": TALK}, eot_tokens=["reasoning_content"])
+    with pytest.raises(RecordError, match="train_on_eot and train_on_eos disagree"):
+        _labelled(tokenizer, {"messages": TALK}, eot_tokens=["</s>"], train_on_eot="all")
+
+
+def test_older_message_field_spelling_and_dropped_system_message(tokenizer: Any) -> None:
+    record = {"messages": [{"from": "system", "value": "Be brief."}] + [{"from": m["role"], "value": m["content"]} for m in TALK]}
+    params = {"message_field_role": "from", "message_field_content": "value", "drop_system_message": True}
+    assert _labelled(tokenizer, record, **params) == ("[user]Hi?|[assistant]Hello.|", "Hello.")
+    with pytest.raises(ValueError, match="message_field_role: 'from' and message_property_mappings.role: 'who' disagree"):
+        _labelled(tokenizer, record, message_field_role="from", message_property_mappings={"role": "who"})
+
+
+def test_top_level_eot_tokens_are_the_chat_entries_default(base_config: dict[str, Any], tmp_path: Path) -> None:
+    import json
+
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": TALK}) + "\n")
+    entry = {"path": str(chat), "type": "chat_template", "chat_template": "jinja", "chat_template_jinja": JINJA}
+    config = validate_config({**base_config, "datasets": [entry], "eot_tokens": ["|"]})
+    assert config.datasets[0].eot_tokens == ["|"]

@@ -325,7 +325,7 @@ def test_schema_errors_come_before_any_model_loading(tmp_path: Path, train_file:
 
 EXAMPLE_KEYS = Path(__file__).parent / "axolotl_examples" / "example_keys.txt"
 SCHEMA_KEYS = Path(__file__).parent / "axolotl_examples" / "schema_keys.txt"
-DATA_SIDE = {"chat_template", "train_on_inputs", "sample_packing", "eval_sample_packing", "pad_to_sequence_len"}
+DATA_SIDE = {"chat_template", "eot_tokens", "train_on_inputs", "sample_packing", "eval_sample_packing", "pad_to_sequence_len"}
 
 
 def test_every_key_of_axolotls_examples_is_implemented_or_refused() -> None:
@@ -357,7 +357,7 @@ def test_every_key_of_axolotls_schema_is_known(tmp_path: Path, train_file: Path)
         ("neftune_noise_alpha: 5", "5 is not supported: NEFTune noise on the student's embeddings"),
         ("load_best_model_at_end: false", "the final model is always the checkpoint of least specialized validation"),
         ("dpo_beta: 0.1", "0.1 is not supported: a preference/RL or reward-model trainer"),
-        ("eot_tokens: ['<|im_end|>']", "extra end-of-turn tokens are not implemented"),
+        ("default_system_message: Hi", "conversations are rendered as written; no system message is inserted"),
         ("flash_attn_cross_entropy: true", "true is not supported: a CUDA-only kernel (Triton/CUDA)"),
         ("xformers_attention: true", "true is not supported: xformers is a CUDA-only attention patch"),
         ("local_rank: 0", "0 is not supported: set by the launcher (LOCAL_RANK), not by the YAML (Axolotl key; allowed here: empty)"),

@@ -160,7 +160,7 @@ REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
         "qgalore_update_proj_gap": 200,
     }.items()},
     **{key: (_CUDA, OFF) for key in (
-        "flash_attn_d512", "flash_attn_rms_norm", "large_head_attention", "s2_attention", "sage_attention", "sdpa_varlen",
+        "flash_attn_d512", "large_head_attention", "s2_attention", "sage_attention", "sdpa_varlen",
         "lora_embedding_kernel", "deepcompile", "fp32_norms", "fp32_norm_classes",
         "embeddings_skip_upcast", "layer_offloading", "ple_cpu_offload", "selective_checkpointing", "dynamic_checkpoint",
         "batch_flattening", "qlora_sharded_model_loading", "lora_on_cpu", "gpu_memory_limit", "max_memory",
@@ -199,7 +199,6 @@ REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
     "sample_packing_bin_size": (_DATA, (None, 200)),
     "sample_packing_group_size": (_DATA, (None, 100000)),
     "excess_length_strategy": ("records longer than sequence_len are dropped (Axolotl's default), with a logged count", (None, "drop")),
-    "eot_tokens": ("a chat template's turns end where the template ends them; extra end-of-turn tokens are not implemented", OFF),
     "default_system_message": ("conversations are rendered as written; no system message is inserted", OFF),
     **{key: (_LOOP, OFF) for key in (
         "auto_find_batch_size", "dataloader_drop_last", "dataloader_pin_memory", "dataloader_prefetch_factor",

@@ -599,7 +599,7 @@ def strategies_model(registry: Registry, base: type[BaseModel], name: str = "MFT
 
 
 # Axolotl's top-level keys that are the default of the dataset entries whose format takes them
-DATASET_DEFAULT_KEYS = ("chat_template", "chat_template_jinja")
+DATASET_DEFAULT_KEYS = ("chat_template", "chat_template_jinja", "eot_tokens")
 
 
 def dataset_defaults(data: Any, registry: Registry, default_format: str | None) -> Any:
