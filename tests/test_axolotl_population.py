@@ -12,7 +12,7 @@ from mft_plugin.config.errors import ConfigError, validate_config
 from mft_plugin.train.recipe import training_arguments
 from tests.axolotl_population import POPULATION, problems_of
 
-VALIDATING = 73  # of the 198 (51 before issue 25); README "Axolotl's example YAMLs" lists what stops the rest
+VALIDATING = 83  # of the 198 (51 before issue 25); README "Axolotl's example YAMLs" lists what stops the rest
 
 
 def test_the_population_is_axolotls_198_supervised_text_examples() -> None:
@@ -141,3 +141,53 @@ def test_top_level_eot_tokens_are_the_chat_entries_default(base_config: dict[str
     entry = {"path": str(chat), "type": "chat_template", "chat_template": "jinja", "chat_template_jinja": JINJA}
     config = validate_config({**base_config, "datasets": [entry], "eot_tokens": ["|"]})
     assert config.datasets[0].eot_tokens == ["|"]
+
+
+# --- model, schedule and checkpoint keys -------------------------------------------------------------
+
+
+def test_model_config_overrides_reach_student_and_teacher(base_config: dict[str, Any]) -> None:
+    from mft_plugin.models.loading import load_frozen_teacher, load_model
+
+    config = validate_config({**base_config, "model_config": {"output_router_logits": True, "rms_norm_eps": 1e-3}})
+    for model in (load_model(config), load_frozen_teacher(config)):
+        assert model.config.output_router_logits is True and model.config.rms_norm_eps == 1e-3
+        assert model.model.norm.variance_epsilon == 1e-3  # read by the layers as they are built
+
+
+def test_resize_token_embeddings_to_32x(base_config: dict[str, Any]) -> None:
+    from mft_plugin.models.loading import load_model
+
+    config = validate_config({**base_config, "tokens": ["<clause>"], "resize_token_embeddings_to_32x": True})
+    rows = load_model(config).get_input_embeddings().num_embeddings
+    assert rows % 32 == 0 and rows >= 4097  # the tokenizer's 4097, rounded up
+
+
+def test_cosine_min_lr_ratio_is_axolotls_floor(base_config: dict[str, Any]) -> None:
+    import math
+
+    import torch
+    from transformers import get_scheduler
+
+    config = validate_config({**base_config, "cosine_min_lr_ratio": 0.1, "warmup_steps": 2, "max_steps": 10})
+    args = training_arguments(config, 40, True)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = get_scheduler(args.lr_scheduler_type, optimizer, 2, 10, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+
+    def axolotl(step: int) -> float:  # axolotl.utils.schedulers._get_cosine_schedule_with_min_lr_lambda
+        if step < 2:
+            return step / 2
+        return (1 - 0.1) * 0.5 * (1.0 + math.cos(math.pi * (step - 2) / 8)) + 0.1
+
+    for step in range(11):
+        assert schedule.lr_lambdas[0](step) == pytest.approx(axolotl(step))
+    with pytest.raises(ConfigError, match="0.1 is the floor of lr_scheduler: cosine, and lr_scheduler is 'linear'"):
+        validate_config({**base_config, "lr_scheduler": "linear", "cosine_min_lr_ratio": 0.1})
+
+
+def test_save_only_model(base_config: dict[str, Any]) -> None:
+    assert training_arguments(validate_config({**base_config, "save_only_model": True}), 40, True).save_only_model
+    with pytest.raises(ConfigError, match="save_only_model: true keeps no optimizer states"):
+        validate_config({**base_config, "save_only_model": True, "resume_from_checkpoint": True})
+    with pytest.raises(ConfigError, match="eta_min: 7e-07 is not supported: not a key of Axolotl's schema"):
+        validate_config({**base_config, "eta_min": 7e-7})

@@ -90,7 +90,6 @@ REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
     "hf_use_auth_token": ("use the HF_TOKEN environment variable", OFF),
     "revision_of_model": ("pin the revision by downloading the model folder first", OFF),
     "shrink_embeddings": ("embeddings are only grown, for added tokens", OFF),
-    "resize_token_embeddings_to_32x": ("embeddings are resized to the tokenizer's length exactly", OFF),
     # quantization schemes
     **{key: (_QUANT, OFF) for key in (
         "gptq", "gptq_disable_exllama", "model_quantization_config", "model_quantization_config_kwargs",
@@ -101,19 +100,16 @@ REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
     "tokenizer_use_mistral_common": ("the tokenizer is a transformers tokenizer (tokenizer_type)", OFF),
     "tokenizer_legacy": ("the tokenizer loads with its own saved settings", OFF),
     "tokenizer_use_fast": ("the tokenizer loads with its own saved settings", (None, True)),
-    "model_config": ("the model's config.json is used as saved", OFF),
     "low_cpu_mem_usage": ("transformers 5 always loads with low memory; the key no longer exists", (None, True)),
     # training loop variants
     "save_strategy": ("checkpoints are saved at evaluations (save_steps), where the best one is chosen", (None, "steps")),
     "eval_strategy": ("evaluation runs every eval_steps (or evals_per_epoch)", (None, "steps")),
     "evaluation_strategy": ("evaluation runs every eval_steps (or evals_per_epoch)", (None, "steps")),
-    "save_only_model": ("checkpoints keep optimizer states so that a killed run resumes exactly", OFF),
     "save_safetensors": ("weights are always saved as safetensors", (None, True)),
     "remove_unused_columns": ("the batch's routing columns are needed by the loss", (None, False)),
-    "cosine_min_lr_ratio": ("the schedule is transformers' lr_scheduler as named; no floor", OFF),
-    "cosine_constant_lr_ratio": ("the schedule is transformers' lr_scheduler as named", OFF),
+    "cosine_constant_lr_ratio": ("Axolotl's cosine-then-constant schedule is not implemented; cosine_min_lr_ratio is", OFF),
     "lr_quadratic_warmup": ("the warmup is transformers' linear warmup", OFF),
-    "eta_min": ("the schedule is transformers' lr_scheduler as named; no floor", OFF),
+    "eta_min": ("not a key of Axolotl's schema, which drops it silently; the cosine floor is cosine_min_lr_ratio", OFF),
     "do_causal_lm_eval": ("evaluation is perplexity, S and DG (paper Sec. 3.1)", OFF),
     "eval_causal_lm_metrics": ("evaluation is perplexity, S and DG (paper Sec. 3.1)", OFF),
     "eval_max_new_tokens": ("evaluation is perplexity, S and DG (paper Sec. 3.1)", OFF),
@@ -229,13 +225,8 @@ REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
 }
 
 
-def _field_name(key: str) -> str:
-    """pydantic reserves ``model_config``; such a key is a field under another name, aliased."""
-    return f"{key}_" if key == "model_config" else key
-
-
 def _refuse(cls: type, value: Any, info: Any) -> Any:
-    reason, accepted = REFUSED[info.field_name.removesuffix("_")]
+    reason, accepted = REFUSED[info.field_name]
     if any(value is v or (type(value) is type(v) and value == v) for v in accepted):  # 0 is not false
         return value
     raise PydanticCustomError(
@@ -252,9 +243,9 @@ def _as_yaml(value: Any) -> str:
 
 RefusedAxolotlKeys = create_model(
     "RefusedAxolotlKeys",
-    __validators__={"refuse": field_validator(*map(_field_name, REFUSED), mode="before")(classmethod(_refuse))},
+    __validators__={"refuse": field_validator(*REFUSED, mode="before")(classmethod(_refuse))},
     **{  # excluded: never in the resolved config
-        _field_name(key): (Any, Field(None, exclude=True, alias=key if key != _field_name(key) else None)) for key in REFUSED
+        key: (Any, Field(None, exclude=True)) for key in REFUSED
     },
 )
 """A mixin of the schema: each refused key, accepted only with a value that asks for nothing."""

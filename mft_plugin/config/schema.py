@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
+    AliasChoices,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -198,6 +199,11 @@ class MFTConfigBase(StrictModel, QuantizationKeys, SpeedSwitches, RefusedAxolotl
     eager_attention: bool | None = Field(None, description="Axolotl's spelling of attn_implementation: eager")
     flex_attention: bool | None = Field(None, description="Axolotl's spelling of attn_implementation: flex_attention")
     teacher: TeacherConfig | None = Field(None, description="full finetuning: hold the frozen teacher quantized or in a lower dtype")
+    model_config_: dict[str, Any] | None = Field(
+        None, validation_alias=AliasChoices("model_config", "model_config_"),
+        description="attributes set on the model's config.json before loading, student and teacher alike (Axolotl)",
+    )
+    resize_token_embeddings_to_32x: bool = Field(False, description="grow the embeddings to a multiple of 32 rows (Axolotl)")
     merge_adapter: bool = Field(False, description="also save the adapter merged into the base, as a plain model in output_dir/merged")
 
     # data
@@ -224,6 +230,7 @@ class MFTConfigBase(StrictModel, QuantizationKeys, SpeedSwitches, RefusedAxolotl
     lr_scheduler: str = Field("cosine", description="a transformers SchedulerType (checked by preflight)")
     warmup_steps: float = Field(0, ge=0, description="steps; a float below 1 is a fraction of the run (transformers 5, Axolotl)")
     warmup_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    cosine_min_lr_ratio: float | None = Field(None, ge=0.0, le=1.0, description="lr_scheduler: cosine decays to this fraction of learning_rate (Axolotl)")
     optimizer: str = Field("adamw_torch", description="a transformers OptimizerNames value (checked by preflight)")
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, ge=0.0)
@@ -263,6 +270,7 @@ class MFTConfigBase(StrictModel, QuantizationKeys, SpeedSwitches, RefusedAxolotl
     save_steps: int | None = Field(None, ge=1)
     saves_per_epoch: int | None = Field(None, ge=1, description="instead of save_steps; must divide evals_per_epoch when evaluating")
     save_total_limit: int | None = Field(None, ge=1)
+    save_only_model: bool = Field(False, description="checkpoints without optimizer/scheduler states: smaller, but no resume")
     early_stopping_patience: int | None = Field(None, ge=1, description="stop after this many evaluations without a better spec perplexity")
     loss_watchdog_threshold: float | None = Field(None, description="stop when the logged loss exceeds this ...")
     loss_watchdog_patience: int | None = Field(None, ge=1, description="... this many logged steps in a row (default 3)")
@@ -323,6 +331,15 @@ class MFTConfigBase(StrictModel, QuantizationKeys, SpeedSwitches, RefusedAxolotl
 
     _fsdp_version = field_validator("fsdp_version")(classmethod(lambda cls, version: None if version is None else fsdp2_only(version)))
 
+    @field_validator("cosine_min_lr_ratio")
+    @classmethod
+    def _cosine_floor(cls, ratio: float | None, info: ValidationInfo) -> float | None:
+        """Axolotl's floor applies to its cosine schedule only (elsewhere it drops the key silently)."""
+        if ratio is not None and info.data.get("lr_scheduler") != "cosine":
+            message = "{ratio} is the floor of lr_scheduler: cosine, and lr_scheduler is {scheduler}"
+            raise PydanticCustomError("cosine_min_lr_ratio", message, {"ratio": ratio, "scheduler": repr(info.data.get("lr_scheduler"))})
+        return ratio
+
     @field_validator("evals_per_epoch", "saves_per_epoch")
     @classmethod
     def _per_epoch(cls, count: int | None, info: ValidationInfo) -> int | None:
@@ -376,6 +393,9 @@ class MFTConfigBase(StrictModel, QuantizationKeys, SpeedSwitches, RefusedAxolotl
     def _consistent(self) -> MFTConfigBase:
         if self.bf16 is True and self.fp16:
             raise PydanticCustomError("precision", "bf16 and fp16 cannot both be true; choose one")
+        if self.save_only_model and self.resume_from_checkpoint:
+            message = "save_only_model: true keeps no optimizer states in checkpoints, so resume_from_checkpoint cannot resume exactly"
+            raise PydanticCustomError("save_only_model", message)
         if self.deepspeed and self.fsdp_enabled:
             raise PydanticCustomError("engine", "deepspeed and fsdp/fsdp_config cannot both be set; choose one engine")
         if problem := loss_impl_problem(self.loss_impl, self.teacher_cache, self.engine_name != "ddp"):
