@@ -12,7 +12,7 @@ from mft_plugin.config.errors import ConfigError, validate_config
 from mft_plugin.train.recipe import training_arguments
 from tests.axolotl_population import POPULATION, problems_of
 
-VALIDATING = 83  # of the 198 (51 before issue 25); README "Axolotl's example YAMLs" lists what stops the rest
+VALIDATING = 94  # of the 198 (51 before issue 25); README "Axolotl's example YAMLs" lists what stops the rest
 
 
 def test_the_population_is_axolotls_198_supervised_text_examples() -> None:
@@ -191,3 +191,47 @@ def test_save_only_model(base_config: dict[str, Any]) -> None:
         validate_config({**base_config, "save_only_model": True, "resume_from_checkpoint": True})
     with pytest.raises(ConfigError, match="eta_min: 7e-07 is not supported: not a key of Axolotl's schema"):
         validate_config({**base_config, "eta_min": 7e-7})
+
+
+# --- mixture-of-experts keys -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1-layer Mixtral (4 fused experts) with the shipped tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
+
+    from tests.tiny import REFERENCE_MODEL
+
+    folder = tmp_path_factory.mktemp("tiny-moe")
+    tokenizer = AutoTokenizer.from_pretrained(REFERENCE_MODEL)
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2)  # fmt: skip
+    MixtralForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_quantize_moe_experts(base_config: dict[str, Any], tiny_moe: Path) -> None:
+    import torch
+
+    from mft_plugin.models.experts import expert_parameters
+    from mft_plugin.models.loading import load_model
+
+    qlora = {**base_config, "base_model": str(tiny_moe), "adapter": "qlora", "load_in_4bit": True}
+    plain, quantized = load_model(validate_config(qlora)), load_model(validate_config({**qlora, "quantize_moe_experts": True}))
+    experts = expert_parameters(plain)
+    assert [name for _, name in experts] == ["gate_up_proj", "down_proj"]
+    assert expert_parameters(quantized) == []  # each one is now a parametrization of packed 4-bit data
+    for (reference, name) in experts:
+        module = quantized.get_submodule(next(path for path, m in plain.named_modules() if m is reference))
+        stored = module.parametrizations[name].original  # packed 4-bit
+        assert stored.dtype == torch.uint8 and stored.numel() * 2 == getattr(reference, name).numel()
+        weight, full = getattr(module, name), getattr(reference, name)  # dequantized on access
+        assert weight.shape == full.shape and torch.allclose(weight, full, atol=0.2 * full.abs().max().item())
+    ids = torch.tensor([[1, 5, 9, 13]])
+    assert torch.allclose(quantized(ids).logits, plain(ids).logits, atol=0.1)
+    with pytest.raises(ConfigError, match="quantize_moe_experts quantizes the experts to 4 bits with load_in_4bit"):
+        validate_config({**base_config, "adapter": "lora", "load_in_8bit": True, "quantize_moe_experts": True})

@@ -93,7 +93,7 @@ REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
     # quantization schemes
     **{key: (_QUANT, OFF) for key in (
         "gptq", "gptq_disable_exllama", "model_quantization_config", "model_quantization_config_kwargs",
-        "quantize_moe_experts", "nvfp4_merge_aware", "bnb_config_kwargs",
+        "nvfp4_merge_aware", "bnb_config_kwargs",
     )},
     # multimodal
     **{key: (_VISION, OFF) for key in ("processor_type", "freeze_mm_modules")},

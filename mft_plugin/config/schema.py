@@ -204,6 +204,7 @@ class MFTConfigBase(StrictModel, QuantizationKeys, SpeedSwitches, RefusedAxolotl
         description="attributes set on the model's config.json before loading, student and teacher alike (Axolotl)",
     )
     resize_token_embeddings_to_32x: bool = Field(False, description="grow the embeddings to a multiple of 32 rows (Axolotl)")
+    quantize_moe_experts: bool = Field(False, description="also quantize fused MoE expert weights to 4 bits (with load_in_4bit)")
     merge_adapter: bool = Field(False, description="also save the adapter merged into the base, as a plain model in output_dir/merged")
 
     # data
@@ -393,6 +394,9 @@ class MFTConfigBase(StrictModel, QuantizationKeys, SpeedSwitches, RefusedAxolotl
     def _consistent(self) -> MFTConfigBase:
         if self.bf16 is True and self.fp16:
             raise PydanticCustomError("precision", "bf16 and fp16 cannot both be true; choose one")
+        if self.quantize_moe_experts and not self.load_in_4bit:
+            message = "quantize_moe_experts quantizes the experts to 4 bits with load_in_4bit (QLoRA); 8-bit experts are not implemented"
+            raise PydanticCustomError("quantize_moe_experts", message)
         if self.save_only_model and self.resume_from_checkpoint:
             message = "save_only_model: true keeps no optimizer states in checkpoints, so resume_from_checkpoint cannot resume exactly"
             raise PydanticCustomError("save_only_model", message)

@@ -21,6 +21,7 @@ from transformers import AutoConfig, BitsAndBytesConfig, PreTrainedModel, PreTra
 
 from mft_plugin.config.adapters import QuantizationKeys, TeacherConfig
 from mft_plugin.config.schema import MFTConfigBase
+from mft_plugin.models.experts import quantize_experts
 
 
 def load_tokenizer(config: MFTConfigBase, with_added_tokens: bool = True) -> PreTrainedTokenizerBase:
@@ -109,6 +110,8 @@ def load_model(config: MFTConfigBase, **overrides: Any) -> PreTrainedModel:
     except (OSError, ValueError, RuntimeError, SafetensorError) as error:
         raise ModelLoadError(describe_load_error(config.base_model, error)) from error
     keep_4bit_layout_on_cpu(model)
+    if config.quantize_moe_experts and getattr(kwargs["quantization_config"], "load_in_4bit", False):
+        quantize_experts(model, config)  # after the linear layers, as Axolotl
     grow_embeddings(model, config)
     return model
 
