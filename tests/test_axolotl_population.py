@@ -12,7 +12,7 @@ from mft_plugin.config.errors import ConfigError, validate_config
 from mft_plugin.train.recipe import training_arguments
 from tests.axolotl_population import POPULATION, problems_of
 
-VALIDATING = 94  # of the 198 (51 before issue 25); README "Axolotl's example YAMLs" lists what stops the rest
+VALIDATING = 95  # of the 198 (51 before issue 25); README "Axolotl's example YAMLs" lists what stops the rest
 
 
 def test_the_population_is_axolotls_198_supervised_text_examples() -> None:
@@ -235,3 +235,20 @@ def test_quantize_moe_experts(base_config: dict[str, Any], tiny_moe: Path) -> No
     assert torch.allclose(quantized(ids).logits, plain(ids).logits, atol=0.1)
     with pytest.raises(ConfigError, match="quantize_moe_experts quantizes the experts to 4 bits with load_in_4bit"):
         validate_config({**base_config, "adapter": "lora", "load_in_8bit": True, "quantize_moe_experts": True})
+
+
+def test_lora_target_parameters_train_the_fused_experts(base_config: dict[str, Any], tiny_moe: Path) -> None:
+    import torch
+
+    from mft_plugin.models.loading import load_model
+    from mft_plugin.registry import default_registry
+
+    keys = {"adapter": "lora", "lora_target_modules": ["q_proj"], "lora_target_parameters": ["mlp.experts.gate_up_proj"]}
+    config = validate_config({**base_config, "base_model": str(tiny_moe), **keys})
+    (spec,) = config.mitigations
+    adapter = default_registry().get("mitigation", spec.name).cls(spec)
+    model = adapter.prepare_model(load_model(config), None)
+    trained = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert any("experts" in name and "lora_A" in name for name in trained) and any("q_proj.lora_A" in name for name in trained)
+    model(torch.tensor([[1, 5, 9, 13]]), labels=torch.tensor([[1, 5, 9, 13]])).loss.backward()
+    assert all(p.grad is not None for name, p in model.named_parameters() if p.requires_grad and "lora_B" in name)
