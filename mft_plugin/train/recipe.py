@@ -161,7 +161,7 @@ def training_arguments(
         max_grad_norm=config.max_grad_norm,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        tf32=config.tf32 if is_torch_tf32_available() else None,  # else said inactive at the start (start_notes)
+        tf32=None if config.tf32 and not is_torch_tf32_available() else config.tf32,  # inactive: said at the start
         **{CHECKPOINTING_ARGUMENT: bool(config.gradient_checkpointing)},  # offload: the offloading is a note
         **{f"{CHECKPOINTING_ARGUMENT}_kwargs": checkpointing_kwargs.model_dump(exclude_none=True) if checkpointing_kwargs else None},
         **_sampling_argument(config.group_by_length),
