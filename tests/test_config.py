@@ -325,7 +325,7 @@ def test_schema_errors_come_before_any_model_loading(tmp_path: Path, train_file:
 
 EXAMPLE_KEYS = Path(__file__).parent / "axolotl_examples" / "example_keys.txt"
 SCHEMA_KEYS = Path(__file__).parent / "axolotl_examples" / "schema_keys.txt"
-DATA_SIDE = {"chat_template", "train_on_inputs", "sample_packing", "eval_sample_packing", "pad_to_sequence_len"}
+DATA_SIDE = {"chat_template", "eot_tokens", "train_on_inputs", "sample_packing", "eval_sample_packing", "pad_to_sequence_len"}
 
 
 def test_every_key_of_axolotls_examples_is_implemented_or_refused() -> None:
@@ -334,6 +334,7 @@ def test_every_key_of_axolotls_examples_is_implemented_or_refused() -> None:
     from mft_plugin.config.schema import MFTConfigBase
 
     fields = {field.alias or name for name, field in MFTConfigBase.model_fields.items()}
+    fields |= {key for field in MFTConfigBase.model_fields.values() for key in getattr(field.validation_alias, "choices", ())}
     adapter_keys = {"adapter", *AXOLOTL_LORA_KEYS, *AXOLOTL_FLAGS}
     keys = [line for line in EXAMPLE_KEYS.read_text().splitlines() if line and not line.startswith("#")]
     assert len(keys) > 200  # the inventory of Axolotl 0.19's examples
@@ -357,12 +358,12 @@ def test_every_key_of_axolotls_schema_is_known(tmp_path: Path, train_file: Path)
         ("neftune_noise_alpha: 5", "5 is not supported: NEFTune noise on the student's embeddings"),
         ("load_best_model_at_end: false", "the final model is always the checkpoint of least specialized validation"),
         ("dpo_beta: 0.1", "0.1 is not supported: a preference/RL or reward-model trainer"),
-        ("eot_tokens: ['<|im_end|>']", "extra end-of-turn tokens are not implemented"),
-        ("liger_rms_norm: true", "true is not supported: a CUDA-only kernel (Triton/CUDA)"),
+        ("default_system_message: Hi", "conversations are rendered as written; no system message is inserted"),
+        ("flash_attn_cross_entropy: true", "true is not supported: a CUDA-only kernel (Triton/CUDA)"),
         ("xformers_attention: true", "true is not supported: xformers is a CUDA-only attention patch"),
         ("local_rank: 0", "0 is not supported: set by the launcher (LOCAL_RANK), not by the YAML (Axolotl key; allowed here: empty)"),
         ("save_safetensors: false", "weights are always saved as safetensors (Axolotl key; allowed here: empty or true)"),
-        ("model_config: {rope_scaling: 2}", "the model's config.json is used as saved"),
+        ("base_model_config: other", "the model loads from base_model with its own config.json"),
         ("rl: dpo", "'dpo' is not supported: a preference/RL or reward-model trainer"),
     ],
 )
@@ -373,9 +374,9 @@ def test_refused_axolotl_keys_say_why(tmp_path: Path, train_file: Path, line: st
 
 
 def test_refused_keys_with_their_off_value_ask_for_nothing(tmp_path: Path, train_file: Path) -> None:
-    off = "liger_rms_norm: false\nxformers_attention:\nlocal_rank:\nsave_safetensors: true\nstrict: false\ndebug:\n"
+    off = "flash_attn_cross_entropy: false\nxformers_attention:\nlocal_rank:\nsave_safetensors: true\nstrict: false\ndebug:\n"
     config = load_config(write(tmp_path, minimal(train_file) + off))
-    assert not {"liger_rms_norm", "local_rank", "save_safetensors", "debug"} & set(config.model_dump())
+    assert not {"flash_attn_cross_entropy", "local_rank", "save_safetensors", "debug"} & set(config.model_dump())
 
 
 def test_empty_keys_take_the_default(tmp_path: Path, train_file: Path) -> None:
@@ -399,7 +400,7 @@ def test_qlora_defaults_are_axolotls(tmp_path: Path, train_file: Path) -> None:
 @pytest.mark.parametrize(
     ("lines", "message"),
     [
-        ("evals_per_epoch: 4\n", ":5: evals_per_epoch: needs a specialized validation set"),
+        ("val_set_size: 0.1\nevals_per_epoch: 0\n", ":6: evals_per_epoch: 0 is no evaluation, but the final model is the best"),
         ("val_set_size: 0.1\neval_steps: 2\nevals_per_epoch: 4\n", ":7: evals_per_epoch: eval_steps sets the interval too"),
         ("val_set_size: 0.1\nevals_per_epoch: 4\nsaves_per_epoch: 3\n", ":7: saves_per_epoch: 3 must divide evals_per_epoch (4)"),
         ("early_stopping_patience: 2\n", ":5: early_stopping_patience: needs a specialized validation set"),

@@ -32,6 +32,7 @@ AXOLOTL_LORA_KEYS = {
     "lora_modules_to_save": "modules_to_save",
     "lora_fan_in_fan_out": "fan_in_fan_out",
     "lora_model_dir": "lora_model_dir",
+    "lora_target_parameters": "target_parameters",  # peft's LoRA of parameters (fused MoE experts)
 }
 AXOLOTL_ADAPTERS = {"lora": "lora", "qlora": "lora"}  # `adapter:` value -> mitigation name
 AXOLOTL_FLAGS = ("lora_target_linear", "peft_use_dora")

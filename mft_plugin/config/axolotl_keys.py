@@ -41,17 +41,12 @@ REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
     **{
         key: (_CUDA, OFF)
         for key in (
-            "liger_rope", "liger_rms_norm", "liger_rms_norm_gated", "liger_glu_activation", "liger_layer_norm",
-            "liger_fused_linear_cross_entropy", "cut_cross_entropy", "flash_attn_cross_entropy",
-            "flash_attn_fuse_mlp", "lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "use_kernels",
-            "fused_attn_kernel", "use_scattermoe", "use_sonicmoe", "use_dsv4_kernels", "use_glm_dsa_kernels",
-            "flash_optimum", "dsv4_fp4_grouped_mode", "tiled_mlp", "activation_offloading",
+            "flash_attn_cross_entropy", "use_dsv4_kernels", "use_glm_dsa_kernels", "flash_optimum", "dsv4_fp4_grouped_mode",
             "llama4_linearized_experts", "gemma4_hybrid_attn_impl", "pretrain_multipack_attn",
         )
     },
     "xformers_attention": ("xformers is a CUDA-only attention patch of Axolotl; use attn_implementation: sdpa", OFF),
     "flex_attn_compile_kwargs": ("torch.compile of flex attention is not run by mft-run", OFF),
-    "experts_implementation": ("a mixture-of-experts kernel choice; mft-run trains dense causal LMs", OFF),
     **{key: (_COMPILE, OFF) for key in ("torch_compile", "torch_compile_mode", "torch_compile_backend", "torch_compile_options")},
     **{key: (_FP8, OFF) for key in ("fp8", "fp8_enable_fsdp_float8_all_gather", "fp8_config")},
     "bfloat16": ("loads the weights in bfloat16 (pure bf16 training); mft-run keeps float32 weights: use bf16: true", OFF),
@@ -79,7 +74,7 @@ REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
         "relora", "relora_cpu_offload", "relora_prune_ratio", "jagged_restart_steps", "jagged_restart_warmup_steps",
         "jagged_restart_anneal_steps", "lisa_n_layers", "lisa_step_interval", "lisa_layers_attribute", "use_eaft",
         "eaft_alpha", "eaft_k", "qat", "llmcompressor", "use_onebitllms", "reinit_weights", "peft",
-        "peft_use_rslora", "lora_target_parameters", "unfrozen_parameters",
+        "peft_use_rslora", "unfrozen_parameters",
     )},
     "pretraining_dataset": ("streaming pretraining data; mft-run finetunes on datasets", OFF),
     "streaming": ("streaming datasets are not read by mft-run", OFF),
@@ -95,30 +90,26 @@ REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
     "hf_use_auth_token": ("use the HF_TOKEN environment variable", OFF),
     "revision_of_model": ("pin the revision by downloading the model folder first", OFF),
     "shrink_embeddings": ("embeddings are only grown, for added tokens", OFF),
-    "resize_token_embeddings_to_32x": ("embeddings are resized to the tokenizer's length exactly", OFF),
     # quantization schemes
     **{key: (_QUANT, OFF) for key in (
         "gptq", "gptq_disable_exllama", "model_quantization_config", "model_quantization_config_kwargs",
-        "quantize_moe_experts", "nvfp4_merge_aware", "bnb_config_kwargs",
+        "nvfp4_merge_aware", "bnb_config_kwargs",
     )},
     # multimodal
     **{key: (_VISION, OFF) for key in ("processor_type", "freeze_mm_modules")},
     "tokenizer_use_mistral_common": ("the tokenizer is a transformers tokenizer (tokenizer_type)", OFF),
     "tokenizer_legacy": ("the tokenizer loads with its own saved settings", OFF),
     "tokenizer_use_fast": ("the tokenizer loads with its own saved settings", (None, True)),
-    "model_config": ("the model's config.json is used as saved", OFF),
     "low_cpu_mem_usage": ("transformers 5 always loads with low memory; the key no longer exists", (None, True)),
     # training loop variants
     "save_strategy": ("checkpoints are saved at evaluations (save_steps), where the best one is chosen", (None, "steps")),
     "eval_strategy": ("evaluation runs every eval_steps (or evals_per_epoch)", (None, "steps")),
     "evaluation_strategy": ("evaluation runs every eval_steps (or evals_per_epoch)", (None, "steps")),
-    "save_only_model": ("checkpoints keep optimizer states so that a killed run resumes exactly", OFF),
     "save_safetensors": ("weights are always saved as safetensors", (None, True)),
     "remove_unused_columns": ("the batch's routing columns are needed by the loss", (None, False)),
-    "cosine_min_lr_ratio": ("the schedule is transformers' lr_scheduler as named; no floor", OFF),
-    "cosine_constant_lr_ratio": ("the schedule is transformers' lr_scheduler as named", OFF),
+    "cosine_constant_lr_ratio": ("Axolotl's cosine-then-constant schedule is not implemented; cosine_min_lr_ratio is", OFF),
     "lr_quadratic_warmup": ("the warmup is transformers' linear warmup", OFF),
-    "eta_min": ("the schedule is transformers' lr_scheduler as named; no floor", OFF),
+    "eta_min": ("not a key of Axolotl's schema, which drops it silently; the cosine floor is cosine_min_lr_ratio", OFF),
     "do_causal_lm_eval": ("evaluation is perplexity, S and DG (paper Sec. 3.1)", OFF),
     "eval_causal_lm_metrics": ("evaluation is perplexity, S and DG (paper Sec. 3.1)", OFF),
     "eval_max_new_tokens": ("evaluation is perplexity, S and DG (paper Sec. 3.1)", OFF),
@@ -127,7 +118,6 @@ REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
     "test_value": ("not a training key", OFF),
     "adam_eps": ("not a key of Axolotl's schema, which drops it silently; the key is adam_epsilon", OFF),
     "accelerator_config": ("accelerate's state is set up by mft-run's engine (README 'Scaling out')", OFF),
-    "fsdp_version": ("write it inside the FSDP block: fsdp_config: {fsdp_version: 2}", OFF),
     "full_finetune": ("full finetuning is the default: leave adapter empty", OFF),
     "torchdistx_path": ("torchdistx is not used; transformers 5 loads with low memory", OFF),
     "plugins": ("Axolotl plugins run inside `axolotl train` (README 'Axolotl plugin'), not mft-run", OFF),
@@ -166,8 +156,8 @@ REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
         "qgalore_update_proj_gap": 200,
     }.items()},
     **{key: (_CUDA, OFF) for key in (
-        "flash_attn_d512", "flash_attn_rms_norm", "large_head_attention", "s2_attention", "sage_attention", "sdpa_varlen",
-        "lora_embedding_kernel", "tiled_mlp_num_shards", "deepcompile", "fp32_norms", "fp32_norm_classes",
+        "flash_attn_d512", "large_head_attention", "s2_attention", "sage_attention", "sdpa_varlen",
+        "lora_embedding_kernel", "deepcompile", "fp32_norms", "fp32_norm_classes",
         "embeddings_skip_upcast", "layer_offloading", "ple_cpu_offload", "selective_checkpointing", "dynamic_checkpoint",
         "batch_flattening", "qlora_sharded_model_loading", "lora_on_cpu", "gpu_memory_limit", "max_memory",
         "chunked_cross_entropy", "chunked_cross_entropy_num_chunks",
@@ -205,7 +195,6 @@ REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
     "sample_packing_bin_size": (_DATA, (None, 200)),
     "sample_packing_group_size": (_DATA, (None, 100000)),
     "excess_length_strategy": ("records longer than sequence_len are dropped (Axolotl's default), with a logged count", (None, "drop")),
-    "eot_tokens": ("a chat template's turns end where the template ends them; extra end-of-turn tokens are not implemented", OFF),
     "default_system_message": ("conversations are rendered as written; no system message is inserted", OFF),
     **{key: (_LOOP, OFF) for key in (
         "auto_find_batch_size", "dataloader_drop_last", "dataloader_pin_memory", "dataloader_prefetch_factor",
@@ -236,13 +225,8 @@ REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
 }
 
 
-def _field_name(key: str) -> str:
-    """pydantic reserves ``model_config``; such a key is a field under another name, aliased."""
-    return f"{key}_" if key == "model_config" else key
-
-
 def _refuse(cls: type, value: Any, info: Any) -> Any:
-    reason, accepted = REFUSED[info.field_name.removesuffix("_")]
+    reason, accepted = REFUSED[info.field_name]
     if any(value is v or (type(value) is type(v) and value == v) for v in accepted):  # 0 is not false
         return value
     raise PydanticCustomError(
@@ -259,9 +243,9 @@ def _as_yaml(value: Any) -> str:
 
 RefusedAxolotlKeys = create_model(
     "RefusedAxolotlKeys",
-    __validators__={"refuse": field_validator(*map(_field_name, REFUSED), mode="before")(classmethod(_refuse))},
+    __validators__={"refuse": field_validator(*REFUSED, mode="before")(classmethod(_refuse))},
     **{  # excluded: never in the resolved config
-        _field_name(key): (Any, Field(None, exclude=True, alias=key if key != _field_name(key) else None)) for key in REFUSED
+        key: (Any, Field(None, exclude=True)) for key in REFUSED
     },
 )
 """A mixin of the schema: each refused key, accepted only with a value that asks for nothing."""

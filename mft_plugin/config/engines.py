@@ -12,6 +12,14 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 
+def fsdp2_only(version: int) -> int:
+    """``fsdp_version`` (in ``fsdp_config`` or, Axolotl's current spelling, at the top level): 2 only."""
+    if version != 2:
+        message = "only FSDP2 is supported (FSDP1 is deprecated in transformers 5); use 2"
+        raise PydanticCustomError("fsdp_version", message)
+    return version
+
+
 class FSDPConfig(BaseModel):
     """``fsdp_config:``, with Axolotl's key names (the Trainer's ``version``/``cpu_offload`` work too).
 
@@ -31,13 +39,7 @@ class FSDPConfig(BaseModel):
     transformer_layer_cls_to_wrap: str | None = Field(None, description="e.g. LlamaDecoderLayer (default: the model's)")
     min_num_params: int | None = Field(None, ge=1, description="module size for SIZE_BASED_WRAP")
 
-    @field_validator("fsdp_version")
-    @classmethod
-    def _fsdp2_only(cls, version: int) -> int:
-        if version != 2:
-            message = "only FSDP2 is supported (FSDP1 is deprecated in transformers 5); use 2"
-            raise PydanticCustomError("fsdp_version", message)
-        return version
+    _fsdp_version = field_validator("fsdp_version")(classmethod(lambda cls, version: fsdp2_only(version)))
 
     def trainer_config(self) -> dict[str, Any]:
         """The ``fsdp_config`` dict of ``TrainingArguments``."""

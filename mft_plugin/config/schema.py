@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
+    AliasChoices,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -33,8 +34,9 @@ from mft_plugin.config.adapters import (
     adapter_problems,
 )
 from mft_plugin.config.axolotl_keys import RefusedAxolotlKeys
-from mft_plugin.config.engines import FSDPConfig
+from mft_plugin.config.engines import FSDPConfig, fsdp2_only
 from mft_plugin.config.loss import LossImpl, TeacherCacheConfig, loss_impl_problem
+from mft_plugin.config.speed import SpeedSwitches, inactive_switches
 from mft_plugin.registry import Kind, Registry, UnknownStrategyError
 from mft_plugin.strategy import DataFormat, StrategyParams
 
@@ -162,6 +164,11 @@ ATTENTION_FLAGS = {"flash_attention": "flash_attention_2", "sdp_attention": "sdp
 
 
 NEEDS_VALIDATION_SET = "needs a specialized validation set (test_datasets or val_set_size)"
+UNEVALUATED = (
+    "evals_per_epoch: {evals} with no specialized validation set (val_set_size: 0, no test_datasets): training runs "
+    "without S and without a choice of the best checkpoint (the final model is the last step's); DG is measured at the end "
+    "when general_eval_datasets are given"
+)
 
 
 def _has_validation_set(info: ValidationInfo) -> bool:
@@ -170,7 +177,7 @@ def _has_validation_set(info: ValidationInfo) -> bool:
     return bool(info.data.get("test_datasets")) or (info.data.get("val_set_size") or 0) > 0
 
 
-class MFTConfigBase(StrictModel, QuantizationKeys, RefusedAxolotlKeys):
+class MFTConfigBase(StrictModel, QuantizationKeys, SpeedSwitches, RefusedAxolotlKeys):
     """Everything but the strategy unions, which :func:`config_model` adds from the registry.
 
     The base's bitsandbytes keys (``load_in_4bit``, ...) come from :class:`QuantizationKeys`;
@@ -192,6 +199,12 @@ class MFTConfigBase(StrictModel, QuantizationKeys, RefusedAxolotlKeys):
     eager_attention: bool | None = Field(None, description="Axolotl's spelling of attn_implementation: eager")
     flex_attention: bool | None = Field(None, description="Axolotl's spelling of attn_implementation: flex_attention")
     teacher: TeacherConfig | None = Field(None, description="full finetuning: hold the frozen teacher quantized or in a lower dtype")
+    model_config_: dict[str, Any] | None = Field(
+        None, validation_alias=AliasChoices("model_config", "model_config_"),
+        description="attributes set on the model's config.json before loading, student and teacher alike (Axolotl)",
+    )
+    resize_token_embeddings_to_32x: bool = Field(False, description="grow the embeddings to a multiple of 32 rows (Axolotl)")
+    quantize_moe_experts: bool = Field(False, description="also quantize fused MoE expert weights to 4 bits (with load_in_4bit)")
     merge_adapter: bool = Field(False, description="also save the adapter merged into the base, as a plain model in output_dir/merged")
 
     # data
@@ -216,8 +229,9 @@ class MFTConfigBase(StrictModel, QuantizationKeys, RefusedAxolotlKeys):
     max_steps: int | None = Field(None, ge=1)
     learning_rate: float = Field(5e-5, gt=0)
     lr_scheduler: str = Field("cosine", description="a transformers SchedulerType (checked by preflight)")
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: float = Field(0, ge=0, description="steps; a float below 1 is a fraction of the run (transformers 5, Axolotl)")
     warmup_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    cosine_min_lr_ratio: float | None = Field(None, ge=0.0, le=1.0, description="lr_scheduler: cosine decays to this fraction of learning_rate (Axolotl)")
     optimizer: str = Field("adamw_torch", description="a transformers OptimizerNames value (checked by preflight)")
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, ge=0.0)
@@ -227,7 +241,7 @@ class MFTConfigBase(StrictModel, QuantizationKeys, RefusedAxolotlKeys):
     bf16: bool | Literal["auto"] = Field(False, description="auto: bf16 on a GPU that has it, else fp16 unless fp16: false (Axolotl)")
     fp16: bool | None = Field(None, description="empty: false, unless bf16: auto finds no bf16 GPU (Axolotl)")
     tf32: bool | None = Field(None, description="TF32 matmuls on Ampere+ CUDA GPUs; empty: transformers' default")
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | Literal["offload"] = Field(False, description="offload: checkpointing plus activation_offloading (Axolotl)")
     gradient_checkpointing_kwargs: CheckpointingKwargs | None = None
     group_by_length: bool = Field(False, description="batch training rows of similar length together (transformers' sampler)")
     ddp_find_unused_parameters: bool | None = None
@@ -240,6 +254,7 @@ class MFTConfigBase(StrictModel, QuantizationKeys, RefusedAxolotlKeys):
     # multi-process engines (README "Scaling out"); DDP needs no key, only `accelerate launch`
     fsdp: bool | None = Field(None, description="FSDP2 on; an fsdp_config block alone turns it on too")
     fsdp_config: FSDPConfig | None = None
+    fsdp_version: int | None = Field(None, description="Axolotl's top-level spelling of fsdp_config.fsdp_version (2 only)")
     deepspeed: str | None = Field(None, description="a DeepSpeed JSON config, e.g. yaml_examples/deepspeed/zero3.json")
 
     # how the loss is computed (README "Performance"; mft_plugin.config.loss)
@@ -252,10 +267,11 @@ class MFTConfigBase(StrictModel, QuantizationKeys, RefusedAxolotlKeys):
     resume_from_checkpoint: bool | str | None = None
     logging_steps: int = Field(10, ge=1)
     eval_steps: int | None = Field(None, ge=1)
-    evals_per_epoch: int | None = Field(None, ge=1, description="instead of eval_steps: evaluations per epoch (Axolotl)")
+    evals_per_epoch: int | None = Field(None, ge=0, description="instead of eval_steps: evaluations per epoch (Axolotl); 0: none")
     save_steps: int | None = Field(None, ge=1)
     saves_per_epoch: int | None = Field(None, ge=1, description="instead of save_steps; must divide evals_per_epoch when evaluating")
     save_total_limit: int | None = Field(None, ge=1)
+    save_only_model: bool = Field(False, description="checkpoints without optimizer/scheduler states: smaller, but no resume")
     early_stopping_patience: int | None = Field(None, ge=1, description="stop after this many evaluations without a better spec perplexity")
     loss_watchdog_threshold: float | None = Field(None, description="stop when the logged loss exceeds this ...")
     loss_watchdog_patience: int | None = Field(None, ge=1, description="... this many logged steps in a row (default 3)")
@@ -305,6 +321,26 @@ class MFTConfigBase(StrictModel, QuantizationKeys, RefusedAxolotlKeys):
             raise PydanticCustomError("model_type", message, {"name": repr(name)})
         return name
 
+    @field_validator("warmup_steps")
+    @classmethod
+    def _warmup_steps_or_ratio(cls, steps: float) -> float:
+        """transformers 5 reads a ``warmup_steps`` below 1 as the fraction of the run; above, a count."""
+        if steps >= 1 and steps != int(steps):
+            message = "{steps} is neither a whole number of steps nor a fraction below 1 of the run"
+            raise PydanticCustomError("warmup_steps", message, {"steps": steps})
+        return steps if steps < 1 else int(steps)
+
+    _fsdp_version = field_validator("fsdp_version")(classmethod(lambda cls, version: None if version is None else fsdp2_only(version)))
+
+    @field_validator("cosine_min_lr_ratio")
+    @classmethod
+    def _cosine_floor(cls, ratio: float | None, info: ValidationInfo) -> float | None:
+        """Axolotl's floor applies to its cosine schedule only (elsewhere it drops the key silently)."""
+        if ratio is not None and info.data.get("lr_scheduler") != "cosine":
+            message = "{ratio} is the floor of lr_scheduler: cosine, and lr_scheduler is {scheduler}"
+            raise PydanticCustomError("cosine_min_lr_ratio", message, {"ratio": ratio, "scheduler": repr(info.data.get("lr_scheduler"))})
+        return ratio
+
     @field_validator("evals_per_epoch", "saves_per_epoch")
     @classmethod
     def _per_epoch(cls, count: int | None, info: ValidationInfo) -> int | None:
@@ -316,8 +352,9 @@ class MFTConfigBase(StrictModel, QuantizationKeys, RefusedAxolotlKeys):
         evals = info.data.get("evals_per_epoch")
         if info.data.get(steps):
             raise PydanticCustomError("per_epoch", "{steps} sets the interval too; keep one", {"steps": steps})
-        if info.field_name == "evals_per_epoch" and not evaluates:
-            raise PydanticCustomError("per_epoch", NEEDS_VALIDATION_SET)
+        if count == 0 and (info.field_name == "saves_per_epoch" or evaluates):
+            message = "0 is no evaluation, but the final model is the best evaluated checkpoint; at least 1"
+            raise PydanticCustomError("per_epoch", message if evaluates else "at least 1 save per epoch")
         if info.field_name == "saves_per_epoch" and evaluates and not (evals and evals % count == 0):
             message = "{count} must divide evals_per_epoch ({evals}): the best checkpoint is chosen among evaluated saves"
             raise PydanticCustomError("per_epoch", message, {"count": count, "evals": evals or "not set"})
@@ -357,6 +394,12 @@ class MFTConfigBase(StrictModel, QuantizationKeys, RefusedAxolotlKeys):
     def _consistent(self) -> MFTConfigBase:
         if self.bf16 is True and self.fp16:
             raise PydanticCustomError("precision", "bf16 and fp16 cannot both be true; choose one")
+        if self.quantize_moe_experts and not self.load_in_4bit:
+            message = "quantize_moe_experts quantizes the experts to 4 bits with load_in_4bit (QLoRA); 8-bit experts are not implemented"
+            raise PydanticCustomError("quantize_moe_experts", message)
+        if self.save_only_model and self.resume_from_checkpoint:
+            message = "save_only_model: true keeps no optimizer states in checkpoints, so resume_from_checkpoint cannot resume exactly"
+            raise PydanticCustomError("save_only_model", message)
         if self.deepspeed and self.fsdp_enabled:
             raise PydanticCustomError("engine", "deepspeed and fsdp/fsdp_config cannot both be set; choose one engine")
         if problem := loss_impl_problem(self.loss_impl, self.teacher_cache, self.engine_name != "ddp"):
@@ -388,6 +431,20 @@ class MFTConfigBase(StrictModel, QuantizationKeys, RefusedAxolotlKeys):
             except json.JSONDecodeError as error:
                 raise PydanticCustomError("deepspeed_json", "not a JSON file: {error}", {"error": str(error)})
         return path
+
+    @property
+    def start_notes(self) -> list[str]:
+        """What the run says once at its start about keys it accepts without acting on them here
+        (evaluations without a validation set; speed switches this machine does not run)."""
+        from transformers.utils.import_utils import is_torch_tf32_available  # torch-free schema otherwise
+
+        notes = [UNEVALUATED.format(evals=self.evals_per_epoch)] if self.evals_per_epoch and not self.evaluates else []
+        return notes + inactive_switches(self, is_torch_tf32_available())
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether there is a specialized validation set, for S and the choice of the best checkpoint."""
+        return bool(self.test_datasets) or self.val_set_size > 0
 
     @property
     def attention_choice(self) -> tuple[str, str] | None:
@@ -566,7 +623,7 @@ def strategies_model(registry: Registry, base: type[BaseModel], name: str = "MFT
 
 
 # Axolotl's top-level keys that are the default of the dataset entries whose format takes them
-DATASET_DEFAULT_KEYS = ("chat_template", "chat_template_jinja")
+DATASET_DEFAULT_KEYS = ("chat_template", "chat_template_jinja", "eot_tokens")
 
 
 def dataset_defaults(data: Any, registry: Registry, default_format: str | None) -> Any:

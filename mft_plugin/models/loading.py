@@ -9,6 +9,7 @@ Also the merge of a trained adapter into a plain model.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,10 +17,11 @@ import torch
 import transformers
 from safetensors import SafetensorError
 from tokenizers import AddedToken
-from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from mft_plugin.config.adapters import QuantizationKeys, TeacherConfig
 from mft_plugin.config.schema import MFTConfigBase
+from mft_plugin.models.experts import quantize_experts
 
 
 def load_tokenizer(config: MFTConfigBase, with_added_tokens: bool = True) -> PreTrainedTokenizerBase:
@@ -98,26 +100,34 @@ def load_model(config: MFTConfigBase, **overrides: Any) -> PreTrainedModel:
     kwargs["quantization_config"] = quantization_config(config, compute_dtype(config))
     if config.attention is not None:
         kwargs["attn_implementation"] = config.attention
+    if config.model_config_:  # Axolotl's overrides of config.json, set as attributes (loaders/utils.py)
+        kwargs["config"] = AutoConfig.from_pretrained(config.base_model, trust_remote_code=config.trust_remote_code)
+        for key, value in config.model_config_.items():
+            setattr(kwargs["config"], key, value)
     kwargs.update(overrides)
     try:
         model = model_class(config).from_pretrained(config.base_model, **kwargs)
     except (OSError, ValueError, RuntimeError, SafetensorError) as error:
         raise ModelLoadError(describe_load_error(config.base_model, error)) from error
     keep_4bit_layout_on_cpu(model)
+    if config.quantize_moe_experts and getattr(kwargs["quantization_config"], "load_in_4bit", False):
+        quantize_experts(model, config)  # after the linear layers, as Axolotl
     grow_embeddings(model, config)
     return model
 
 
 def grow_embeddings(model: PreTrainedModel, config: MFTConfigBase) -> None:
-    """Embeddings (and an untied head) grown to the tokenizer's length when tokens were added.
+    """Embeddings (and an untied head) grown to the tokenizer's length when tokens were added
+    (``resize_token_embeddings_to_32x``: to the next multiple of 32, as Axolotl, for faster matmuls).
 
     transformers initializes the new rows from the old ones' mean and covariance, a random draw:
     it is seeded with ``seed`` so that every load (student, frozen teacher, the base of a merge)
     gets the same rows, and the teacher is exactly the student's starting point.
     """
-    if not (config.special_tokens or config.tokens):
+    if not (config.special_tokens or config.tokens or config.resize_token_embeddings_to_32x):
         return
     size = len(load_tokenizer(config))
+    size = math.ceil(size / 32) * 32 if config.resize_token_embeddings_to_32x else size  # Axolotl's rounding
     if model.get_input_embeddings().num_embeddings >= size:
         return
     with torch.random.fork_rng(devices=[]):

@@ -15,7 +15,7 @@ import torch
 import transformers
 from transformers import AutoConfig, PreTrainedTokenizerBase
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils.import_utils import is_flash_attn_2_available, is_torch_tf32_available
+from transformers.utils.import_utils import is_flash_attn_2_available
 from transformers.trainer_utils import SchedulerType
 from transformers.training_args import OptimizerNames
 
@@ -39,8 +39,6 @@ def _one_of(key: str, value: str, allowed: list[str]) -> list[str]:
 def machine_problems(config: MFTConfigBase) -> list[str]:
     """Keys asking for what this machine or the installed libraries lack: CUDA-only switches on a CPU."""
     problems = []
-    if config.tf32 and not is_torch_tf32_available():
-        problems.append("tf32: true needs an Ampere or newer CUDA GPU (TF32 is a GPU matmul mode); set tf32: false")
     key, attention = config.attention_choice or (None, None)
     if attention is not None and attention != "eager" and attention not in ALL_ATTENTION_FUNCTIONS.valid_keys():
         allowed = ", ".join(["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()])

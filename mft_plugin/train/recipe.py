@@ -6,6 +6,7 @@ then (inside the Trainer's loss) their penalties.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 from transformers import PreTrainedModel, TrainingArguments, set_seed
+from transformers.utils.import_utils import is_torch_tf32_available
 
 from mft_plugin.config.schema import MFTConfigBase
 from mft_plugin.data.batches import PaddingCollator
@@ -54,6 +56,8 @@ from mft_plugin.train.safety import check_finite_weights
 from mft_plugin.train.signals import StopOnSignal, TrainingInterrupted
 from mft_plugin.train.stopping import stopping_callbacks
 from mft_plugin.train.trainer import MFTTrainer
+
+logger = logging.getLogger(__name__)
 
 EVALUATIONS_PER_RUN = 10
 # transformers renamed `gradient_checkpointing` to `activation_checkpointing` (the old name stays an alias
@@ -149,7 +153,8 @@ def training_arguments(
         num_train_epochs=config.num_epochs,
         max_steps=config.max_steps or -1,
         learning_rate=config.learning_rate,
-        lr_scheduler_type=config.lr_scheduler,
+        lr_scheduler_type="cosine_with_min_lr" if config.cosine_min_lr_ratio is not None else config.lr_scheduler,
+        lr_scheduler_kwargs={"min_lr_rate": config.cosine_min_lr_ratio} if config.cosine_min_lr_ratio is not None else None,
         warmup_steps=config.warmup_steps or config.warmup_ratio,
         optim=config.optimizer,
         adam_beta1=config.adam_beta1,
@@ -159,8 +164,8 @@ def training_arguments(
         max_grad_norm=config.max_grad_norm,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        tf32=config.tf32,
-        **{CHECKPOINTING_ARGUMENT: config.gradient_checkpointing},
+        tf32=None if config.tf32 and not is_torch_tf32_available() else config.tf32,  # inactive: said at the start
+        **{CHECKPOINTING_ARGUMENT: bool(config.gradient_checkpointing)},  # offload: the offloading is a note
         **{f"{CHECKPOINTING_ARGUMENT}_kwargs": checkpointing_kwargs.model_dump(exclude_none=True) if checkpointing_kwargs else None},
         **_sampling_argument(config.group_by_length),
         ddp_find_unused_parameters=config.ddp_find_unused_parameters,
@@ -172,6 +177,7 @@ def training_arguments(
         save_strategy="steps",
         save_steps=save_steps,
         save_total_limit=config.save_total_limit,
+        save_only_model=config.save_only_model,
         load_best_model_at_end=evaluate,
         metric_for_best_model=SPEC_METRIC if evaluate else None,
         greater_is_better=False if evaluate else None,
@@ -208,6 +214,8 @@ def _run(config: MFTConfigBase, registry: Registry) -> dict[str, Any]:
     if (finished := begin_run(config, output_dir)) is not None:
         return finished
     set_seed(config.seed)
+    for note in config.start_notes:
+        logger.warning(note)
 
     tokenizer = load_tokenizer(config)
     engine = Engine.from_config(config)

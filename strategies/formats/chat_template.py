@@ -63,6 +63,25 @@ class ChatTemplateParams(StrategyParams):
         "tokenizer_default_fallback_<name>, or jinja: chat_template_jinja",
     )
     chat_template_jinja: str | None = Field(None, description="the template itself, or a .jinja file's path, with chat_template: jinja")
+    eot_tokens: list[str] | None = Field(None, description="tokens that end a turn (default: the EOS token); Axolotl's top-level key")
+    train_on_eot: Literal["turn", "all", "last", "none"] | None = Field(None, description="which end-of-turn tokens are labelled (default: train_on_eos)")
+    field_thinking: str = Field("reasoning_content", description="message key holding the turn's reasoning trace, if any")
+    template_thinking_key: str = Field("reasoning_content", description="the name the template reads the reasoning trace by")
+    drop_system_message: bool = Field(False, description="drop a conversation's leading system message")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _older_spelling(cls, data: Any) -> Any:
+        """Axolotl's older ``message_field_role``/``message_field_content``: entries of ``message_property_mappings``."""
+        if not isinstance(data, dict) or not {"message_field_role", "message_field_content"} & set(data):
+            return data
+        data, mapping = dict(data), dict(data.get("message_property_mappings") or {})
+        for prop in ("role", "content"):
+            field = data.pop(f"message_field_{prop}", None)
+            if field is not None and mapping.setdefault(prop, field) != field:
+                raise ValueError(f"message_field_{prop}: {field!r} and message_property_mappings.{prop}: {mapping[prop]!r} disagree; keep one")
+        mapping = {"role": "role", "content": "content", **mapping}
+        return {**data, "message_property_mappings": mapping}
 
     @field_validator("chat_template")
     @classmethod
@@ -80,6 +99,11 @@ class ChatTemplateParams(StrategyParams):
         if (self.chat_template == "jinja") != (self.chat_template_jinja is not None):
             raise ValueError("chat_template: jinja and chat_template_jinja go together: give both or neither")
         return self
+
+    @property
+    def eot_option(self) -> str:
+        """``train_on_eot``, by default ``train_on_eos`` (Axolotl's backward-compatible reading)."""
+        return self.train_on_eot or self.train_on_eos
 
 
 class ChatTemplateFormat(DataFormat):
@@ -127,8 +151,25 @@ class ChatTemplateFormat(DataFormat):
                 raise RecordError(f"{field}[{i}] needs a string role and content (message_property_mappings), got {message!r:.80}")
             if role not in roles:
                 raise RecordError(f"{field}[{i}]: unknown role {role!r}; known: {', '.join(sorted(roles))} (map others with roles:)")
-            turns.append({"role": roles[role], "content": content})
-        return turns
+            turn = {"role": roles[role], "content": content}
+            if isinstance(thinking := message.get(self.params.field_thinking), str):  # a reasoning trace
+                turn[self.params.template_thinking_key] = thinking
+            turns.append(turn)
+        return turns[1:] if self.params.drop_system_message and turns[0]["role"] == "system" else turns
+
+    def end_of_turn_ids(self, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+        """The ids of ``eot_tokens`` (default: the EOS token) that the template writes (Axolotl skips the
+        others); an error for one the tokenizer splits, or for the EOS token labelled two ways."""
+        eot_tokens, template = self.params.eot_tokens or [tokenizer.eos_token], self.template(tokenizer)
+        if tokenizer.eos_token in eot_tokens and self.params.eot_option != self.params.train_on_eos:
+            raise RecordError("eot_tokens holds the EOS token, and train_on_eot and train_on_eos disagree; make them equal")
+        ids = set()
+        for token in [token for token in eot_tokens if token in template] if self.params.eot_tokens else eot_tokens:
+            encoded = tokenizer.encode(token, add_special_tokens=False) if token else []
+            if len(encoded) != 1:
+                raise RecordError(f"eot_tokens: {token!r} is {len(encoded)} tokens of this tokenizer, not one; add it under tokens:")
+            ids |= set(encoded)
+        return ids
 
     def tokenize(
         self, record: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, train_on_inputs: bool
@@ -141,21 +182,28 @@ class ChatTemplateFormat(DataFormat):
         ids, spans = encoded["input_ids"], encoded["offset_mapping"]
         labels = [IGNORE_INDEX] * len(ids)
         trained_roles = {self.role_names().get(role, role) for role in self.params.roles_to_train}
-        cursor, eos_found = 0, []
+        # (token ids, option) for the end-of-turn tokens, then the EOS token, each labelled as its option says
+        closers = [(self.end_of_turn_ids(tokenizer), self.params.eot_option), ({tokenizer.eos_token_id}, self.params.train_on_eos)]
+        cursor, found = 0, [[] for _ in closers]
         for i, turn in enumerate(turns):
             begin = text.find(turn["content"], cursor)
             if begin < 0:
                 raise RecordError(f"{self.params.field_messages}[{i}]: the template does not write the content unchanged")
+            thinking = turn.get(self.params.template_thinking_key)
+            reasoning = text.rfind(thinking, cursor, begin) if thinking else -1  # the trace, where the template writes it
             cursor = end = begin + len(turn["content"])
+            begin = reasoning if reasoning >= 0 else begin  # as in Axolotl, a trained turn's trace is trained too
             trained = train_on_inputs or turn["role"] in trained_roles
             for t in [t for t, (start, stop) in enumerate(spans) if start < end and stop > begin] if trained else []:
                 labels[t] = ids[t]
             after = next((t for t, (start, _) in enumerate(spans) if start >= end), len(ids))
-            eos = next((t for t in range(after, min(after + EOS_SEARCH + 1, len(ids))) if ids[t] == tokenizer.eos_token_id), None)
-            if eos is not None:
-                eos_found.append(eos)
-                if self.params.train_on_eos == "all" or (self.params.train_on_eos == "turn" and trained):
-                    labels[eos] = ids[eos]
-        if self.params.train_on_eos == "last" and eos_found:
-            labels[eos_found[-1]] = ids[eos_found[-1]]
+            for (closing, option), seen in zip(closers, found):
+                at = next((t for t in range(after, min(after + EOS_SEARCH + 1, len(ids))) if ids[t] in closing), None)
+                if at is not None:
+                    seen.append(at)
+                    if option == "all" or (option == "turn" and trained):
+                        labels[at] = ids[at]
+        for (_, option), seen in zip(closers, found):
+            if option == "last" and seen:
+                labels[seen[-1]] = ids[seen[-1]]
         return {"input_ids": ids, "labels": labels}

@@ -44,6 +44,9 @@ class LoraParams(StrategyParams):
         ALL_LINEAR, description="module names, or all-linear (every projection); a list may hold all-linear plus names"
     )
     modules_to_save: list[str] | None = Field(None, description="modules trained in full beside the adapter")
+    target_parameters: list[str] | None = Field(
+        None, description="parameters (not modules) given a LoRA update, e.g. fused MoE experts: mlp.experts.gate_up_proj"
+    )
     use_dora: bool = Field(False, description="DoRA: learn each weight's magnitude apart from its direction")
     fan_in_fan_out: bool = Field(False, description="the layers store weights as (fan_in, fan_out), e.g. GPT-2's Conv1D")
     lora_model_dir: str | None = Field(
@@ -72,7 +75,9 @@ class LoraParams(StrategyParams):
         return {**{key: saved[key] for key in keys}, **data}
 
 
-SAVED_SETTINGS = ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "use_dora", "fan_in_fan_out")
+SAVED_SETTINGS = (
+    "r", "lora_alpha", "lora_dropout", "target_modules", "target_parameters", "modules_to_save", "use_dora", "fan_in_fan_out",
+)
 
 
 def _as_saved(value: Any) -> Any:

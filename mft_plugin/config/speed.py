@@ -1,0 +1,77 @@
+"""Axolotl's speed-only switches: kernels, offloading, tiling. They change how fast a step runs and
+how much memory it takes, never the loss (paper Eq. 3 is computed by mft-run's own loss, ``loss_impl``).
+
+Each is accepted with Axolotl's values. A switch that this machine (or mft-run) does not run is said
+once at the start of the run as inactive, with what would run it (:func:`inactive_switches`); none
+is accepted and dropped without a word. ``tf32`` and ``gradient_checkpointing`` are applied by the
+Trainer (:mod:`mft_plugin.train.recipe`); ``gradient_checkpointing: offload`` is checkpointing plus
+``activation_offloading``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+_LIGER = "Liger-Kernel's Triton kernels (CUDA GPU and the liger-kernel package)"
+_AXOLOTL = "Axolotl's own Triton kernels, which run inside `axolotl train` on a CUDA GPU (README 'Axolotl plugin')"
+_HUB_KERNELS = "HF kernels fetched from the hub by the kernels package on a CUDA GPU (no hub access here)"
+_OFFLOAD = "Axolotl's activation offloading to CPU memory during the forward pass (CUDA GPU)"
+_FUSED_LOSS = "a fused linear cross-entropy; mft-run's corrected loss is fused with the LM head by loss_impl: chunked"
+_MOE = "a mixture-of-experts kernel (CUDA GPU); it runs the same experts' math"
+
+# key -> what would run it
+SPEED_SWITCHES: dict[str, str] = {
+    **{key: _LIGER for key in ("liger_rope", "liger_rms_norm", "liger_rms_norm_gated", "liger_glu_activation", "liger_layer_norm")},
+    **{key: _FUSED_LOSS for key in ("liger_fused_linear_cross_entropy", "cut_cross_entropy")},
+    **{key: _AXOLOTL for key in (
+        "lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "fused_attn_kernel", "flash_attn_fuse_mlp",
+        "flash_attn_rms_norm", "tiled_mlp",
+    )},
+    "use_kernels": _HUB_KERNELS,
+    "activation_offloading": _OFFLOAD,
+    **{key: _MOE for key in ("use_scattermoe", "use_sonicmoe", "experts_implementation")},
+}
+
+
+class SpeedSwitches(BaseModel):
+    """A mixin of the schema: the switches of :data:`SPEED_SWITCHES`, with Axolotl's types."""
+
+    liger_rope: bool | None = None
+    liger_rms_norm: bool | None = None
+    liger_rms_norm_gated: bool | None = None
+    liger_glu_activation: bool | None = None
+    liger_layer_norm: bool | None = None
+    liger_fused_linear_cross_entropy: bool | None = None
+    cut_cross_entropy: bool | None = None
+    lora_mlp_kernel: bool | None = None
+    lora_qkv_kernel: bool | None = None
+    lora_o_kernel: bool | None = None
+    fused_attn_kernel: bool | None = None
+    flash_attn_fuse_mlp: bool | None = None
+    flash_attn_rms_norm: bool | None = None
+    tiled_mlp: bool | None = None
+    tiled_mlp_num_shards: int | None = Field(None, ge=1, description="with tiled_mlp")
+    use_kernels: bool | None = None
+    activation_offloading: bool | Literal["legacy", "disk"] | None = None
+    use_scattermoe: bool | None = None
+    use_sonicmoe: bool | None = None
+    experts_implementation: str | None = Field(None, description="Axolotl's experts kernel: scattermoe, grouped_mm, ...")
+
+
+def switches_on(config: Any) -> list[str]:
+    """The speed switches ``config`` turns on, as ``key`` or ``key: value``."""
+    on = [key for key in SPEED_SWITCHES if getattr(config, key, None) not in (None, False)]
+    if getattr(config, "gradient_checkpointing", None) == "offload" and "activation_offloading" not in on:
+        on.append("activation_offloading")  # Axolotl: checkpointing with the activations offloaded
+    return on
+
+
+def inactive_switches(config: Any, tf32_available: bool) -> list[str]:
+    """One line per switch that ``config`` turns on and this run does not apply, saying what would run it
+    (said once at the start of the run). ``tf32_available``: whether this machine has TF32 matmuls."""
+    lines = [f"{key}: inactive here (speed only, same loss): {SPEED_SWITCHES[key]}" for key in switches_on(config)]
+    if config.tf32 and not tf32_available:
+        lines.append("tf32: inactive here (speed only): TF32 is a matmul mode of Ampere or newer CUDA GPUs")
+    return lines

@@ -1,0 +1,254 @@
+"""Axolotl 0.18.0's own example YAMLs, changed only where a user moving here must change them
+(tests/axolotl_population.py), validate (issue 25); the keys that made them fail mean what they mean in Axolotl."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mft_plugin.config.errors import ConfigError, validate_config
+from mft_plugin.train.recipe import training_arguments
+from tests.axolotl_population import POPULATION, problems_of
+
+VALIDATING = 95  # of the 198 (51 before issue 25); README "Axolotl's example YAMLs" lists what stops the rest
+
+
+def test_the_population_is_axolotls_198_supervised_text_examples() -> None:
+    assert len(list(POPULATION.glob("*.y*ml"))) == 198
+    assert (POPULATION / "NOTICE.md").is_file()
+
+
+def test_axolotls_examples_validate(tmp_path: Path) -> None:
+    failing = {path.name: found for path in sorted(POPULATION.glob("*.y*ml")) if (found := problems_of(path, tmp_path / path.stem))}
+    assert 198 - len(failing) >= VALIDATING, "\n".join(p for found in failing.values() for p in found)
+
+
+# --- evaluation without a validation set -----------------------------------------------------------
+
+
+def test_evals_per_epoch_without_a_validation_set_trains_unevaluated(base_config: dict[str, Any]) -> None:
+    config = validate_config({**base_config, "test_datasets": None, "eval_steps": None, "evals_per_epoch": 4})
+    (note,) = config.start_notes
+    assert note.startswith("evals_per_epoch: 4 with no specialized validation set") and "without S" in note
+    args = training_arguments(config, train_blocks=40, evaluate=False)
+    assert args.eval_strategy == "no" and not args.load_best_model_at_end
+    with pytest.raises(ConfigError, match="evals_per_epoch: 0 is no evaluation"):
+        validate_config({**base_config, "eval_steps": None, "evals_per_epoch": 0})
+
+
+# --- keys of Axolotl's current spelling ------------------------------------------------------------
+
+
+def test_warmup_steps_below_one_is_a_ratio(base_config: dict[str, Any]) -> None:
+    assert training_arguments(validate_config({**base_config, "warmup_steps": 0.1}), 40, True).warmup_steps == 0.1
+    assert validate_config({**base_config, "warmup_steps": 10.0}).warmup_steps == 10
+    with pytest.raises(ConfigError, match="warmup_steps: 2.5 is neither a whole number of steps nor a fraction below 1"):
+        validate_config({**base_config, "warmup_steps": 2.5})
+
+
+def test_top_level_fsdp_version(base_config: dict[str, Any]) -> None:
+    assert validate_config({**base_config, "fsdp_version": 2}).fsdp_version == 2
+    with pytest.raises(ConfigError, match="fsdp_version: only FSDP2 is supported"):
+        validate_config({**base_config, "fsdp_version": 1})
+
+
+# --- speed-only switches ---------------------------------------------------------------------------
+
+
+def test_speed_switches_are_said_inactive_once(base_config: dict[str, Any]) -> None:
+    keys = {"liger_rms_norm": True, "lora_mlp_kernel": True, "use_kernels": False, "gradient_checkpointing": "offload", "tf32": True}
+    config = validate_config({**base_config, **keys})
+    notes = config.start_notes
+    assert [note.split(":")[0] for note in notes][:3] == ["liger_rms_norm", "lora_mlp_kernel", "activation_offloading"]
+    assert all("inactive here" in note for note in notes)
+    args = training_arguments(config, 40, True)
+    assert args.activation_checkpointing  # the checkpointing half of `offload` is applied
+    with pytest.raises(ConfigError, match="activation_offloading"):
+        validate_config({**base_config, "activation_offloading": "sometimes"})
+
+
+# --- chat_template: end-of-turn tokens, reasoning traces, Axolotl's older spelling ------------------
+
+# a template whose turns end with "|" (one token of the shipped tokenizer) and that writes a reasoning trace
+JINJA = (
+    "{% for m in messages %}[{{ m['role'] }}]{% if m['reasoning_content'] %}<{{ m['reasoning_content'] }}>{% endif %}"
+    "{{ m['content'] }}|{% endfor %}"
+)
+TALK = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello.", "thought": "greet"}]
+
+
+def _labelled(tokenizer: Any, record: dict[str, Any], **params: Any) -> tuple[str, str]:
+    """The rendered record and its labelled tokens, decoded."""
+    from mft_plugin.data.labels import IGNORE_INDEX
+    from mft_plugin.registry import default_registry
+
+    chat = default_registry().get("format", "chat_template").cls(chat_template="jinja", chat_template_jinja=JINJA, **params)
+    row = chat.tokenize(record, tokenizer, False)
+    labelled = [token for token, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX]
+    return tokenizer.decode(row["input_ids"]), tokenizer.decode(labelled)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Any:
+    from transformers import AutoTokenizer
+
+    from tests.tiny import REFERENCE_MODEL
+
+    return AutoTokenizer.from_pretrained(REFERENCE_MODEL)
+
+
+@pytest.mark.parametrize(
+    ("params", "labelled"),
+    [
+        ({}, "Hello."),  # the template writes no EOS: no turn end is labelled (Axolotl's default eot_tokens: [eos])
+        ({"eot_tokens": ["|"]}, "Hello.|"),  # train_on_eot follows train_on_eos: turn
+        ({"eot_tokens": ["|"], "train_on_eot": "all"}, "|Hello.|"),
+        ({"eot_tokens": ["|"], "train_on_eot": "last"}, "Hello.|"),
+        ({"eot_tokens": ["|", "<never>"], "train_on_eos": "none"}, "Hello."),  # a token the template lacks is skipped
+        ({"eot_tokens": ["|"], "field_thinking": "thought"}, "greet>Hello.|"),  # the trace of a trained turn is trained
+    ],
+)
+def test_end_of_turn_tokens_and_reasoning_traces(tokenizer: Any, params: dict[str, Any], labelled: str) -> None:
+    whole, found = _labelled(tokenizer, {"messages": TALK}, **params)
+    thought = "<greet>" if "field_thinking" in params else ""
+    assert whole == f"[user]Hi?|[assistant]{thought}Hello.|" and found == labelled
+
+
+def test_end_of_turn_token_errors(tokenizer: Any) -> None:
+    from mft_plugin.strategy import RecordError
+
+    with pytest.raises(RecordError, match=r"eot_tokens: 'reasoning_content' is \d+ tokens of this tokenizer, not one"):
+        _labelled(tokenizer, {"messages": TALK}, eot_tokens=["reasoning_content"])
+    with pytest.raises(RecordError, match="train_on_eot and train_on_eos disagree"):
+        _labelled(tokenizer, {"messages": TALK}, eot_tokens=["</s>"], train_on_eot="all")
+
+
+def test_older_message_field_spelling_and_dropped_system_message(tokenizer: Any) -> None:
+    record = {"messages": [{"from": "system", "value": "Be brief."}] + [{"from": m["role"], "value": m["content"]} for m in TALK]}
+    params = {"message_field_role": "from", "message_field_content": "value", "drop_system_message": True}
+    assert _labelled(tokenizer, record, **params) == ("[user]Hi?|[assistant]Hello.|", "Hello.")
+    with pytest.raises(ValueError, match="message_field_role: 'from' and message_property_mappings.role: 'who' disagree"):
+        _labelled(tokenizer, record, message_field_role="from", message_property_mappings={"role": "who"})
+
+
+def test_top_level_eot_tokens_are_the_chat_entries_default(base_config: dict[str, Any], tmp_path: Path) -> None:
+    import json
+
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": TALK}) + "\n")
+    entry = {"path": str(chat), "type": "chat_template", "chat_template": "jinja", "chat_template_jinja": JINJA}
+    config = validate_config({**base_config, "datasets": [entry], "eot_tokens": ["|"]})
+    assert config.datasets[0].eot_tokens == ["|"]
+
+
+# --- model, schedule and checkpoint keys -------------------------------------------------------------
+
+
+def test_model_config_overrides_reach_student_and_teacher(base_config: dict[str, Any]) -> None:
+    from mft_plugin.models.loading import load_frozen_teacher, load_model
+
+    config = validate_config({**base_config, "model_config": {"output_router_logits": True, "rms_norm_eps": 1e-3}})
+    for model in (load_model(config), load_frozen_teacher(config)):
+        assert model.config.output_router_logits is True and model.config.rms_norm_eps == 1e-3
+        assert model.model.norm.variance_epsilon == 1e-3  # read by the layers as they are built
+
+
+def test_resize_token_embeddings_to_32x(base_config: dict[str, Any]) -> None:
+    from mft_plugin.models.loading import load_model
+
+    config = validate_config({**base_config, "tokens": ["<clause>"], "resize_token_embeddings_to_32x": True})
+    rows = load_model(config).get_input_embeddings().num_embeddings
+    assert rows % 32 == 0 and rows >= 4097  # the tokenizer's 4097, rounded up
+
+
+def test_cosine_min_lr_ratio_is_axolotls_floor(base_config: dict[str, Any]) -> None:
+    import math
+
+    import torch
+    from transformers import get_scheduler
+
+    config = validate_config({**base_config, "cosine_min_lr_ratio": 0.1, "warmup_steps": 2, "max_steps": 10})
+    args = training_arguments(config, 40, True)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = get_scheduler(args.lr_scheduler_type, optimizer, 2, 10, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+
+    def axolotl(step: int) -> float:  # axolotl.utils.schedulers._get_cosine_schedule_with_min_lr_lambda
+        if step < 2:
+            return step / 2
+        return (1 - 0.1) * 0.5 * (1.0 + math.cos(math.pi * (step - 2) / 8)) + 0.1
+
+    for step in range(11):
+        assert schedule.lr_lambdas[0](step) == pytest.approx(axolotl(step))
+    with pytest.raises(ConfigError, match="0.1 is the floor of lr_scheduler: cosine, and lr_scheduler is 'linear'"):
+        validate_config({**base_config, "lr_scheduler": "linear", "cosine_min_lr_ratio": 0.1})
+
+
+def test_save_only_model(base_config: dict[str, Any]) -> None:
+    assert training_arguments(validate_config({**base_config, "save_only_model": True}), 40, True).save_only_model
+    with pytest.raises(ConfigError, match="save_only_model: true keeps no optimizer states"):
+        validate_config({**base_config, "save_only_model": True, "resume_from_checkpoint": True})
+    with pytest.raises(ConfigError, match="eta_min: 7e-07 is not supported: not a key of Axolotl's schema"):
+        validate_config({**base_config, "eta_min": 7e-7})
+
+
+# --- mixture-of-experts keys -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1-layer Mixtral (4 fused experts) with the shipped tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
+
+    from tests.tiny import REFERENCE_MODEL
+
+    folder = tmp_path_factory.mktemp("tiny-moe")
+    tokenizer = AutoTokenizer.from_pretrained(REFERENCE_MODEL)
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2)  # fmt: skip
+    MixtralForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_quantize_moe_experts(base_config: dict[str, Any], tiny_moe: Path) -> None:
+    import torch
+
+    from mft_plugin.models.experts import expert_parameters
+    from mft_plugin.models.loading import load_model
+
+    qlora = {**base_config, "base_model": str(tiny_moe), "adapter": "qlora", "load_in_4bit": True}
+    plain, quantized = load_model(validate_config(qlora)), load_model(validate_config({**qlora, "quantize_moe_experts": True}))
+    experts = expert_parameters(plain)
+    assert [name for _, name in experts] == ["gate_up_proj", "down_proj"]
+    assert expert_parameters(quantized) == []  # each one is now a parametrization of packed 4-bit data
+    for (reference, name) in experts:
+        module = quantized.get_submodule(next(path for path, m in plain.named_modules() if m is reference))
+        stored = module.parametrizations[name].original  # packed 4-bit
+        assert stored.dtype == torch.uint8 and stored.numel() * 2 == getattr(reference, name).numel()
+        weight, full = getattr(module, name), getattr(reference, name)  # dequantized on access
+        assert weight.shape == full.shape and torch.allclose(weight, full, atol=0.2 * full.abs().max().item())
+    ids = torch.tensor([[1, 5, 9, 13]])
+    assert torch.allclose(quantized(ids).logits, plain(ids).logits, atol=0.1)
+    with pytest.raises(ConfigError, match="quantize_moe_experts quantizes the experts to 4 bits with load_in_4bit"):
+        validate_config({**base_config, "adapter": "lora", "load_in_8bit": True, "quantize_moe_experts": True})
+
+
+def test_lora_target_parameters_train_the_fused_experts(base_config: dict[str, Any], tiny_moe: Path) -> None:
+    import torch
+
+    from mft_plugin.models.loading import load_model
+    from mft_plugin.registry import default_registry
+
+    keys = {"adapter": "lora", "lora_target_modules": ["q_proj"], "lora_target_parameters": ["mlp.experts.gate_up_proj"]}
+    config = validate_config({**base_config, "base_model": str(tiny_moe), **keys})
+    (spec,) = config.mitigations
+    adapter = default_registry().get("mitigation", spec.name).cls(spec)
+    model = adapter.prepare_model(load_model(config), None)
+    trained = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert any("experts" in name and "lora_A" in name for name in trained) and any("q_proj.lora_A" in name for name in trained)
+    model(torch.tensor([[1, 5, 9, 13]]), labels=torch.tensor([[1, 5, 9, 13]])).loss.backward()
+    assert all(p.grad is not None for name, p in model.named_parameters() if p.requires_grad and "lora_B" in name)
