@@ -250,7 +250,8 @@ def test_axolotl_llama3_examples_validate_and_train(name: str, tmp_path: Path) -
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     validated = subprocess.run([*command, "--validate"], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert validated.returncode == 0, validated.stderr
-    overrides = ["--set", "max_steps=2", "--set", f"output_dir={tmp_path}"]
+    # the copies keep Axolotl's relative dataset_prepared_path: prepared data goes to tmp, not into the repo
+    overrides = ["--set", "max_steps=2", "--set", f"output_dir={tmp_path}", "--set", f"dataset_prepared_path={tmp_path / 'prepared'}"]
     trained = subprocess.run([*command, *overrides], capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
     assert trained.returncode == 0, trained.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
