@@ -88,6 +88,7 @@ def user_changes(config: dict[str, Any], folder: Path) -> dict[str, Any]:
     """``config`` changed only where a user moving to this machine must change it: the shipped model,
     local data files (written to ``folder``), ``sequence_len`` <= 256, no CUDA kernel plugins and no
     deepspeed/fsdp blocks, and ``objective: mft``."""
+    folder.mkdir(parents=True, exist_ok=True)
     changed = {key: value for key, value in config.items() if key not in (*MODEL_CLASS_KEYS, *ENGINE_BLOCKS)}
     changed["base_model"] = str(REFERENCE_MODEL)
     for group in ("datasets", "test_datasets"):
@@ -105,7 +106,6 @@ def problems_of(path: Path, folder: Path) -> list[str]:
     """What stops the example at ``path`` from validating after :func:`user_changes` (empty: it validates)."""
     from mft_plugin.config.errors import ConfigError, validate_config
 
-    folder.mkdir(parents=True, exist_ok=True)
     try:
         validate_config(user_changes(yaml.safe_load(path.read_text(encoding="utf-8")), folder), source=path.name)
     except ConfigError as error:

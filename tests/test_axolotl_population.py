@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from mft_plugin.config.errors import ConfigError, validate_config
 from mft_plugin.train.recipe import training_arguments
@@ -67,6 +68,22 @@ def test_speed_switches_are_said_inactive_once(base_config: dict[str, Any]) -> N
     assert args.activation_checkpointing  # the checkpointing half of `offload` is applied
     with pytest.raises(ConfigError, match="activation_offloading"):
         validate_config({**base_config, "activation_offloading": "sometimes"})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback on a machine without FlashAttention")
+@pytest.mark.parametrize("keys", [{"flash_attention": True}, {"attn_implementation": "flash_attention_2"}])
+def test_flash_attention_without_flash_attn_is_the_default_attention(base_config: dict[str, Any], keys: dict[str, Any]) -> None:
+    from mft_plugin.models.loading import load_model
+    from mft_plugin.train.preflight import preflight
+
+    config = validate_config({**base_config, **keys})
+    key = next(iter(keys))
+    assert config.attention is None and config.start_notes == [
+        f"{key}: flash_attention_2 inactive here (speed only, same loss): FlashAttention runs on a CUDA GPU with "
+        "the flash-attn package; the model's default attention runs"
+    ]
+    preflight(config)
+    assert load_model(config).config._attn_implementation == "sdpa"
 
 
 # --- chat_template: end-of-turn tokens, reasoning traces, Axolotl's older spelling ------------------
@@ -252,3 +269,33 @@ def test_lora_target_parameters_train_the_fused_experts(base_config: dict[str, A
     assert any("experts" in name and "lora_A" in name for name in trained) and any("q_proj.lora_A" in name for name in trained)
     model(torch.tensor([[1, 5, 9, 13]]), labels=torch.tensor([[1, 5, 9, 13]])).loss.backward()
     assert all(p.grad is not None for name, p in model.named_parameters() if p.requires_grad and "lora_B" in name)
+
+
+# --- a sample trains 2 steps -------------------------------------------------------------------------
+
+# one per family (llama, qwen, gemma, mistral, phi) and format; no file that validates reads `completion` or
+# `input_output` (Axolotl's examples of those are pretraining, diffusion or sequence-parallel runs)
+TRAINED_SAMPLE = [
+    "llama-3__instruct-lora-8b.yml",  # llama, chat_template, LoRA
+    "archived__qwen__lora.yml",  # qwen, alpaca, LoRA
+    "qwen3__32b-qlora.yaml",  # qwen, chat_template, QLoRA
+    "archived__gemma__qlora.yml",  # gemma, alpaca, QLoRA
+    "gemma2__qlora.yml",  # gemma, chat_template, QLoRA
+    "mistral__lora.yml",  # mistral, alpaca, LoRA
+    "mistral4__qlora-text.yml",  # mistral, chat_template, QLoRA
+    "phi__phi-ft.yml",  # phi, alpaca, full finetuning
+]
+
+
+@pytest.mark.parametrize("name", TRAINED_SAMPLE)
+def test_a_sample_of_axolotls_examples_trains_two_steps(name: str, tiny_model: Path, tmp_path: Path) -> None:
+    """Changed as :func:`user_changes` changes them, on the tiny model, 96-token rows, 2 steps, in-process."""
+    import yaml
+
+    from mft_plugin.train.recipe import run
+    from tests.axolotl_population import user_changes
+
+    changed = user_changes(yaml.safe_load((POPULATION / name).read_text(encoding="utf-8")), tmp_path / "data")
+    fast = {"base_model": str(tiny_model), "sequence_len": 96, "max_steps": 2, "output_dir": str(tmp_path / "out")}
+    metrics = run(validate_config({**changed, **fast}, source=name))
+    assert metrics["step"] == 2

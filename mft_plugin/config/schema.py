@@ -36,7 +36,7 @@ from mft_plugin.config.adapters import (
 from mft_plugin.config.axolotl_keys import RefusedAxolotlKeys
 from mft_plugin.config.engines import FSDPConfig, fsdp2_only
 from mft_plugin.config.loss import LossImpl, TeacherCacheConfig, loss_impl_problem
-from mft_plugin.config.speed import SpeedSwitches, inactive_switches
+from mft_plugin.config.speed import SpeedSwitches, flash_attention_inactive, inactive_switches
 from mft_plugin.registry import Kind, Registry, UnknownStrategyError
 from mft_plugin.strategy import DataFormat, StrategyParams
 
@@ -447,11 +447,18 @@ class MFTConfigBase(StrictModel, QuantizationKeys, SpeedSwitches, RefusedAxolotl
         return bool(self.test_datasets) or self.val_set_size > 0
 
     @property
-    def attention_choice(self) -> tuple[str, str] | None:
-        """The key that chose the attention implementation and that implementation (None: the model's default)."""
+    def requested_attention(self) -> tuple[str, str] | None:
+        """The key that asks for an attention implementation and that implementation (None: the model's default)."""
         if self.attn_implementation:
             return "attn_implementation", self.attn_implementation
         return next(((key, impl) for key, impl in ATTENTION_FLAGS.items() if getattr(self, key)), None)
+
+    @property
+    def attention_choice(self) -> tuple[str, str] | None:
+        """:attr:`requested_attention`, except a FlashAttention this machine cannot run: the model's default
+        then (speed only, said at the start: :func:`~mft_plugin.config.speed.inactive_switches`)."""
+        choice = self.requested_attention
+        return None if choice and flash_attention_inactive(choice[1]) else choice
 
     @property
     def attention(self) -> str | None:
