@@ -273,16 +273,17 @@ def test_lora_target_parameters_train_the_fused_experts(base_config: dict[str, A
 
 # --- a sample trains 2 steps -------------------------------------------------------------------------
 
-# one per family (llama, qwen, gemma, mistral, phi) and format; no file that validates reads `completion` or
-# `input_output` (Axolotl's examples of those are pretraining, diffusion or sequence-parallel runs)
+# One per family (llama, qwen, gemma, mistral, phi) and format. No file that validates reads `completion` or
+# `input_output` (Axolotl's examples of those are pretraining, diffusion or sequence-parallel runs). Not here:
+# the Gemma and Mistral chat files, whose end-of-turn token / `model.language_model` LoRA targets the shipped
+# model lacks, and those with torchao's optimizers (adamw_torch_4bit, _8bit), which need that package.
 TRAINED_SAMPLE = [
     "llama-3__instruct-lora-8b.yml",  # llama, chat_template, LoRA
+    "llama-3__lora-8b.yml",  # llama, alpaca, LoRA
     "archived__qwen__lora.yml",  # qwen, alpaca, LoRA
-    "qwen3__32b-qlora.yaml",  # qwen, chat_template, QLoRA
+    "deepcogito__cogito-v1-preview-qwen-14B-lora.yml",  # qwen, chat_template, LoRA
     "archived__gemma__qlora.yml",  # gemma, alpaca, QLoRA
-    "gemma2__qlora.yml",  # gemma, chat_template, QLoRA
     "mistral__lora.yml",  # mistral, alpaca, LoRA
-    "mistral4__qlora-text.yml",  # mistral, chat_template, QLoRA
     "phi__phi-ft.yml",  # phi, alpaca, full finetuning
 ]
 
