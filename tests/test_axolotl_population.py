@@ -210,6 +210,44 @@ def test_save_only_model(base_config: dict[str, Any]) -> None:
         validate_config({**base_config, "eta_min": 7e-7})
 
 
+def test_unfrozen_parameters_train_only_the_named_parameters(two_step_config: dict[str, Any], tiny_model: Path) -> None:
+    from safetensors.torch import load_file
+
+    from mft_plugin.train.recipe import run
+
+    # Axolotl's spelling: '.' is a literal dot; rows [:5] of the (tied) embeddings, all of layer 1's MLP
+    patterns = ["model.layers.1.mlp", "^model.embed_tokens.weight$[:5]"]
+    config = validate_config({**two_step_config, "unfrozen_parameters": patterns, "weight_decay": 0.0})
+    run(config)
+    base, trained = load_file(tiny_model / "model.safetensors"), load_file(Path(config.output_dir) / "model.safetensors")
+    changed = {name for name in base if not torch.equal(base[name], trained[name])}
+    assert changed == {f"model.layers.1.mlp.{proj}_proj.weight" for proj in ("gate", "up", "down")} | {"model.embed_tokens.weight"}
+    rows = (base["model.embed_tokens.weight"] != trained["model.embed_tokens.weight"]).any(dim=1).nonzero().flatten()
+    assert rows.tolist() and max(rows.tolist()) < 5
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({"unfrozen_parameters": ["layers.(1"]}, r"unfrozen_parameters: 'layers\.\(1' is not a pattern: missing \)"),
+        ({"unfrozen_parameters": ["lm_head$[4:2]"]}, "the end must be greater than the start"),
+        ({"unfrozen_parameters": ["lm_head"], "adapter": "lora"}, "unfrozen_parameters: freezes all but the named parameters of a full finetuning; with the 'lora' adapter"),
+    ],
+)
+def test_unfrozen_parameters_errors(base_config: dict[str, Any], keys: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        validate_config({**base_config, **keys})
+
+
+def test_unfrozen_parameters_that_name_nothing(base_config: dict[str, Any]) -> None:
+    from mft_plugin.models.freezing import freeze_except
+    from mft_plugin.models.loading import load_model
+
+    model = load_model(validate_config({**base_config, "unfrozen_parameters": ["transformer.h"]}))
+    with pytest.raises(ConfigError, match=r"no parameter of the model matches any of \['transformer.h'\], so nothing would train"):
+        freeze_except(model, ["transformer.h"])
+
+
 # --- mixture-of-experts keys -------------------------------------------------------------------------
 
 

@@ -74,7 +74,7 @@ REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
         "relora", "relora_cpu_offload", "relora_prune_ratio", "jagged_restart_steps", "jagged_restart_warmup_steps",
         "jagged_restart_anneal_steps", "lisa_n_layers", "lisa_step_interval", "lisa_layers_attribute", "use_eaft",
         "eaft_alpha", "eaft_k", "qat", "llmcompressor", "use_onebitllms", "reinit_weights", "peft",
-        "peft_use_rslora", "unfrozen_parameters",
+        "peft_use_rslora",
     )},
     "pretraining_dataset": ("streaming pretraining data; mft-run finetunes on datasets", OFF),
     "streaming": ("streaming datasets are not read by mft-run", OFF),
