@@ -248,6 +248,13 @@ def test_unfrozen_parameters_that_name_nothing(base_config: dict[str, Any]) -> N
         freeze_except(model, ["transformer.h"])
 
 
+def test_tokenizer_use_mistral_common_is_refused_naming_the_package(base_config: dict[str, Any]) -> None:
+    assert validate_config({**base_config, "tokenizer_use_mistral_common": False}).tokenizer_use_mistral_common is False
+    with pytest.raises(ConfigError, match=r"tokenizer_use_mistral_common: true is not supported: Axolotl then tokenizes "
+                       r"with the mistral-common package .*\(pip install mistral-common\) would not be enough"):
+        validate_config({**base_config, "tokenizer_use_mistral_common": True})
+
+
 # --- mixture-of-experts keys -------------------------------------------------------------------------
 
 

@@ -97,7 +97,11 @@ REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
     )},
     # multimodal
     **{key: (_VISION, OFF) for key in ("processor_type", "freeze_mm_modules")},
-    "tokenizer_use_mistral_common": ("the tokenizer is a transformers tokenizer (tokenizer_type)", OFF),
+    "tokenizer_use_mistral_common": (  # Axolotl: HFMistralTokenizer and MistralStrategy (loaders/tokenizer.py)
+        "Axolotl then tokenizes with the mistral-common package (tekken.json, its own chat encoding in place of "
+        "chat_template); mft-run reads transformers tokenizers only, so installing it (pip install mistral-common) "
+        "would not be enough; with false the model folder's tokenizer and chat_template are used", OFF,
+    ),
     "tokenizer_legacy": ("the tokenizer loads with its own saved settings", OFF),
     "tokenizer_use_fast": ("the tokenizer loads with its own saved settings", (None, True)),
     "low_cpu_mem_usage": ("transformers 5 always loads with low memory; the key no longer exists", (None, True)),
