@@ -13,7 +13,7 @@ from mft_plugin.config.errors import ConfigError, validate_config
 from mft_plugin.train.recipe import training_arguments
 from tests.axolotl_population import POPULATION, problems_of
 
-VALIDATING = 95  # of the 198 (51 before issue 25); README "Axolotl's example YAMLs" lists what stops the rest
+VALIDATING = 100  # of the 198 (51 before issue 25); README "Axolotl's example YAMLs" lists what stops the rest
 
 
 def test_the_population_is_axolotls_198_supervised_text_examples() -> None:
@@ -200,6 +200,12 @@ def test_cosine_min_lr_ratio_is_axolotls_floor(base_config: dict[str, Any]) -> N
         assert schedule.lr_lambdas[0](step) == pytest.approx(axolotl(step))
     with pytest.raises(ConfigError, match="0.1 is the floor of lr_scheduler: cosine, and lr_scheduler is 'linear'"):
         validate_config({**base_config, "lr_scheduler": "linear", "cosine_min_lr_ratio": 0.1})
+
+
+def test_cosine_constant_lr_ratio_zero_is_off_as_in_axolotl(base_config: dict[str, Any]) -> None:
+    validate_config({**base_config, "cosine_constant_lr_ratio": 0})  # Axolotl's scheduler tests the ratio's truth
+    with pytest.raises(ConfigError, match="cosine_constant_lr_ratio: 0.8 is not supported: Axolotl's cosine-then-constant"):
+        validate_config({**base_config, "cosine_constant_lr_ratio": 0.8})
 
 
 def test_save_only_model(base_config: dict[str, Any]) -> None:

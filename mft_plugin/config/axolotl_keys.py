@@ -111,7 +111,9 @@ REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
     "evaluation_strategy": ("evaluation runs every eval_steps (or evals_per_epoch)", (None, "steps")),
     "save_safetensors": ("weights are always saved as safetensors", (None, True)),
     "remove_unused_columns": ("the batch's routing columns are needed by the loss", (None, False)),
-    "cosine_constant_lr_ratio": ("Axolotl's cosine-then-constant schedule is not implemented; cosine_min_lr_ratio is", OFF),
+    "cosine_constant_lr_ratio": (  # 0 is off in Axolotl too: its scheduler tests the ratio's truth (trainers/mixins/scheduler.py)
+        "Axolotl's cosine-then-constant schedule is not implemented; cosine_min_lr_ratio is", (*OFF, 0, 0.0),
+    ),
     "lr_quadratic_warmup": ("the warmup is transformers' linear warmup", OFF),
     "eta_min": ("not a key of Axolotl's schema, which drops it silently; the cosine floor is cosine_min_lr_ratio", OFF),
     "do_causal_lm_eval": ("evaluation is perplexity, S and DG (paper Sec. 3.1)", OFF),
