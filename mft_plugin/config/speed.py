@@ -77,7 +77,7 @@ def flash_attention_inactive(implementation: str | None) -> bool:
     from transformers.utils import import_utils  # torch-free schema otherwise
 
     check = {"flash_attention_2": "is_flash_attn_2_available", "flash_attention_3": "is_flash_attn_3_available"}.get(implementation or "")
-    return check is not None and not getattr(import_utils, check)()
+    return check is not None and not getattr(import_utils, check, lambda: False)()  # absent: an older transformers
 
 
 def inactive_switches(config: Any, tf32_available: bool) -> list[str]:
