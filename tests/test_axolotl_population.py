@@ -348,6 +348,7 @@ def test_a_sample_of_axolotls_examples_trains_two_steps(name: str, tiny_model: P
     from tests.axolotl_population import user_changes
 
     changed = user_changes(yaml.safe_load((POPULATION / name).read_text(encoding="utf-8")), tmp_path / "data")
-    fast = {"base_model": str(tiny_model), "sequence_len": 96, "max_steps": 2, "output_dir": str(tmp_path / "out")}
+    fast = {"base_model": str(tiny_model), "sequence_len": 96, "max_steps": 2, "output_dir": str(tmp_path / "out"),
+            "dataset_prepared_path": str(tmp_path / "prepared")}  # some write last_run_prepared, relative to the cwd
     metrics = run(validate_config({**changed, **fast}, source=name))
     assert metrics["step"] == 2
