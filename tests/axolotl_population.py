@@ -5,8 +5,9 @@ The population is every supervised text finetuning YAML of Axolotl 0.18.0's ``ex
 with its folder in its name (``llama-3__lora-1b.yml``; Apache-2.0, NOTICE.md there). Each is changed
 only where a user must change it here (:func:`user_changes`), then validated in-process.
 
-``python -m tests.axolotl_population [AXOLOTL_EXAMPLES]`` prints the count and, for each file that does
-not validate, what stops it; with the folder of Axolotl's ``examples/`` it first refreshes the copies.
+``python -m tests.axolotl_population [--preflight] [AXOLOTL_EXAMPLES]`` prints the count and, for each file
+that does not validate, what stops it; ``--preflight`` adds the machine checks of ``mft-run --validate``;
+with the folder of Axolotl's ``examples/`` it first refreshes the copies.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def user_changes(config: dict[str, Any], folder: Path) -> dict[str, Any]:
     """``config`` changed only where a user moving to this machine must change it: the shipped model,
     local data files (written to ``folder``), ``sequence_len`` <= 256, no CUDA kernel plugins and no
     deepspeed/fsdp blocks, and ``objective: mft``."""
+    folder.mkdir(parents=True, exist_ok=True)
     changed = {key: value for key, value in config.items() if key not in (*MODEL_CLASS_KEYS, *ENGINE_BLOCKS)}
     changed["base_model"] = str(REFERENCE_MODEL)
     for group in ("datasets", "test_datasets"):
@@ -101,21 +103,31 @@ def user_changes(config: dict[str, Any], folder: Path) -> dict[str, Any]:
     return changed
 
 
-def problems_of(path: Path, folder: Path) -> list[str]:
-    """What stops the example at ``path`` from validating after :func:`user_changes` (empty: it validates)."""
-    from mft_plugin.config.errors import ConfigError, validate_config
+def problems_of(path: Path, folder: Path, machine: bool = False) -> list[str]:
+    """What stops the example at ``path`` from validating after :func:`user_changes` (empty: it validates).
 
-    folder.mkdir(parents=True, exist_ok=True)
+    ``machine``: also the checks ``mft-run --validate`` makes against this machine and the model folder
+    (preflight: libraries, attention, tokenizer, tokens); about a second a file."""
+    from mft_plugin.config.errors import ConfigError, validate_config
+    from mft_plugin.train.preflight import preflight
+
     try:
-        validate_config(user_changes(yaml.safe_load(path.read_text(encoding="utf-8")), folder), source=path.name)
+        config = validate_config(user_changes(yaml.safe_load(path.read_text(encoding="utf-8")), folder), source=path.name)
     except ConfigError as error:
         return error.problems
+    try:
+        if machine:
+            preflight(config)  # no file:line: the changed config is not the file
+    except ConfigError as error:
+        return [f"{path.name}: {problem}" for problem in error.problems]
     return []
 
 
 def main(argv: list[str]) -> int:
     import tempfile
 
+    machine = "--preflight" in argv
+    argv = [arg for arg in argv if arg != "--preflight"]
     if argv:
         print(f"copied {copy_population(Path(argv[0]))} examples into {POPULATION}")
     files = sorted(POPULATION.glob("*.y*ml"))
@@ -123,7 +135,7 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         failing = 0
         for path in files:
-            found = problems_of(path, Path(tmp) / path.stem)
+            found = problems_of(path, Path(tmp) / path.stem, machine)
             failing += bool(found)
             for problem in found:
                 print(problem)

@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from mft_plugin.config.errors import ConfigError, validate_config
 from mft_plugin.train.recipe import training_arguments
 from tests.axolotl_population import POPULATION, problems_of
 
-VALIDATING = 95  # of the 198 (51 before issue 25); README "Axolotl's example YAMLs" lists what stops the rest
+VALIDATING = 100  # of the 198 (51 before issue 25); README "Axolotl's example YAMLs" lists what stops the rest
 
 
 def test_the_population_is_axolotls_198_supervised_text_examples() -> None:
@@ -67,6 +68,22 @@ def test_speed_switches_are_said_inactive_once(base_config: dict[str, Any]) -> N
     assert args.activation_checkpointing  # the checkpointing half of `offload` is applied
     with pytest.raises(ConfigError, match="activation_offloading"):
         validate_config({**base_config, "activation_offloading": "sometimes"})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback on a machine without FlashAttention")
+@pytest.mark.parametrize("keys", [{"flash_attention": True}, {"attn_implementation": "flash_attention_2"}])
+def test_flash_attention_without_flash_attn_is_the_default_attention(base_config: dict[str, Any], keys: dict[str, Any]) -> None:
+    from mft_plugin.models.loading import load_model
+    from mft_plugin.train.preflight import preflight
+
+    config = validate_config({**base_config, **keys})
+    key = next(iter(keys))
+    assert config.attention is None and config.start_notes == [
+        f"{key}: flash_attention_2 inactive here (speed only, same loss): FlashAttention runs on a CUDA GPU with "
+        "the flash-attn package; the model's default attention runs"
+    ]
+    preflight(config)
+    assert load_model(config).config._attn_implementation == "sdpa"
 
 
 # --- chat_template: end-of-turn tokens, reasoning traces, Axolotl's older spelling ------------------
@@ -185,12 +202,63 @@ def test_cosine_min_lr_ratio_is_axolotls_floor(base_config: dict[str, Any]) -> N
         validate_config({**base_config, "lr_scheduler": "linear", "cosine_min_lr_ratio": 0.1})
 
 
+def test_cosine_constant_lr_ratio_zero_is_off_as_in_axolotl(base_config: dict[str, Any]) -> None:
+    validate_config({**base_config, "cosine_constant_lr_ratio": 0})  # Axolotl's scheduler tests the ratio's truth
+    with pytest.raises(ConfigError, match="cosine_constant_lr_ratio: 0.8 is not supported: Axolotl's cosine-then-constant"):
+        validate_config({**base_config, "cosine_constant_lr_ratio": 0.8})
+
+
 def test_save_only_model(base_config: dict[str, Any]) -> None:
     assert training_arguments(validate_config({**base_config, "save_only_model": True}), 40, True).save_only_model
     with pytest.raises(ConfigError, match="save_only_model: true keeps no optimizer states"):
         validate_config({**base_config, "save_only_model": True, "resume_from_checkpoint": True})
     with pytest.raises(ConfigError, match="eta_min: 7e-07 is not supported: not a key of Axolotl's schema"):
         validate_config({**base_config, "eta_min": 7e-7})
+
+
+def test_unfrozen_parameters_train_only_the_named_parameters(two_step_config: dict[str, Any], tiny_model: Path) -> None:
+    from safetensors.torch import load_file
+
+    from mft_plugin.train.recipe import run
+
+    # Axolotl's spelling: '.' is a literal dot; rows [:5] of the (tied) embeddings, all of layer 1's MLP
+    patterns = ["model.layers.1.mlp", "^model.embed_tokens.weight$[:5]"]
+    config = validate_config({**two_step_config, "unfrozen_parameters": patterns, "weight_decay": 0.0})
+    run(config)
+    base, trained = load_file(tiny_model / "model.safetensors"), load_file(Path(config.output_dir) / "model.safetensors")
+    changed = {name for name in base if not torch.equal(base[name], trained[name])}
+    assert changed == {f"model.layers.1.mlp.{proj}_proj.weight" for proj in ("gate", "up", "down")} | {"model.embed_tokens.weight"}
+    rows = (base["model.embed_tokens.weight"] != trained["model.embed_tokens.weight"]).any(dim=1).nonzero().flatten()
+    assert rows.tolist() and max(rows.tolist()) < 5
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({"unfrozen_parameters": ["layers.(1"]}, r"unfrozen_parameters: 'layers\.\(1' is not a pattern: missing \)"),
+        ({"unfrozen_parameters": ["lm_head$[4:2]"]}, "the end must be greater than the start"),
+        ({"unfrozen_parameters": ["lm_head"], "adapter": "lora"}, "unfrozen_parameters: freezes all but the named parameters of a full finetuning; with the 'lora' adapter"),
+    ],
+)
+def test_unfrozen_parameters_errors(base_config: dict[str, Any], keys: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        validate_config({**base_config, **keys})
+
+
+def test_unfrozen_parameters_that_name_nothing(base_config: dict[str, Any]) -> None:
+    from mft_plugin.models.freezing import freeze_except
+    from mft_plugin.models.loading import load_model
+
+    model = load_model(validate_config({**base_config, "unfrozen_parameters": ["transformer.h"]}))
+    with pytest.raises(ConfigError, match=r"no parameter of the model matches any of \['transformer.h'\], so nothing would train"):
+        freeze_except(model, ["transformer.h"])
+
+
+def test_tokenizer_use_mistral_common_is_refused_naming_the_package(base_config: dict[str, Any]) -> None:
+    assert validate_config({**base_config, "tokenizer_use_mistral_common": False}).tokenizer_use_mistral_common is False
+    with pytest.raises(ConfigError, match=r"tokenizer_use_mistral_common: true is not supported: Axolotl then tokenizes "
+                       r"with the mistral-common package .*\(pip install mistral-common\) would not be enough"):
+        validate_config({**base_config, "tokenizer_use_mistral_common": True})
 
 
 # --- mixture-of-experts keys -------------------------------------------------------------------------
@@ -252,3 +320,35 @@ def test_lora_target_parameters_train_the_fused_experts(base_config: dict[str, A
     assert any("experts" in name and "lora_A" in name for name in trained) and any("q_proj.lora_A" in name for name in trained)
     model(torch.tensor([[1, 5, 9, 13]]), labels=torch.tensor([[1, 5, 9, 13]])).loss.backward()
     assert all(p.grad is not None for name, p in model.named_parameters() if p.requires_grad and "lora_B" in name)
+
+
+# --- a sample trains 2 steps -------------------------------------------------------------------------
+
+# One per family (llama, qwen, gemma, mistral, phi) and format. No file that validates reads `completion` or
+# `input_output` (Axolotl's examples of those are pretraining, diffusion or sequence-parallel runs). Not here:
+# the Gemma and Mistral chat files, whose end-of-turn token / `model.language_model` LoRA targets the shipped
+# model lacks, and those with torchao's optimizers (adamw_torch_4bit, _8bit), which need that package.
+TRAINED_SAMPLE = [
+    "llama-3__instruct-lora-8b.yml",  # llama, chat_template, LoRA
+    "llama-3__lora-8b.yml",  # llama, alpaca, LoRA
+    "archived__qwen__lora.yml",  # qwen, alpaca, LoRA
+    "deepcogito__cogito-v1-preview-qwen-14B-lora.yml",  # qwen, chat_template, LoRA
+    "archived__gemma__qlora.yml",  # gemma, alpaca, QLoRA
+    "mistral__lora.yml",  # mistral, alpaca, LoRA
+    "phi__phi-ft.yml",  # phi, alpaca, full finetuning
+]
+
+
+@pytest.mark.parametrize("name", TRAINED_SAMPLE)
+def test_a_sample_of_axolotls_examples_trains_two_steps(name: str, tiny_model: Path, tmp_path: Path) -> None:
+    """Changed as :func:`user_changes` changes them, on the tiny model, 96-token rows, 2 steps, in-process."""
+    import yaml
+
+    from mft_plugin.train.recipe import run
+    from tests.axolotl_population import user_changes
+
+    changed = user_changes(yaml.safe_load((POPULATION / name).read_text(encoding="utf-8")), tmp_path / "data")
+    fast = {"base_model": str(tiny_model), "sequence_len": 96, "max_steps": 2, "output_dir": str(tmp_path / "out"),
+            "dataset_prepared_path": str(tmp_path / "prepared")}  # some write last_run_prepared, relative to the cwd
+    metrics = run(validate_config({**changed, **fast}, source=name))
+    assert metrics["step"] == 2

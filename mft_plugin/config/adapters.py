@@ -125,10 +125,17 @@ def adapter_from_axolotl_keys(data: Any, adapter_names: set[str]) -> Any:
 
 
 def adapter_problems(
-    base: QuantizationKeys, teacher: TeacherConfig | None, merge_adapter: bool, adapter: str | None
+    base: QuantizationKeys, teacher: TeacherConfig | None, merge_adapter: bool, adapter: str | None, unfrozen: bool = False
 ) -> list[str]:
-    """What the quantization, ``teacher`` and ``merge_adapter`` keys cannot do with (or without) an adapter."""
+    """What the quantization, ``teacher``, ``merge_adapter`` and ``unfrozen_parameters`` keys cannot do with
+    (or without) an adapter."""
     problems = []
+    if unfrozen and adapter is not None:  # Axolotl freezes the peft-wrapped model, whose names start base_model.model.
+        problems.append(
+            f"unfrozen_parameters: freezes all but the named parameters of a full finetuning; with the {adapter!r} adapter "
+            "the adapter's weights are what trains (in Axolotl the patterns would freeze them too); choose what trains "
+            "with lora_target_modules / lora_modules_to_save, or drop the adapter"
+        )
     if base.quantized and adapter is None:
         width = "load_in_4bit" if base.load_in_4bit else "load_in_8bit"
         problems.append(

@@ -74,7 +74,7 @@ REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
         "relora", "relora_cpu_offload", "relora_prune_ratio", "jagged_restart_steps", "jagged_restart_warmup_steps",
         "jagged_restart_anneal_steps", "lisa_n_layers", "lisa_step_interval", "lisa_layers_attribute", "use_eaft",
         "eaft_alpha", "eaft_k", "qat", "llmcompressor", "use_onebitllms", "reinit_weights", "peft",
-        "peft_use_rslora", "unfrozen_parameters",
+        "peft_use_rslora",
     )},
     "pretraining_dataset": ("streaming pretraining data; mft-run finetunes on datasets", OFF),
     "streaming": ("streaming datasets are not read by mft-run", OFF),
@@ -97,7 +97,11 @@ REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
     )},
     # multimodal
     **{key: (_VISION, OFF) for key in ("processor_type", "freeze_mm_modules")},
-    "tokenizer_use_mistral_common": ("the tokenizer is a transformers tokenizer (tokenizer_type)", OFF),
+    "tokenizer_use_mistral_common": (  # Axolotl: HFMistralTokenizer and MistralStrategy (loaders/tokenizer.py)
+        "Axolotl then tokenizes with the mistral-common package (tekken.json, its own chat encoding in place of "
+        "chat_template); mft-run reads transformers tokenizers only, so installing it (pip install mistral-common) "
+        "would not be enough; with false the model folder's tokenizer and chat_template are used", OFF,
+    ),
     "tokenizer_legacy": ("the tokenizer loads with its own saved settings", OFF),
     "tokenizer_use_fast": ("the tokenizer loads with its own saved settings", (None, True)),
     "low_cpu_mem_usage": ("transformers 5 always loads with low memory; the key no longer exists", (None, True)),
@@ -107,7 +111,9 @@ REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
     "evaluation_strategy": ("evaluation runs every eval_steps (or evals_per_epoch)", (None, "steps")),
     "save_safetensors": ("weights are always saved as safetensors", (None, True)),
     "remove_unused_columns": ("the batch's routing columns are needed by the loss", (None, False)),
-    "cosine_constant_lr_ratio": ("Axolotl's cosine-then-constant schedule is not implemented; cosine_min_lr_ratio is", OFF),
+    "cosine_constant_lr_ratio": (  # 0 is off in Axolotl too: its scheduler tests the ratio's truth (trainers/mixins/scheduler.py)
+        "Axolotl's cosine-then-constant schedule is not implemented; cosine_min_lr_ratio is", (*OFF, 0, 0.0),
+    ),
     "lr_quadratic_warmup": ("the warmup is transformers' linear warmup", OFF),
     "eta_min": ("not a key of Axolotl's schema, which drops it silently; the cosine floor is cosine_min_lr_ratio", OFF),
     "do_causal_lm_eval": ("evaluation is perplexity, S and DG (paper Sec. 3.1)", OFF),

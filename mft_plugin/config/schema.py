@@ -36,7 +36,7 @@ from mft_plugin.config.adapters import (
 from mft_plugin.config.axolotl_keys import RefusedAxolotlKeys
 from mft_plugin.config.engines import FSDPConfig, fsdp2_only
 from mft_plugin.config.loss import LossImpl, TeacherCacheConfig, loss_impl_problem
-from mft_plugin.config.speed import SpeedSwitches, inactive_switches
+from mft_plugin.config.speed import SpeedSwitches, flash_attention_inactive, inactive_switches
 from mft_plugin.registry import Kind, Registry, UnknownStrategyError
 from mft_plugin.strategy import DataFormat, StrategyParams
 
@@ -203,6 +203,9 @@ class MFTConfigBase(StrictModel, QuantizationKeys, SpeedSwitches, RefusedAxolotl
         None, validation_alias=AliasChoices("model_config", "model_config_"),
         description="attributes set on the model's config.json before loading, student and teacher alike (Axolotl)",
     )
+    unfrozen_parameters: list[str] | None = Field(
+        None, description="full finetuning of only the parameters these regexes name; the rest frozen (Axolotl)"
+    )
     resize_token_embeddings_to_32x: bool = Field(False, description="grow the embeddings to a multiple of 32 rows (Axolotl)")
     quantize_moe_experts: bool = Field(False, description="also quantize fused MoE expert weights to 4 bits (with load_in_4bit)")
     merge_adapter: bool = Field(False, description="also save the adapter merged into the base, as a plain model in output_dir/merged")
@@ -320,6 +323,18 @@ class MFTConfigBase(StrictModel, QuantizationKeys, SpeedSwitches, RefusedAxolotl
             message = "{name} is not a causal LM class; use AutoModelForCausalLM or a ...ForCausalLM class"
             raise PydanticCustomError("model_type", message, {"name": repr(name)})
         return name
+
+    @field_validator("unfrozen_parameters")
+    @classmethod
+    def _unfrozen_patterns_compile(cls, patterns: list[str] | None) -> list[str] | None:
+        from mft_plugin.models.freezing import UnfrozenPattern  # here: it imports config.errors, which imports this module
+
+        for pattern in patterns or []:
+            try:
+                UnfrozenPattern.parse(pattern)
+            except ValueError as error:
+                raise PydanticCustomError("unfrozen_parameters", "{pattern} is not a pattern: {error}", {"pattern": repr(pattern), "error": str(error)}) from None
+        return patterns
 
     @field_validator("warmup_steps")
     @classmethod
@@ -447,11 +462,18 @@ class MFTConfigBase(StrictModel, QuantizationKeys, SpeedSwitches, RefusedAxolotl
         return bool(self.test_datasets) or self.val_set_size > 0
 
     @property
-    def attention_choice(self) -> tuple[str, str] | None:
-        """The key that chose the attention implementation and that implementation (None: the model's default)."""
+    def requested_attention(self) -> tuple[str, str] | None:
+        """The key that asks for an attention implementation and that implementation (None: the model's default)."""
         if self.attn_implementation:
             return "attn_implementation", self.attn_implementation
         return next(((key, impl) for key, impl in ATTENTION_FLAGS.items() if getattr(self, key)), None)
+
+    @property
+    def attention_choice(self) -> tuple[str, str] | None:
+        """:attr:`requested_attention`, except a FlashAttention this machine cannot run: the model's default
+        then (speed only, said at the start: :func:`~mft_plugin.config.speed.inactive_switches`)."""
+        choice = self.requested_attention
+        return None if choice and flash_attention_inactive(choice[1]) else choice
 
     @property
     def attention(self) -> str | None:
@@ -677,7 +699,7 @@ def config_model(registry: Registry) -> type[MFTConfigBase]:
         for spec in self.mitigations:
             problems += registry.entries["mitigation"][spec.name].cls.config_problems(spec, self)
         adapter = next((spec.name for spec in self.mitigations if spec.name in adapter_names), None)
-        problems += adapter_problems(self, self.teacher, self.merge_adapter, adapter)
+        problems += adapter_problems(self, self.teacher, self.merge_adapter, adapter, bool(self.unfrozen_parameters))
         if problems:
             raise PydanticCustomError("mitigations_fit", "{problems}", {"problems": "; ".join(problems)})
         return self

@@ -5,7 +5,10 @@ Each is accepted with Axolotl's values. A switch that this machine (or mft-run) 
 once at the start of the run as inactive, with what would run it (:func:`inactive_switches`); none
 is accepted and dropped without a word. ``tf32`` and ``gradient_checkpointing`` are applied by the
 Trainer (:mod:`mft_plugin.train.recipe`); ``gradient_checkpointing: offload`` is checkpointing plus
-``activation_offloading``.
+``activation_offloading``. FlashAttention is one of them too (``flash_attention: true`` or
+``attn_implementation: flash_attention_2``, as 162 of Axolotl's examples write it): it computes the same
+attention as the model's default, faster; without a CUDA GPU and the flash-attn package the model keeps
+its default attention and the start says so.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ _AXOLOTL = "Axolotl's own Triton kernels, which run inside `axolotl train` on a 
 _HUB_KERNELS = "HF kernels fetched from the hub by the kernels package on a CUDA GPU (no hub access here)"
 _OFFLOAD = "Axolotl's activation offloading to CPU memory during the forward pass (CUDA GPU)"
 _FUSED_LOSS = "a fused linear cross-entropy; mft-run's corrected loss is fused with the LM head by loss_impl: chunked"
+_FLASH = "FlashAttention runs on a CUDA GPU with the flash-attn package"
 _MOE = "a mixture-of-experts kernel (CUDA GPU); it runs the same experts' math"
 
 # key -> what would run it
@@ -68,10 +72,21 @@ def switches_on(config: Any) -> list[str]:
     return on
 
 
+def flash_attention_inactive(implementation: str | None) -> bool:
+    """Whether ``implementation`` (an ``attn_implementation``) is a FlashAttention this machine cannot run."""
+    from transformers.utils import import_utils  # torch-free schema otherwise
+
+    check = {"flash_attention_2": "is_flash_attn_2_available", "flash_attention_3": "is_flash_attn_3_available"}.get(implementation or "")
+    return check is not None and not getattr(import_utils, check, lambda: False)()  # absent: an older transformers
+
+
 def inactive_switches(config: Any, tf32_available: bool) -> list[str]:
     """One line per switch that ``config`` turns on and this run does not apply, saying what would run it
     (said once at the start of the run). ``tf32_available``: whether this machine has TF32 matmuls."""
     lines = [f"{key}: inactive here (speed only, same loss): {SPEED_SWITCHES[key]}" for key in switches_on(config)]
+    key, attention = config.requested_attention or (None, None)
+    if flash_attention_inactive(attention):
+        lines.append(f"{key}: {attention} inactive here (speed only, same loss): {_FLASH}; the model's default attention runs")
     if config.tf32 and not tf32_available:
         lines.append("tf32: inactive here (speed only): TF32 is a matmul mode of Ampere or newer CUDA GPUs")
     return lines

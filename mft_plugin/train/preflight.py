@@ -11,11 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 import transformers
 from transformers import AutoConfig, PreTrainedTokenizerBase
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils.import_utils import is_flash_attn_2_available
 from transformers.trainer_utils import SchedulerType
 from transformers.training_args import OptimizerNames
 
@@ -43,11 +41,6 @@ def machine_problems(config: MFTConfigBase) -> list[str]:
     if attention is not None and attention != "eager" and attention not in ALL_ATTENTION_FUNCTIONS.valid_keys():
         allowed = ", ".join(["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()])
         problems.append(f"{key}: {attention!r} is not an attention implementation of transformers; one of: {allowed}")
-    elif attention is not None and attention.startswith("flash_attention") and not is_flash_attn_2_available():
-        problems.append(
-            f"{key}: {attention} needs a CUDA GPU and the flash-attn package, and this machine has "
-            f"{'no CUDA GPU' if not torch.cuda.is_available() else 'no flash-attn'}; use attn_implementation: sdpa"
-        )
     if not hasattr(transformers, config.model_type):
         problems.append(f"model_type: {config.model_type!r} is not a class of transformers {transformers.__version__}")
     return problems

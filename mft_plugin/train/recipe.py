@@ -27,6 +27,7 @@ from mft_plugin.digest import data_key
 from mft_plugin.eval.metrics import GENERAL, SPEC
 from mft_plugin.loss.chunked import select_loss_impl
 from mft_plugin.models.attention import check_packing
+from mft_plugin.models.freezing import freeze_except
 from mft_plugin.models.loading import (
     load_frozen_teacher,
     load_model,
@@ -228,6 +229,8 @@ def _run(config: MFTConfigBase, registry: Registry) -> dict[str, Any]:
     epoch_rows = next((len(order) for m in mitigations if (order := m.epoch_order(0)) is not None), len(train_blocks))
     args = training_arguments(config, epoch_rows, evaluate=SPEC in eval_sets, engine=engine)
     model: PreTrainedModel = load_model(config)
+    if config.unfrozen_parameters:  # Axolotl's partial freezing; the teacher stays the whole frozen base
+        freeze_except(model, config.unfrozen_parameters)
     for mitigation in mitigations:  # 2. model stage
         model = mitigation.prepare_model(model, context)
     chunked_loss = select_loss_impl(config, objective, model)  # loss_impl; fails here if it cannot apply
