@@ -35,6 +35,7 @@ from mft_plugin.config.adapters import (
 )
 from mft_plugin.config.axolotl_keys import RefusedAxolotlKeys
 from mft_plugin.config.engines import FSDPConfig, fsdp2_only
+from mft_plugin.config.unfrozen import UnfrozenPattern
 from mft_plugin.config.loss import LossImpl, TeacherCacheConfig, loss_impl_problem
 from mft_plugin.config.speed import SpeedSwitches, flash_attention_inactive, inactive_switches
 from mft_plugin.registry import Kind, Registry, UnknownStrategyError
@@ -327,8 +328,6 @@ class MFTConfigBase(StrictModel, QuantizationKeys, SpeedSwitches, RefusedAxolotl
     @field_validator("unfrozen_parameters")
     @classmethod
     def _unfrozen_patterns_compile(cls, patterns: list[str] | None) -> list[str] | None:
-        from mft_plugin.models.freezing import UnfrozenPattern  # here: it imports config.errors, which imports this module
-
         for pattern in patterns or []:
             try:
                 UnfrozenPattern.parse(pattern)
