@@ -66,13 +66,18 @@ def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
 
 def model_settings(config: MFTConfigBase) -> dict[str, Any]:
     """How the base model is held and computed: everything but its files that changes its outputs."""
-    grown = bool(config.special_tokens or config.tokens)  # added tokens: new embedding rows, drawn with the seed
+    # added tokens, or rows up to a multiple of 32: new embedding rows, drawn with the seed
+    grown = bool(config.special_tokens or config.tokens or config.resize_token_embeddings_to_32x)
     return {
         "base_model": config.base_model,
         "tokenizer": [config.tokenizer_config, config.tokenizer_type],
         "model_type": config.model_type,
         "trust_remote_code": config.trust_remote_code,
-        "added_tokens": {**config.model_dump(mode="json", include={"special_tokens", "tokens"}), "seed": config.seed} if grown else None,
+        "added_tokens": {
+            **config.model_dump(mode="json", include={"special_tokens", "tokens", "resize_token_embeddings_to_32x"}), "seed": config.seed,
+        } if grown else None,
+        "model_config": config.model_config_,  # config.json attributes set before loading
+        "quantize_moe_experts": config.quantize_moe_experts,
         "precision": precision_name(config.bf16, config.fp16),
         "quantization": config.model_dump(mode="json", include=set(QuantizationKeys.model_fields)),
         "attn_implementation": config.attention,

@@ -12,7 +12,7 @@ from datasets import Dataset
 
 from mft_plugin.cli import main
 from mft_plugin.config.errors import validate_config
-from mft_plugin.digest import NOT_ROW_SHAPING, data_key, rows_digest
+from mft_plugin.digest import NOT_ROW_SHAPING, cache_key, data_key, rows_digest
 from mft_plugin.train.outputs import METRICS_FILE
 from mft_plugin.train.recipe import run
 from tests.tiny import write_yaml
@@ -45,6 +45,22 @@ def test_every_key_but_the_declared_row_neutral_ones_shapes_the_tokenized_data_k
     assert data_key(config) != data_key(validate_config({**base_config, "tokens": ["<court>"]}))
     assert data_key(config) == data_key(validate_config({**base_config, "learning_rate": 1.0, "seed": 1}))
     assert {"train_on_inputs", "sample_packing", "eval_sample_packing", "special_tokens", "tokens"}.isdisjoint(NOT_ROW_SHAPING)
+
+
+def test_every_key_that_changes_the_models_outputs_changes_a_cache_key(base_config: dict[str, Any]) -> None:
+    """Base perplexities and the teacher cache are computed by the base as it is held: a key that changes
+    its outputs on the same rows (its config, new embedding rows, 4-bit experts) gives a new key."""
+    data = rows(input_ids=[[1, 2, 3]], labels=[[1, 2, 3]])
+
+    def key(**keys: Any) -> str:
+        return cache_key("base perplexities", validate_config({**base_config, **keys}), rows=[data])
+
+    plain = key()
+    assert plain == key(learning_rate=1.0)
+    for changed in ({"model_config": {"rms_norm_eps": 1e-3}}, {"resize_token_embeddings_to_32x": True},
+                    {"load_in_4bit": True, "adapter": "qlora", "quantize_moe_experts": True}):  # fmt: skip
+        assert key(**changed) != plain, changed
+    assert key(load_in_4bit=True, adapter="qlora") != key(load_in_4bit=True, adapter="qlora", quantize_moe_experts=True)
 
 
 def sweep_base(base_config: dict[str, Any], folder: Path, instructions: bool) -> dict[str, Any]:
