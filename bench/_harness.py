@@ -131,3 +131,18 @@ def write_results(name: str, title: str, sections: list[str]) -> Path:
     path.write_text(text, encoding="utf-8")
     print(text)
     return path
+
+
+def quickstart_datasets(output_dir: str) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """The quickstart's config (no prepared-data cache, ``output_dir`` for scratch), its tokenizer, its
+    training blocks and its evaluation sets, built as a run builds them."""
+    from mft_plugin.config.errors import load_config
+    from mft_plugin.models.loading import load_tokenizer
+    from mft_plugin.train.context import RecipeContext
+    from mft_plugin.train.recipe import build_datasets
+
+    config = load_config(REPO / "yaml_examples" / "quickstart.yml")
+    config = config.model_copy(update={"dataset_prepared_path": None, "output_dir": output_dir})
+    tokenizer = load_tokenizer(config)
+    train, eval_sets = build_datasets(config, RecipeContext(config=config, tokenizer=tokenizer, output_dir=Path(output_dir)))
+    return config, tokenizer, train, eval_sets

@@ -8,30 +8,22 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
-from mft_plugin.config.errors import load_config
 from mft_plugin.data.batches import PaddingCollator
 from mft_plugin.data.labels import shift_for_causal_lm, valid_mask
 from mft_plugin.models.heads import forward_hidden, output_head
-from mft_plugin.models.loading import load_model, load_tokenizer
-from mft_plugin.train.context import RecipeContext
-from mft_plugin.train.recipe import build_datasets
+from mft_plugin.models.loading import load_model
 
-REPO = Path(__file__).resolve().parents[1]
+from _harness import quickstart_datasets
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--blocks", type=int, default=64)
     args = parser.parse_args()
-    config = load_config(REPO / "yaml_examples" / "quickstart.yml")
-    config = config.model_copy(update={"dataset_prepared_path": None, "output_dir": "/tmp/bench_ties"})
-    tokenizer = load_tokenizer(config)
-    context = RecipeContext(config=config, tokenizer=tokenizer, output_dir=Path(config.output_dir))
-    train, _ = build_datasets(config, context)
+    config, tokenizer, train, _ = quickstart_datasets("/tmp/bench_ties")
     model, batch = load_model(config).eval(), PaddingCollator(tokenizer.pad_token_id)(list(train.select(range(args.blocks))))
     head = output_head(model)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):

@@ -11,31 +11,23 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 
-from mft_plugin.config.errors import load_config
 from mft_plugin.data.batches import PaddingCollator
 from mft_plugin.eval.metrics import perplexity
 from mft_plugin.models.heads import fusable_head
-from mft_plugin.models.loading import load_model, load_tokenizer
-from mft_plugin.train.context import RecipeContext
-from mft_plugin.train.recipe import build_datasets
+from mft_plugin.models.loading import load_model
 
-REPO = Path(__file__).resolve().parents[1]
+from _harness import quickstart_datasets
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    config = load_config(REPO / "yaml_examples" / "quickstart.yml")
-    config = config.model_copy(update={"dataset_prepared_path": None, "output_dir": "/tmp/bench_eval"})
-    tokenizer = load_tokenizer(config)
-    context = RecipeContext(config=config, tokenizer=tokenizer, output_dir=Path(config.output_dir), registry=None)
-    _, eval_sets = build_datasets(config, context)
+    config, tokenizer, _, eval_sets = quickstart_datasets("/tmp/bench_eval")
     model = load_model(config)
     head = fusable_head(model)
     assert head.weight.requires_grad  # full finetuning: the head trains
