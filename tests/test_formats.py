@@ -216,11 +216,46 @@ def test_a_top_level_chat_template_is_the_default_of_the_chat_entries(base_confi
     assert validate_config({**base_config, "datasets": entries[:1], "chat_template": None}).datasets[0].chat_template == "tokenizer_default"
 
 
-def test_a_top_level_chat_template_without_chat_entries_is_an_error(base_config: dict[str, Any]) -> None:
+def test_a_top_level_chat_template_is_the_tokenizers(base_config: dict[str, Any], tmp_path: Path) -> None:
+    """As in Axolotl (``loaders/tokenizer.py``): the top-level template is set on the tokenizer (saved with the
+    model), with chat datasets or without; a bad name is refused by the chat format's own check."""
+    from mft_plugin.models.loading import load_tokenizer
+
+    config = validate_config({**base_config, "chat_template": "chatml"})  # raw-text datasets only
+    chatml = (Path(__file__).parents[1] / "strategies/formats/chat_templates/chatml.jinja").read_text(encoding="utf-8")
+    assert config.tokenizer_chat_template == {"chat_template": "chatml"}
+    assert load_tokenizer(config).chat_template == chatml
+    assert AutoTokenizer.from_pretrained(REFERENCE_MODEL).chat_template != chatml  # the shipped one is another
+    jinja = validate_config({**base_config, "chat_template": "jinja", "chat_template_jinja": "{{ messages }}"})
+    assert load_tokenizer(jinja).chat_template == "{{ messages }}"
+    assert load_tokenizer(validate_config(base_config)).chat_template == AutoTokenizer.from_pretrained(REFERENCE_MODEL).chat_template
+    with pytest.raises(ConfigError, match="not a chat template"):
+        validate_config({**base_config, "chat_template": "no_such_template"})
     with pytest.raises(ConfigError) as caught:
-        validate_config({**base_config, "chat_template": "chatml"})
-    (problem,) = caught.value.problems
-    assert "chat_template: 'chatml' is the default of the datasets entries whose type takes it" in problem
+        validate_config({**base_config, "eot_tokens": ["</s>"]})  # no effect without a chat entry: an error
+    assert "eot_tokens: ['</s>'] is the default of the datasets entries whose type takes it" in caught.value.problems[0]
+
+
+@pytest.mark.parametrize(
+    ("style", "prompt"),
+    [
+        ("chat", "SYSTEM: Below is an instruction that describes a task. Write a response that appropriately completes "
+                 "the request.\nUSER: Name the capital of France.\nASSISTANT:"),
+        ("chatml", "<|im_start|>system\nBelow is an instruction that describes a task. Write a response that appropriately "
+                   "completes the request.<|im_end|>\n<|im_start|>user\nName the capital of France.<|im_end|>\n<|im_start|>assistant\n"),
+    ],
+)  # fmt: skip
+def test_alpaca_prompt_styles_as_axolotl_writes_them(
+    tokenizer: PreTrainedTokenizerBase, base_config: dict[str, Any], tmp_path: Path, style: str, prompt: str
+) -> None:
+    """``type: alpaca:chat`` is Axolotl's ``AlpacaPrompter`` in its chat style (prompters.py), with the prompt masked."""
+    records = tmp_path / "alpaca.jsonl"
+    records.write_text(json.dumps({"instruction": "Name the capital of France.", "input": "", "output": "Paris."}) + "\n")
+    (entry,) = validate_config({**base_config, "datasets": [{"path": str(records), "type": f"alpaca:{style}"}]}).datasets
+    assert (entry.type, entry.prompt_style) == ("alpaca", style)
+    record = {"instruction": "Name the capital of France.", "input": "", "output": "Paris."}
+    row = data_format("alpaca", prompt_style=style).tokenize(record, tokenizer, False)
+    assert texts(tokenizer, row) == (f"<s>{prompt}Paris.</s>", "Paris.</s>")
 
 
 def test_general_data_stays_raw_text(base_config: dict[str, Any], tmp_path: Path) -> None:

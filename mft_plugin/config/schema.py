@@ -19,6 +19,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidationError,
     ValidationInfo,
     create_model,
     field_validator,
@@ -194,6 +195,9 @@ class MFTConfigBase(StrictModel, QuantizationKeys, SpeedSwitches, RefusedAxolotl
     model_type: str = Field("AutoModelForCausalLM", description="transformers class name of the model (a ...ForCausalLM)")
     special_tokens: SpecialTokens | None = None
     tokens: list[str] | None = Field(None, description="new (non-special) tokens to add to the tokenizer; embeddings grow")
+    tokenizer_chat_template: dict[str, str] | None = Field(
+        None, description="set from the top-level chat_template (and chat_template_jinja): the saved tokenizer's template, as in Axolotl"
+    )
     attn_implementation: str | None = Field(None, description="transformers attention: eager, sdpa, flex_attention, flash_attention_2, ...")
     flash_attention: bool | None = Field(None, description="Axolotl's spelling of attn_implementation: flash_attention_2")
     sdp_attention: bool | None = Field(None, description="Axolotl's spelling of attn_implementation: sdpa")
@@ -583,6 +587,9 @@ def _unknown_name_check(registry: Registry, kind: Kind, default: str | None = No
                 raise PydanticCustomError("missing_name", message, {"kind": kind, "key": key, "names": names})
             value = {key: default, **value}  # e.g. `--set objective.tau=0.5` with no objective key
         name = str(value[key])  # a str, so that a list or mapping given as name cannot break the lookup
+        base, _, style = name.partition(":")  # Axolotl's `type: alpaca:chat`: a format and its prompt style
+        if style and base in registry.entries[kind] and "prompt_style" in registry.entries[kind][base].cls.Params.model_fields:
+            value, name = {**value, key: base, "prompt_style": style}, base
         if name not in registry.entries[kind]:
             try:
                 registry.get(kind, name)
@@ -647,16 +654,29 @@ def strategies_model(registry: Registry, base: type[BaseModel], name: str = "MFT
 DATASET_DEFAULT_KEYS = ("chat_template", "chat_template_jinja", "eot_tokens")
 
 
-def dataset_defaults(data: Any, registry: Registry, default_format: str | None) -> Any:
-    """``data`` with Axolotl's top-level ``chat_template``/``chat_template_jinja`` moved into each entry
-    of ``datasets`` and ``test_datasets`` whose format takes the key and does not set it (Axolotl
-    renders its chat datasets with the top-level template unless an entry names its own).
+TOKENIZER_TEMPLATE_KEYS = ("chat_template", "chat_template_jinja")  # also the saved tokenizer's template (Axolotl)
+TEMPLATE_FORMAT = "chat_template"  # the format whose named templates the top-level keys choose from
 
-    Empty, they take the default; given while no entry takes them, an error naming the key (never a
-    key accepted and ignored)."""
+
+def dataset_defaults(data: Any, registry: Registry, default_format: str | None) -> Any:
+    """``data`` with Axolotl's top-level ``chat_template``/``chat_template_jinja``/``eot_tokens`` moved into
+    each entry of ``datasets`` and ``test_datasets`` whose format takes the key and does not set it
+    (Axolotl renders its chat datasets with the top-level template unless an entry names its own).
+
+    As in Axolotl (``loaders/tokenizer.py``), a top-level chat template is also the tokenizer's: it is
+    kept as ``tokenizer_chat_template`` and saved with the model, chat datasets or not. ``eot_tokens``
+    given while no entry takes it is an error naming the key (never a key accepted and ignored)."""
     if not isinstance(data, dict) or not any(key in data for key in DATASET_DEFAULT_KEYS):
         return data
     data = dict(data)
+    template = {key: data[key] for key in TOKENIZER_TEMPLATE_KEYS if data.get(key) is not None}
+    if template and TEMPLATE_FORMAT in registry.entries["format"]:
+        try:
+            registry.entries["format"][TEMPLATE_FORMAT].cls.Params(**template)
+        except ValidationError as error:
+            problem = "; ".join(str(detail["msg"]).removeprefix("Value error, ") for detail in error.errors())
+            raise PydanticCustomError("chat_template", "{problem}", {"problem": problem}) from None
+        data["tokenizer_chat_template"] = template
     for key in DATASET_DEFAULT_KEYS:
         value = data.pop(key, None)
         if value is None:
@@ -672,7 +692,7 @@ def dataset_defaults(data: Any, registry: Registry, default_format: str | None) 
                     takers += 1
                     if entry.get(key) is None:
                         entries[i] = {**entry, key: value}
-        if not takers:
+        if not takers and key not in template:
             raise PydanticCustomError(
                 "dataset_default",
                 "{key}: {value} is the default of the datasets entries whose type takes it (e.g. type: chat_template), "

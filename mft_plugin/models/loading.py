@@ -33,11 +33,21 @@ def load_tokenizer(config: MFTConfigBase, with_added_tokens: bool = True) -> Pre
     tokenizer = tokenizer_class.from_pretrained(
         config.tokenizer_config or config.base_model, trust_remote_code=config.trust_remote_code
     )
+    if config.tokenizer_chat_template:
+        tokenizer.chat_template = chat_template_text(tokenizer, config.tokenizer_chat_template)
     if with_added_tokens:
         add_configured_tokens(tokenizer, config)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out, so any id will do
     return tokenizer
+
+
+def chat_template_text(tokenizer: PreTrainedTokenizerBase, keys: dict[str, str]) -> str:
+    """The jinja text of a top-level ``chat_template`` (and ``chat_template_jinja``), resolved as the
+    ``chat_template`` data format resolves an entry's (Axolotl's named templates, the tokenizer's own)."""
+    from mft_plugin.registry import default_registry
+
+    return default_registry().get("format", "chat_template").cls(**keys).template(tokenizer)
 
 
 def add_configured_tokens(tokenizer: PreTrainedTokenizerBase, config: MFTConfigBase) -> None:
