@@ -64,6 +64,54 @@ def test_qlora_compute_dtype_is_the_models_unless_given(base_config: dict[str, A
     assert (bnb.bnb_4bit_compute_dtype, bnb.bnb_4bit_use_double_quant) == (torch.float16, False)
 
 
+def test_bnb_config_kwargs_are_the_4bit_keys(base_config: dict[str, Any]) -> None:
+    """Axolotl updates its 4-bit ``BitsAndBytesConfig`` with ``bnb_config_kwargs`` (loaders/model.py)."""
+    qlora = {**base_config, "adapter": "qlora", "load_in_4bit": True}
+    config = validate_config({**qlora, "bnb_config_kwargs": {"bnb_4bit_use_double_quant": False, "bnb_4bit_quant_type": "fp4"}})
+    bnb = quantization_config(config)
+    assert (bnb.bnb_4bit_use_double_quant, bnb.bnb_4bit_quant_type) == (False, "fp4")
+    for extra, message in [
+        ({"bnb_config_kwargs": {"llm_int8_threshold": 5.0}}, "the 4-bit BitsAndBytesConfig keys read here are"),
+        ({"bnb_config_kwargs": {"bnb_4bit_quant_type": "fp4"}, "bnb_4bit_quant_type": "nf4"}, "differ; keep one"),
+        ({"bnb_config_kwargs": {"bnb_4bit_quant_type": "fp4"}, "load_in_4bit": False, "adapter": "lora"}, "a 4-bit base only"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            validate_config({**qlora, **extra})
+
+
+def test_batch_size_is_accumulation_times_micro_batch(base_config: dict[str, Any]) -> None:
+    """Axolotl's deprecated ``batch_size``: gradient_accumulation_steps = batch_size // micro_batch_size, per process."""
+    data = {key: value for key, value in base_config.items() if key != "gradient_accumulation_steps"}
+    assert validate_config({**data, "micro_batch_size": 4, "batch_size": 16}).gradient_accumulation_steps == 4
+    with pytest.raises(ConfigError, match=r"batch_size: 10 must be a multiple of micro_batch_size \(4\)"):
+        validate_config({**data, "micro_batch_size": 4, "batch_size": 10})
+    with pytest.raises(ConfigError, match="batch_size and gradient_accumulation_steps both set the batch"):
+        validate_config({**data, "batch_size": 8, "gradient_accumulation_steps": 2})
+
+
+def test_auto_resume_is_resume_from_the_newest_checkpoint(base_config: dict[str, Any]) -> None:
+    assert validate_config({**base_config, "auto_resume_from_checkpoints": True}).resume_from_checkpoint is True
+    named = validate_config({**base_config, "auto_resume_from_checkpoints": True, "resume_from_checkpoint": "ckpt"})
+    assert named.resume_from_checkpoint == "ckpt"  # Axolotl: a named checkpoint wins
+    assert validate_config({**base_config, "auto_resume_from_checkpoints": False}).resume_from_checkpoint is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the notes on a machine without CUDA")
+def test_keys_axolotl_drops_and_placement_switches_are_said_at_start(base_config: dict[str, Any]) -> None:
+    config = validate_config({
+        **base_config, "eta_min": 7e-7, "adam_eps": 1e-9, "gemma4_hybrid_attn_impl": True, "experimental_skip_move_to_device": True,
+        "gptq_groupsize": None, "gptq_model_v1": False,
+    })
+    notes = "\n".join(config.start_notes)
+    assert "eta_min: 7e-07 has no effect: not a key of Axolotl's schema, which drops it too" in notes
+    assert "adam_eps: 1e-09 has no effect" in notes and "AdamW's epsilon is adam_epsilon" in notes
+    assert "gemma4_hybrid_attn_impl: inactive here (speed only, same loss)" in notes
+    assert "experimental_skip_move_to_device: inactive here" in notes
+    assert not {"eta_min", "adam_eps"} & config.model_dump().keys()
+    with pytest.raises(ConfigError, match="gptq_groupsize: 128 is not supported: a quantization scheme"):
+        validate_config({**base_config, "gptq_groupsize": 128})
+
+
 # --- TrainingArguments ---------------------------------------------------------------------------
 
 
@@ -102,6 +150,7 @@ def test_group_by_length_is_refused_with_replay(base_config: dict[str, Any], cor
         ({"evals_per_epoch": 2, "num_epochs": 2}, 20, True, (5, 5)),  # 1 / (2 x 2) of the run
         ({"evals_per_epoch": 1}, 7, True, (7, 7)),
         ({"saves_per_epoch": 2}, 10, False, (1, 5)),
+        ({"saves_per_epoch": 2}, 10, True, (5, 5)),  # alone: an evaluation at each save (qwen3/8b-lora-fused-attn)
         ({"eval_steps": 3, "save_steps": 6}, 10, True, (3, 6)),
     ],
 )

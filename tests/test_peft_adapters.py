@@ -53,7 +53,7 @@ def test_peft_use_dora_selects_dora_and_qlora_needs_4bit(base_config: dict[str, 
     [
         ({"adapter": "lora", "mitigations": ["dora"]}, "adapter: lora and mitigations: dora both choose an adapter"),
         ({"mitigations": ["ia3", "lora"]}, "mitigations 'ia3' and 'lora' cannot be combined"),
-        ({"lora_r": 8}, "lora_r is an Axolotl adapter key and needs `adapter: lora`"),
+        ({"lora_r": 8, "mitigations": ["lora"]}, "lora_r is an Axolotl adapter key and needs `adapter: lora`; with mitigations: lora"),
         ({"adapter": "qlora"}, "adapter: qlora needs load_in_4bit: true"),
         ({"adapter": "ia3"}, "adapter: 'ia3' is not one of: lora, qlora"),
         ({"load_in_4bit": True}, "load_in_4bit: a quantized base trains only through an adapter"),
@@ -67,6 +67,15 @@ def test_peft_use_dora_selects_dora_and_qlora_needs_4bit(base_config: dict[str, 
 def test_adapter_keys_are_validated(base_config: dict[str, Any], extra: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         validate_config({**base_config, **extra})
+
+
+def test_adapter_keys_without_an_adapter_are_full_finetuning_said_at_start(base_config: dict[str, Any]) -> None:
+    """As in Axolotl (its archived examples write ``adapter:`` empty beside ``lora_r``): full finetuning, the keys
+    unread, and the start of the run says so."""
+    config = validate_config({**base_config, "adapter": None, "lora_r": 64, "lora_alpha": 16, "lora_fan_in_fan_out": False})
+    assert config.mitigations == [] and config.adapter_keys_without_adapter == ["lora_r", "lora_alpha", "lora_fan_in_fan_out"]
+    assert "lora_r, lora_alpha, lora_fan_in_fan_out: no effect: adapter is empty, so this is full finetuning" in " ".join(config.start_notes)
+    assert "adapter_keys_without_adapter" not in config.model_dump()  # not in the resolved config
 
 
 def test_quantization_without_bitsandbytes_is_a_config_error(base_config: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -86,6 +95,15 @@ def test_peft_config_keeps_peft_option_names(name: str, peft_type: str, dora: bo
     assert peft_config.peft_type.value == peft_type
     if dora is not None:  # the paper's default: rank 8 on every attention and MLP projection
         assert (peft_config.r, peft_config.target_modules, peft_config.use_dora) == (8, "all-linear", dora)
+
+
+def test_peft_use_rslora_is_peft_rank_stabilized_scale(base_config: dict[str, Any], tmp_path: Path) -> None:
+    """Axolotl's ``peft_use_rslora: true`` is peft's ``use_rslora``: each LoRA layer scales by alpha / sqrt(r)."""
+    config = {**base_config, "adapter": "lora", "lora_r": 4, "lora_alpha": 8, "peft_use_rslora": True}
+    assert spec(validate_config(config))["use_rslora"] is True
+    _, model, _ = adapted_student(config, tmp_path)
+    scales = {layer.scaling["default"] for layer in model.modules() if hasattr(layer, "lora_A") and layer.lora_A}
+    assert scales == {8 / 4**0.5}  # plain LoRA would be 8 / 4
 
 
 # --- the teacher is the base ------------------------------------------------------------------

@@ -33,6 +33,7 @@ AXOLOTL_LORA_KEYS = {
     "lora_fan_in_fan_out": "fan_in_fan_out",
     "lora_model_dir": "lora_model_dir",
     "lora_target_parameters": "target_parameters",  # peft's LoRA of parameters (fused MoE experts)
+    "peft_use_rslora": "use_rslora",  # peft's rank-stabilized scale lora_alpha / sqrt(r)
 }
 AXOLOTL_ADAPTERS = {"lora": "lora", "qlora": "lora"}  # `adapter:` value -> mitigation name
 AXOLOTL_FLAGS = ("lora_target_linear", "peft_use_dora")
@@ -99,10 +100,14 @@ def adapter_from_axolotl_keys(data: Any, adapter_names: set[str]) -> Any:
     axolotl_keys = ("adapter", *AXOLOTL_LORA_KEYS, *AXOLOTL_FLAGS)  # empty (or a flag false): not given
     data = {key: value for key, value in data.items() if not (key in axolotl_keys and value in (None, False) and (value is None or key in AXOLOTL_FLAGS))}
     given = [key for key in axolotl_keys[1:] if key in data]
-    if "adapter" not in data:  # absent or left empty: full finetuning (Axolotl)
+    if "adapter" not in data:  # absent or left empty: full finetuning, and the adapter keys unread (Axolotl)
+        chosen = [name for name in _entry_names(data.get("mitigations")) if name in adapter_names]
+        if given and chosen:  # the user means them for that adapter, where they are spelled otherwise
+            message = "{key} is an Axolotl adapter key and needs `adapter: lora`; with mitigations: {name}, set it in the mitigation ({hint})"
+            raise PydanticCustomError("adapter_key", message, {"key": given[0], "name": chosen[0], "hint": "mitigations: [{name: lora, r: 8}]"})
         if given:
-            message = "{key} is an Axolotl adapter key and needs `adapter: lora` (or write the mitigation: {hint})"
-            raise PydanticCustomError("adapter_key", message, {"key": given[0], "hint": "mitigations: [{name: lora, r: 8}]"})
+            data = {key: value for key, value in data.items() if key not in given}
+            data["adapter_keys_without_adapter"] = given
         return data
     adapter = data.pop("adapter")
     if adapter not in AXOLOTL_ADAPTERS:

@@ -42,7 +42,7 @@ REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
         key: (_CUDA, OFF)
         for key in (
             "flash_attn_cross_entropy", "use_dsv4_kernels", "use_glm_dsa_kernels", "flash_optimum", "dsv4_fp4_grouped_mode",
-            "llama4_linearized_experts", "gemma4_hybrid_attn_impl", "pretrain_multipack_attn",
+            "pretrain_multipack_attn",
         )
     },
     "xformers_attention": ("xformers is a CUDA-only attention patch of Axolotl; use attn_implementation: sdpa", OFF),
@@ -64,7 +64,6 @@ REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
     "local_rank": ("set by the launcher (LOCAL_RANK), not by the YAML", (None,)),
     "use_ray": ("Ray is not a launcher of mft-run; use --num-processes or torchrun", OFF),
     "ray_num_workers": ("Ray is not a launcher of mft-run; use --num-processes or torchrun", OFF),
-    "experimental_skip_move_to_device": ("placement is the engine's; not supported", OFF),
     # other trainers and methods
     **{key: (_RL, OFF) for key in (
         "rl", "rl_beta", "trl", "vllm", "kto_desirable_weight", "orpo_alpha", "reward_model", "process_reward_model",
@@ -74,7 +73,6 @@ REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
         "relora", "relora_cpu_offload", "relora_prune_ratio", "jagged_restart_steps", "jagged_restart_warmup_steps",
         "jagged_restart_anneal_steps", "lisa_n_layers", "lisa_step_interval", "lisa_layers_attribute", "use_eaft",
         "eaft_alpha", "eaft_k", "qat", "llmcompressor", "use_onebitllms", "reinit_weights", "peft",
-        "peft_use_rslora",
     )},
     "pretraining_dataset": ("streaming pretraining data; mft-run finetunes on datasets", OFF),
     "streaming": ("streaming datasets are not read by mft-run", OFF),
@@ -92,8 +90,8 @@ REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
     "shrink_embeddings": ("embeddings are only grown, for added tokens", OFF),
     # quantization schemes
     **{key: (_QUANT, OFF) for key in (
-        "gptq", "gptq_disable_exllama", "model_quantization_config", "model_quantization_config_kwargs",
-        "nvfp4_merge_aware", "bnb_config_kwargs",
+        "gptq", "gptq_disable_exllama", "gptq_groupsize", "gptq_model_v1", "model_quantization_config", "model_quantization_config_kwargs",
+        "nvfp4_merge_aware",
     )},
     # multimodal
     **{key: (_VISION, OFF) for key in ("processor_type", "freeze_mm_modules")},
@@ -115,14 +113,12 @@ REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
         "Axolotl's cosine-then-constant schedule is not implemented; cosine_min_lr_ratio is", (*OFF, 0, 0.0),
     ),
     "lr_quadratic_warmup": ("the warmup is transformers' linear warmup", OFF),
-    "eta_min": ("not a key of Axolotl's schema, which drops it silently; the cosine floor is cosine_min_lr_ratio", OFF),
     "do_causal_lm_eval": ("evaluation is perplexity, S and DG (paper Sec. 3.1)", OFF),
     "eval_causal_lm_metrics": ("evaluation is perplexity, S and DG (paper Sec. 3.1)", OFF),
     "eval_max_new_tokens": ("evaluation is perplexity, S and DG (paper Sec. 3.1)", OFF),
     "eval_table_size": ("evaluation is perplexity, S and DG (paper Sec. 3.1)", (None, 0)),
     "debug": ("the resolved config is printed by --validate; tokenized-sample dumps are not implemented", OFF),
     "test_value": ("not a training key", OFF),
-    "adam_eps": ("not a key of Axolotl's schema, which drops it silently; the key is adam_epsilon", OFF),
     "accelerator_config": ("accelerate's state is set up by mft-run's engine (README 'Scaling out')", OFF),
     "full_finetune": ("full finetuning is the default: leave adapter empty", OFF),
     "torchdistx_path": ("torchdistx is not used; transformers 5 loads with low memory", OFF),
@@ -207,8 +203,6 @@ REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
         "ddp_broadcast_buffers", "ddp_bucket_cap_mb", "ddp_timeout", "gc_collect_steps", "gc_steps",
         "torch_empty_cache_steps", "save_first_step", "fsdp_final_state_dict_type",
     )},
-    "auto_resume_from_checkpoints": ("resume with resume_from_checkpoint: true (the newest complete checkpoint)", OFF),
-    "batch_size": ("deprecated in Axolotl: set micro_batch_size and gradient_accumulation_steps", OFF),
     "load_best_model_at_end": (_BEST, (None, True)),
     "metric_for_best_model": (_BEST, (None, "eval_spec_ppl")),
     "greater_is_better": (_BEST, OFF),
@@ -231,6 +225,23 @@ REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
 }
 
 
+# Keys that Axolotl's schema does not have, so that Axolotl drops them without a word (its examples still
+# write them): accepted here as in Axolotl, with no effect, and said once at the start of the run.
+NO_EFFECT: dict[str, str] = {
+    "eta_min": "the cosine schedule's floor is cosine_min_lr_ratio",
+    "adam_eps": "AdamW's epsilon is adam_epsilon",
+}
+
+
+def no_effect_notes(config: Any) -> list[str]:
+    """One start line per :data:`NO_EFFECT` key that ``config`` sets."""
+    return [
+        f"{key}: {_as_yaml(value)} has no effect: not a key of Axolotl's schema, which drops it too; {why}"
+        for key, why in NO_EFFECT.items()
+        if (value := getattr(config, key, None)) is not None
+    ]
+
+
 def _refuse(cls: type, value: Any, info: Any) -> Any:
     reason, accepted = REFUSED[info.field_name]
     if any(value is v or (type(value) is type(v) and value == v) for v in accepted):  # 0 is not false
@@ -251,7 +262,7 @@ RefusedAxolotlKeys = create_model(
     "RefusedAxolotlKeys",
     __validators__={"refuse": field_validator(*REFUSED, mode="before")(classmethod(_refuse))},
     **{  # excluded: never in the resolved config
-        key: (Any, Field(None, exclude=True)) for key in REFUSED
+        key: (Any, Field(None, exclude=True)) for key in (*REFUSED, *NO_EFFECT)
     },
 )
 """A mixin of the schema: each refused key, accepted only with a value that asks for nothing."""

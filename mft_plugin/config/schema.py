@@ -34,7 +34,7 @@ from mft_plugin.config.adapters import (
     adapter_from_axolotl_keys,
     adapter_problems,
 )
-from mft_plugin.config.axolotl_keys import RefusedAxolotlKeys
+from mft_plugin.config.axolotl_keys import RefusedAxolotlKeys, no_effect_notes
 from mft_plugin.config.engines import FSDPConfig, fsdp2_only
 from mft_plugin.config.unfrozen import UnfrozenPattern
 from mft_plugin.config.loss import LossImpl, TeacherCacheConfig, loss_impl_problem
@@ -195,6 +195,9 @@ class MFTConfigBase(StrictModel, QuantizationKeys, SpeedSwitches, RefusedAxolotl
     model_type: str = Field("AutoModelForCausalLM", description="transformers class name of the model (a ...ForCausalLM)")
     special_tokens: SpecialTokens | None = None
     tokens: list[str] | None = Field(None, description="new (non-special) tokens to add to the tokenizer; embeddings grow")
+    adapter_keys_without_adapter: list[str] = Field(
+        [], exclude=True, description="set from Axolotl's lora_* keys given with an empty adapter: no effect, said at the start"
+    )
     tokenizer_chat_template: dict[str, str] | None = Field(
         None, description="set from the top-level chat_template (and chat_template_jinja): the saved tokenizer's template, as in Axolotl"
     )
@@ -277,7 +280,9 @@ class MFTConfigBase(StrictModel, QuantizationKeys, SpeedSwitches, RefusedAxolotl
     eval_steps: int | None = Field(None, ge=1)
     evals_per_epoch: int | None = Field(None, ge=0, description="instead of eval_steps: evaluations per epoch (Axolotl); 0: none")
     save_steps: int | None = Field(None, ge=1)
-    saves_per_epoch: int | None = Field(None, ge=1, description="instead of save_steps; must divide evals_per_epoch when evaluating")
+    saves_per_epoch: int | None = Field(
+        None, ge=1, description="instead of save_steps; must divide evals_per_epoch; alone, evaluations fall on the saves"
+    )
     save_total_limit: int | None = Field(None, ge=1)
     save_only_model: bool = Field(False, description="checkpoints without optimizer/scheduler states: smaller, but no resume")
     early_stopping_patience: int | None = Field(None, ge=1, description="stop after this many evaluations without a better spec perplexity")
@@ -373,7 +378,7 @@ class MFTConfigBase(StrictModel, QuantizationKeys, SpeedSwitches, RefusedAxolotl
         if count == 0 and (info.field_name == "saves_per_epoch" or evaluates):
             message = "0 is no evaluation, but the final model is the best evaluated checkpoint; at least 1"
             raise PydanticCustomError("per_epoch", message if evaluates else "at least 1 save per epoch")
-        if info.field_name == "saves_per_epoch" and evaluates and not (evals and evals % count == 0):
+        if info.field_name == "saves_per_epoch" and evaluates and evals and evals % count:
             message = "{count} must divide evals_per_epoch ({evals}): the best checkpoint is chosen among evaluated saves"
             raise PydanticCustomError("per_epoch", message, {"count": count, "evals": evals or "not set"})
         return count
@@ -457,7 +462,10 @@ class MFTConfigBase(StrictModel, QuantizationKeys, SpeedSwitches, RefusedAxolotl
         from transformers.utils.import_utils import is_torch_tf32_available  # torch-free schema otherwise
 
         notes = [UNEVALUATED.format(evals=self.evals_per_epoch)] if self.evals_per_epoch and not self.evaluates else []
-        return notes + inactive_switches(self, is_torch_tf32_available())
+        if self.adapter_keys_without_adapter:
+            keys = ", ".join(self.adapter_keys_without_adapter)
+            notes.append(f"{keys}: no effect: adapter is empty, so this is full finetuning (Axolotl reads them only with an adapter)")
+        return notes + no_effect_notes(self) + inactive_switches(self, is_torch_tf32_available())
 
     @property
     def evaluates(self) -> bool:
@@ -506,6 +514,43 @@ def empty_means_default(data: Any, fields: Any) -> Any:
     if not isinstance(data, dict):
         return data
     return {key: value for key, value in data.items() if not (value is None and key in fields)}
+
+
+BNB_CONFIG_KWARGS = ("bnb_4bit_use_double_quant", "bnb_4bit_quant_type", "bnb_4bit_compute_dtype")
+
+
+def axolotl_derived_keys(data: Any) -> Any:
+    """Axolotl's keys that set one of ours, read as Axolotl reads them (``utils/config/__init__.py``,
+    ``utils/train.py``, ``loaders/model.py``): ``bnb_config_kwargs`` are the 4-bit quantization keys;
+    ``batch_size`` (deprecated there) is ``gradient_accumulation_steps`` times
+    ``micro_batch_size``, per process; ``auto_resume_from_checkpoints: true`` with no
+    ``resume_from_checkpoint`` is ``resume_from_checkpoint: true`` (the newest complete checkpoint, else
+    a fresh start)."""
+    if not isinstance(data, dict) or not {"batch_size", "auto_resume_from_checkpoints", "bnb_config_kwargs"} & data.keys():
+        return data
+    data = dict(data)
+    bnb_kwargs = data.pop("bnb_config_kwargs", None) or {}
+    if not isinstance(bnb_kwargs, dict) or not set(bnb_kwargs) <= set(BNB_CONFIG_KWARGS):
+        message = "bnb_config_kwargs: {value}: the 4-bit BitsAndBytesConfig keys read here are {allowed}"
+        raise PydanticCustomError("bnb_config_kwargs", message, {"value": repr(bnb_kwargs), "allowed": ", ".join(BNB_CONFIG_KWARGS)})
+    if bnb_kwargs and not data.get("load_in_4bit"):
+        raise PydanticCustomError("bnb_config_kwargs", "bnb_config_kwargs: Axolotl applies them to a 4-bit base only: set load_in_4bit: true")
+    for key, value in bnb_kwargs.items():  # Axolotl: they update the BitsAndBytesConfig it builds
+        if data.get(key) is not None and data[key] != value:
+            raise PydanticCustomError("bnb_config_kwargs", "bnb_config_kwargs: {key} and the top-level {key} differ; keep one", {"key": key})
+        data[key] = value
+    batch_size = data.pop("batch_size", None)
+    if batch_size is not None:
+        micro = data.get("micro_batch_size") or 1
+        if data.get("gradient_accumulation_steps"):
+            raise PydanticCustomError("batch_size", "batch_size and gradient_accumulation_steps both set the batch; keep one (as Axolotl asks)")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < micro or batch_size % micro:
+            message = "batch_size: {value} must be a multiple of micro_batch_size ({micro}): it is micro_batch_size x gradient_accumulation_steps"
+            raise PydanticCustomError("batch_size", message, {"value": repr(batch_size), "micro": micro})
+        data["gradient_accumulation_steps"] = batch_size // micro
+    if data.pop("auto_resume_from_checkpoints", None) and data.get("resume_from_checkpoint") is None:
+        data["resume_from_checkpoint"] = True
+    return data
 
 
 def _strategy_spec_model(kind: Kind, name: str, params: type[StrategyParams]) -> type[StrategyParams]:
@@ -709,7 +754,7 @@ def config_model(registry: Registry) -> type[MFTConfigBase]:
 
     def axolotl_top_level_keys(cls: type, data: Any) -> Any:
         """Axolotl's top-level keys that are ours in another shape: dataset defaults, then the adapter's."""
-        data = dataset_defaults(data, registry, default_format)
+        data = axolotl_derived_keys(dataset_defaults(data, registry, default_format))
         return adapter_from_axolotl_keys(empty_means_default(data, cls.model_fields), adapter_names)
 
     def mitigations_fit(self: MFTConfigBase) -> MFTConfigBase:

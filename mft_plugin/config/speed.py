@@ -1,4 +1,4 @@
-"""Axolotl's speed-only switches: kernels, offloading, tiling. They change how fast a step runs and
+"""Axolotl's speed-only switches: kernels, offloading, tiling, placement. They change how fast a step runs and
 how much memory it takes, never the loss (paper Eq. 3 is computed by mft-run's own loss, ``loss_impl``).
 
 Each is accepted with Axolotl's values. A switch that this machine (or mft-run) does not run is said
@@ -24,6 +24,9 @@ _OFFLOAD = "Axolotl's activation offloading to CPU memory during the forward pas
 _FUSED_LOSS = "a fused linear cross-entropy; mft-run's corrected loss is fused with the LM head by loss_impl: chunked"
 _FLASH = "FlashAttention runs on a CUDA GPU with the flash-attn package"
 _MOE = "a mixture-of-experts kernel (CUDA GPU); it runs the same experts' math"
+_HYBRID = "Axolotl's Gemma 4 patch: FlashAttention on the sliding-window layers, SDPA on the global ones (CUDA GPU)"
+_LINEARIZED = "Axolotl's Llama 4 patch that holds each expert as nn.Linear layers, the same experts' math (inside `axolotl train`)"
+_PLACEMENT = "Axolotl's order of loading and FSDP sharding; mft-run's engine (accelerate) places the model"
 
 # key -> what would run it
 SPEED_SWITCHES: dict[str, str] = {
@@ -36,6 +39,9 @@ SPEED_SWITCHES: dict[str, str] = {
     "use_kernels": _HUB_KERNELS,
     "activation_offloading": _OFFLOAD,
     **{key: _MOE for key in ("use_scattermoe", "use_sonicmoe", "experts_implementation")},
+    "gemma4_hybrid_attn_impl": _HYBRID,
+    "llama4_linearized_experts": _LINEARIZED,
+    "experimental_skip_move_to_device": _PLACEMENT,
 }
 
 
@@ -62,6 +68,9 @@ class SpeedSwitches(BaseModel):
     use_scattermoe: bool | None = None
     use_sonicmoe: bool | None = None
     experts_implementation: str | None = Field(None, description="Axolotl's experts kernel: scattermoe, grouped_mm, ...")
+    gemma4_hybrid_attn_impl: bool | None = None
+    llama4_linearized_experts: bool | None = None
+    experimental_skip_move_to_device: bool | None = None
 
 
 def switches_on(config: Any) -> list[str]:

@@ -116,18 +116,19 @@ def evaluation_intervals(config: MFTConfigBase, total_steps: int, evaluate: bool
     ``evals_per_epoch: n`` is Axolotl's fraction 1 / (n * num_epochs) of the run, which the Trainer
     rounds up to whole steps. When evaluating, a save falls on every (evals / saves per epoch)-th
     evaluation, since the best checkpoint is chosen among evaluated saves (the schema checks that one
-    divides the other); without evaluation, ``saves_per_epoch`` is Axolotl's fraction as well.
+    divides the other), and ``saves_per_epoch`` alone evaluates at each save; without evaluation,
+    ``saves_per_epoch`` is Axolotl's fraction as well.
     """
     def per_epoch(count: int) -> int:
         return min(total_steps, math.ceil(total_steps / (count * config.num_epochs)))
 
-    # save_steps alone: evaluate at each save, since the best checkpoint is chosen among evaluated ones
+    # save_steps (or saves_per_epoch) alone: evaluate at each save, since the best checkpoint is chosen among evaluated ones
     eval_steps = config.eval_steps or config.save_steps or max(1, total_steps // EVALUATIONS_PER_RUN)
-    if config.evals_per_epoch and evaluate:
-        eval_steps = per_epoch(config.evals_per_epoch)
+    if evaluate and (config.evals_per_epoch or (config.saves_per_epoch and not config.eval_steps)):
+        eval_steps = per_epoch(config.evals_per_epoch or config.saves_per_epoch)
     save_steps = config.save_steps or eval_steps
     if config.saves_per_epoch:
-        every = config.evals_per_epoch // config.saves_per_epoch if evaluate else None
+        every = config.evals_per_epoch // config.saves_per_epoch if evaluate and config.evals_per_epoch else None
         save_steps = eval_steps * every if every else per_epoch(config.saves_per_epoch)
     return eval_steps, save_steps
 

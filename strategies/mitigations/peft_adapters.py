@@ -49,6 +49,7 @@ class LoraParams(StrategyParams):
     )
     use_dora: bool = Field(False, description="DoRA: learn each weight's magnitude apart from its direction")
     fan_in_fan_out: bool = Field(False, description="the layers store weights as (fan_in, fan_out), e.g. GPT-2's Conv1D")
+    use_rslora: bool = Field(False, description="rank-stabilized LoRA: the update is scaled by lora_alpha / sqrt(r) (peft)")
     lora_model_dir: str | None = Field(
         None, description="start from this saved adapter (its adapter_config.json sets r, alpha, targets) and train it on"
     )
@@ -77,6 +78,7 @@ class LoraParams(StrategyParams):
 
 SAVED_SETTINGS = (
     "r", "lora_alpha", "lora_dropout", "target_modules", "target_parameters", "modules_to_save", "use_dora", "fan_in_fan_out",
+    "use_rslora",
 )
 
 
