@@ -89,6 +89,14 @@ def test_batch_size_is_accumulation_times_micro_batch(base_config: dict[str, Any
         validate_config({**data, "batch_size": 8, "gradient_accumulation_steps": 2})
 
 
+def test_tokens_as_a_mapping_is_the_old_spelling_of_special_tokens(base_config: dict[str, Any]) -> None:
+    config = validate_config({**base_config, "tokens": {"pad_token": "<|padding|>", "eos_token": "</s>"}})
+    assert (config.special_tokens.pad_token, config.special_tokens.eos_token, config.tokens) == ("<|padding|>", "</s>", None)
+    assert len(load_tokenizer(config)) == len(load_tokenizer(validate_config(base_config))) + 1  # <|padding|> is new
+    with pytest.raises(ConfigError, match="old spelling of special_tokens, which is set too"):
+        validate_config({**base_config, "tokens": {"pad_token": "<p>"}, "special_tokens": {"pad_token": "<q>"}})
+
+
 def test_auto_resume_is_resume_from_the_newest_checkpoint(base_config: dict[str, Any]) -> None:
     assert validate_config({**base_config, "auto_resume_from_checkpoints": True}).resume_from_checkpoint is True
     named = validate_config({**base_config, "auto_resume_from_checkpoints": True, "resume_from_checkpoint": "ckpt"})

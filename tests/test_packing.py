@@ -236,3 +236,27 @@ def test_packing_on_a_model_that_ignores_position_ids_is_refused_before_training
     assert len(refusal) == 1 and refusal[0].startswith("sample_packing: true, but this model (LlamaForCausalLM"), err
     assert "attend to each other" in refusal[0] and "set sample_packing: false" in refusal[0]
     assert not (tmp_path / "out" / "metrics.json").exists() and not list((tmp_path / "out").glob("checkpoint-*"))
+
+
+def test_exact_duplicates_are_dropped_as_axolotl_drops_them(base_config: dict[str, Any], tmp_path: Path) -> None:
+    """``dataset_exact_deduplication``: a record whose tokens and labels repeat an earlier one's is dropped, before the
+    ``val_set_size`` split (Axolotl's ``deduplicate_and_log_datasets``); off, every record stays."""
+    import json
+
+    from mft_plugin.config.errors import validate_config
+    from mft_plugin.models.loading import load_tokenizer
+    from mft_plugin.train.context import RecipeContext
+    from mft_plugin.train.recipe import build_datasets
+
+    answers = ["Paris.", "Rome.", "Paris.", "Madrid.", "Rome.", "Paris."]
+    records = tmp_path / "alpaca.jsonl"
+    records.write_text("".join(json.dumps({"instruction": "Name a capital.", "output": a}) + "\n" for a in answers))
+
+    def train_rows(**keys: Any) -> list[list[int]]:
+        config = validate_config({**base_config, "datasets": [{"path": str(records), "type": "alpaca"}], "sequence_len": 256, **keys})
+        context = RecipeContext(config=config, tokenizer=load_tokenizer(config), output_dir=tmp_path)
+        return build_datasets(config, context)[0]["input_ids"]
+
+    assert len(train_rows()) == 6
+    deduplicated = train_rows(dataset_exact_deduplication=True)
+    assert len(deduplicated) == 3 and len({tuple(row) for row in deduplicated}) == 3

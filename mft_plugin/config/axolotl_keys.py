@@ -80,7 +80,6 @@ REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
     "curriculum_sampling": ("the data order is the Trainer's seeded shuffle", OFF),
     "sample_packing_sequentially": ("the data order is the Trainer's seeded shuffle", OFF),
     "shuffle_merged_datasets": ("merged datasets are always shuffled by the Trainer's seeded sampler", (None, True)),
-    "dataset_exact_deduplication": ("datasets are read as given; deduplicate the files", OFF),
     "min_sample_len": ("records are kept or cut by the data format", OFF),
     "skip_prepare_dataset": ("mft-run always tokenizes the datasets itself", OFF),
     "push_dataset_to_hub": ("no hub uploads (offline)", OFF),

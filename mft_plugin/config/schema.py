@@ -230,6 +230,7 @@ class MFTConfigBase(StrictModel, QuantizationKeys, SpeedSwitches, RefusedAxolotl
     sample_packing: bool = Field(False, description="pack several records per row, attention kept within each record")
     eval_sample_packing: bool | None = Field(None, description="pack the specialized validation set (default: sample_packing)")
     pad_to_sequence_len: bool = Field(False, description="pad every batch to sequence_len")
+    dataset_exact_deduplication: bool = Field(False, description="drop records whose tokens and labels repeat an earlier one's (Axolotl)")
     dataset_prepared_path: str | None = Field(None, description="folder caching the tokenized data, reused while its key matches")
 
     # optimization
@@ -521,14 +522,19 @@ BNB_CONFIG_KWARGS = ("bnb_4bit_use_double_quant", "bnb_4bit_quant_type", "bnb_4b
 
 def axolotl_derived_keys(data: Any) -> Any:
     """Axolotl's keys that set one of ours, read as Axolotl reads them (``utils/config/__init__.py``,
-    ``utils/train.py``, ``loaders/model.py``): ``bnb_config_kwargs`` are the 4-bit quantization keys;
+    ``utils/train.py``, ``loaders/model.py``): ``tokens`` given as a mapping of roles is the old spelling
+    of ``special_tokens``; ``bnb_config_kwargs`` are the 4-bit quantization keys;
     ``batch_size`` (deprecated there) is ``gradient_accumulation_steps`` times
     ``micro_batch_size``, per process; ``auto_resume_from_checkpoints: true`` with no
     ``resume_from_checkpoint`` is ``resume_from_checkpoint: true`` (the newest complete checkpoint, else
     a fresh start)."""
-    if not isinstance(data, dict) or not {"batch_size", "auto_resume_from_checkpoints", "bnb_config_kwargs"} & data.keys():
+    if not isinstance(data, dict) or not {"batch_size", "auto_resume_from_checkpoints", "bnb_config_kwargs", "tokens"} & data.keys():
         return data
     data = dict(data)
+    if isinstance(data.get("tokens"), dict):  # Axolotl's first spelling of special_tokens (its archived examples)
+        if data.get("special_tokens"):
+            raise PydanticCustomError("tokens", "tokens: a mapping of token roles is the old spelling of special_tokens, which is set too; keep one")
+        data["special_tokens"] = data.pop("tokens")
     bnb_kwargs = data.pop("bnb_config_kwargs", None) or {}
     if not isinstance(bnb_kwargs, dict) or not set(bnb_kwargs) <= set(BNB_CONFIG_KWARGS):
         message = "bnb_config_kwargs: {value}: the 4-bit BitsAndBytesConfig keys read here are {allowed}"

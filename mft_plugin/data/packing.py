@@ -16,6 +16,7 @@ into ``sequence_len`` pieces first (Axolotl's ``completion``). Rows are filled g
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -125,6 +126,21 @@ def records_of(
         data_format = format_of(spec)
         records += [(row, data_format.concatenates) for row in tokenized_records(spec, data_format, tokenizer, train_on_inputs)]
     return records
+
+
+def without_exact_duplicates(records: Records, source: str = "datasets") -> Records:
+    """``records`` without the repeats of an earlier record's tokens and labels, the first kept (Axolotl's
+    ``dataset_exact_deduplication``, which hashes each tokenized row); the count dropped is logged."""
+    seen: set[bytes] = set()
+    kept: Records = []
+    for row, concatenates in records:
+        digest = hashlib.sha256(repr((row["input_ids"], row["labels"], concatenates)).encode()).digest()
+        if digest not in seen:
+            seen.add(digest)
+            kept.append((row, concatenates))
+    if len(kept) < len(records):
+        logger.info("dataset_exact_deduplication: %d of the %d records of %s were repeats; dropped", len(records) - len(kept), len(records), source)
+    return kept
 
 
 def split_records(records: Records, val_set_size: float, seed: int) -> tuple[Records, Records | None]:

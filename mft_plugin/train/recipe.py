@@ -21,7 +21,7 @@ from transformers.utils.import_utils import is_torch_tf32_available
 
 from mft_plugin.config.schema import MFTConfigBase
 from mft_plugin.data.batches import PaddingCollator
-from mft_plugin.data.packing import lay_out, split_records
+from mft_plugin.data.packing import Records, lay_out, split_records, without_exact_duplicates
 from mft_plugin.data.prepared import TRAIN, prepared_datasets
 from mft_plugin.digest import data_key
 from mft_plugin.eval.metrics import GENERAL, SPEC
@@ -80,9 +80,13 @@ def build_datasets(config: MFTConfigBase, context: RecipeContext) -> tuple[Datas
     ``general`` raw text, as the paper measures it (Sec. 3.1). Cached in ``dataset_prepared_path``."""
 
     def build() -> dict[str, Dataset]:
-        records, held_out = split_records(context.records(config.datasets), config.val_set_size, config.seed)
+        def read(group: str) -> Records:  # Axolotl deduplicates before the val_set_size split, and each split
+            records = context.records(getattr(config, group))
+            return without_exact_duplicates(records, group) if config.dataset_exact_deduplication else records
+
+        records, held_out = split_records(read("datasets"), config.val_set_size, config.seed)
         if config.test_datasets:
-            held_out = context.records(config.test_datasets)
+            held_out = read("test_datasets")
         eval_packing = config.sample_packing if config.eval_sample_packing is None else config.eval_sample_packing
         built = {TRAIN: lay_out(records, config.sequence_len, config.sample_packing)}
         if held_out is not None:
