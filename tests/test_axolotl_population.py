@@ -3,17 +3,20 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from mft_plugin.config.errors import ConfigError, validate_config
+from mft_plugin.models.loading import load_tokenizer
 from mft_plugin.train.recipe import training_arguments
 from tests.axolotl_population import POPULATION, problems_of
 
-VALIDATING = 100  # of the 198 (51 before issue 25); README "Axolotl's example YAMLs" lists what stops the rest
+VALIDATING = 124  # of the 198 (51 before issue 25); README "Axolotl's example YAMLs" lists what stops the rest
 
 
 def test_the_population_is_axolotls_198_supervised_text_examples() -> None:
@@ -83,6 +86,19 @@ def test_flash_attention_without_flash_attn_is_the_default_attention(base_config
         "the flash-attn package; the model's default attention runs"
     ]
     preflight(config)
+    assert load_model(config).config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("keys", [{"xformers_attention": True}, {"attn_implementation": "xformers"}])
+def test_axolotls_xformers_attention_is_the_default_attention(base_config: dict[str, Any], keys: dict[str, Any]) -> None:
+    """Axolotl's xformers patch (archived/xgen-7b) computes the model's attention; mft-run does not apply it, says so once."""
+    from mft_plugin.models.loading import load_model
+
+    config = validate_config({**base_config, **keys})
+    assert config.attention is None and config.start_notes == [
+        f"{next(iter(keys))}: xformers inactive here (speed only, same loss): Axolotl's xformers attention patch, which runs "
+        "inside `axolotl train` on a CUDA GPU; the model's default attention runs"
+    ]
     assert load_model(config).config._attn_implementation == "sdpa"
 
 
@@ -324,8 +340,8 @@ def test_lora_target_parameters_train_the_fused_experts(base_config: dict[str, A
 
 # --- a sample trains 2 steps -------------------------------------------------------------------------
 
-# One per family (llama, qwen, gemma, mistral, phi) and format. No file that validates reads `completion` or
-# `input_output` (Axolotl's examples of those are pretraining, diffusion or sequence-parallel runs). Not here:
+# One per family (llama, qwen, gemma, mistral, phi) and format. One file that validates reads `completion`, none
+# `input_output` (Axolotl's other examples of those are pretraining, diffusion or sequence-parallel runs). Not here:
 # the Gemma and Mistral chat files, whose end-of-turn token / `model.language_model` LoRA targets the shipped
 # model lacks, and those with torchao's optimizers (adamw_torch_4bit, _8bit), which need that package.
 TRAINED_SAMPLE = [
@@ -336,6 +352,9 @@ TRAINED_SAMPLE = [
     "archived__gemma__qlora.yml",  # gemma, alpaca, QLoRA
     "mistral__lora.yml",  # mistral, alpaca, LoRA
     "phi__phi-ft.yml",  # phi, alpaca, full finetuning
+    "qat_nvfp4__Qwen2.5-72B_baseline.yml",  # qwen, alpaca, a top-level chat_template (the saved tokenizer's)
+    "archived__xgen-7b__xgen-7b-8k-qlora.yml",  # completion, QLoRA, gptq_* left empty, auto_resume_from_checkpoints
+    "archived__falcon__config-7b-lora.yml",  # alpaca:chat, LoRA, batch_size
 ]
 
 
@@ -350,5 +369,10 @@ def test_a_sample_of_axolotls_examples_trains_two_steps(name: str, tiny_model: P
     changed = user_changes(yaml.safe_load((POPULATION / name).read_text(encoding="utf-8")), tmp_path / "data")
     fast = {"base_model": str(tiny_model), "sequence_len": 96, "max_steps": 2, "output_dir": str(tmp_path / "out"),
             "dataset_prepared_path": str(tmp_path / "prepared")}  # some write last_run_prepared, relative to the cwd
-    metrics = run(validate_config({**changed, **fast}, source=name))
-    assert metrics["step"] == 2
+    config = validate_config({**changed, **fast}, source=name)
+    metrics = run(config)
+    assert json.loads((tmp_path / "out" / "trainer_state.json").read_text(encoding="utf-8"))["global_step"] == 2
+    assert metrics.get("step", 2) == 2  # the best evaluation's step, where the run evaluates
+    if config.tokenizer_chat_template:  # Axolotl's top-level chat_template is the saved tokenizer's
+        saved = (tmp_path / "out" / "chat_template.jinja").read_text(encoding="utf-8")
+        assert saved == load_tokenizer(config).chat_template != AutoTokenizer.from_pretrained(tiny_model).chat_template

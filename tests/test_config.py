@@ -331,9 +331,9 @@ DATA_SIDE = {"chat_template", "eot_tokens", "train_on_inputs", "sample_packing",
 def test_every_key_of_axolotls_examples_is_implemented_or_refused() -> None:
     from mft_plugin.config.adapters import AXOLOTL_FLAGS, AXOLOTL_LORA_KEYS
     from mft_plugin.config.axolotl_keys import REFUSED
-    from mft_plugin.config.schema import MFTConfigBase
+    from mft_plugin.config.schema import AXOLOTL_DERIVED_KEYS, MFTConfigBase
 
-    fields = {field.alias or name for name, field in MFTConfigBase.model_fields.items()}
+    fields = {*AXOLOTL_DERIVED_KEYS} | {field.alias or name for name, field in MFTConfigBase.model_fields.items()}
     fields |= {key for field in MFTConfigBase.model_fields.values() for key in getattr(field.validation_alias, "choices", ())}
     adapter_keys = {"adapter", *AXOLOTL_LORA_KEYS, *AXOLOTL_FLAGS}
     keys = [line for line in EXAMPLE_KEYS.read_text().splitlines() if line and not line.startswith("#")]
@@ -360,7 +360,8 @@ def test_every_key_of_axolotls_schema_is_known(tmp_path: Path, train_file: Path)
         ("dpo_beta: 0.1", "0.1 is not supported: a preference/RL or reward-model trainer"),
         ("default_system_message: Hi", "conversations are rendered as written; no system message is inserted"),
         ("flash_attn_cross_entropy: true", "true is not supported: a CUDA-only kernel (Triton/CUDA)"),
-        ("xformers_attention: true", "true is not supported: xformers is a CUDA-only attention patch"),
+        ("attn_implementation: sage", "'sage' is not supported: SageAttention quantizes Q and K to int8, which changes the loss"),
+        ("attn_implementation: flash", "'flash' is not an attention implementation; one of eager, sdpa, flash_attention_2"),
         ("local_rank: 0", "0 is not supported: set by the launcher (LOCAL_RANK), not by the YAML (Axolotl key; allowed here: empty)"),
         ("save_safetensors: false", "weights are always saved as safetensors (Axolotl key; allowed here: empty or true)"),
         ("base_model_config: other", "the model loads from base_model with its own config.json"),

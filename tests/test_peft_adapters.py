@@ -34,7 +34,8 @@ def test_axolotl_keys_become_the_lora_mitigation(base_config: dict[str, Any]) ->
     config = validate_config({**base_config, **axolotl})
     assert spec(config) == {
         "name": "lora", "r": 4, "lora_alpha": 32.0, "lora_dropout": 0.1, "target_modules": "all-linear",
-        "modules_to_save": None, "target_parameters": None, "use_dora": False, "fan_in_fan_out": False, "lora_model_dir": None,
+        "modules_to_save": None, "target_parameters": None, "use_dora": False, "fan_in_fan_out": False, "use_rslora": False,
+        "lora_model_dir": None,
     }  # fmt: skip
     assert "adapter" not in config.model_dump()  # one spelling in the resolved config
     resolved = validate_config(config.model_dump(mode="json"))  # a run's config.yml validates again

@@ -45,7 +45,6 @@ REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
             "pretrain_multipack_attn",
         )
     },
-    "xformers_attention": ("xformers is a CUDA-only attention patch of Axolotl; use attn_implementation: sdpa", OFF),
     "flex_attn_compile_kwargs": ("torch.compile of flex attention is not run by mft-run", OFF),
     **{key: (_COMPILE, OFF) for key in ("torch_compile", "torch_compile_mode", "torch_compile_backend", "torch_compile_options")},
     **{key: (_FP8, OFF) for key in ("fp8", "fp8_enable_fsdp_float8_all_gather", "fp8_config")},

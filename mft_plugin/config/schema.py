@@ -38,7 +38,7 @@ from mft_plugin.config.axolotl_keys import RefusedAxolotlKeys, no_effect_notes
 from mft_plugin.config.engines import FSDPConfig, fsdp2_only
 from mft_plugin.config.unfrozen import UnfrozenPattern
 from mft_plugin.config.loss import LossImpl, TeacherCacheConfig, loss_impl_problem
-from mft_plugin.config.speed import SpeedSwitches, flash_attention_inactive, inactive_switches
+from mft_plugin.config.speed import SpeedSwitches, inactive_attention, inactive_switches
 from mft_plugin.registry import Kind, Registry, UnknownStrategyError
 from mft_plugin.strategy import DataFormat, StrategyParams
 
@@ -162,7 +162,14 @@ class CheckpointingKwargs(StrictModel):
     use_reentrant: bool | None = None
 
 
-ATTENTION_FLAGS = {"flash_attention": "flash_attention_2", "sdp_attention": "sdpa", "eager_attention": "eager", "flex_attention": "flex_attention"}
+ATTENTION_FLAGS = {
+    "flash_attention": "flash_attention_2", "sdp_attention": "sdpa", "eager_attention": "eager", "flex_attention": "flex_attention",
+    "xformers_attention": "xformers",
+}
+# Axolotl's attention names (utils/schemas/enums.py) that compute the model's own attention; a hub kernel
+# path ("org/name") is passed to transformers as it is
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", "xformers")
+CHANGED_ATTENTION = {"sage": "SageAttention quantizes Q and K to int8", "fp8": "fp8 attention rounds to 8 bits"}
 
 
 NEEDS_VALIDATION_SET = "needs a specialized validation set (test_datasets or val_set_size)"
@@ -206,6 +213,7 @@ class MFTConfigBase(StrictModel, QuantizationKeys, SpeedSwitches, RefusedAxolotl
     sdp_attention: bool | None = Field(None, description="Axolotl's spelling of attn_implementation: sdpa")
     eager_attention: bool | None = Field(None, description="Axolotl's spelling of attn_implementation: eager")
     flex_attention: bool | None = Field(None, description="Axolotl's spelling of attn_implementation: flex_attention")
+    xformers_attention: bool | None = Field(None, description="Axolotl's spelling of attn_implementation: xformers")
     teacher: TeacherConfig | None = Field(None, description="full finetuning: hold the frozen teacher quantized or in a lower dtype")
     model_config_: dict[str, Any] | None = Field(
         None, validation_alias=AliasChoices("model_config", "model_config_"),
@@ -405,6 +413,17 @@ class MFTConfigBase(StrictModel, QuantizationKeys, SpeedSwitches, RefusedAxolotl
             raise PydanticCustomError("wandb", message)
         return value
 
+    @field_validator("attn_implementation")
+    @classmethod
+    def _known_attention(cls, implementation: str | None) -> str | None:
+        if implementation is None or implementation in ATTENTION_IMPLEMENTATIONS or "/" in implementation:
+            return implementation
+        if implementation in CHANGED_ATTENTION:
+            message = "{value} is not supported: {why}, which changes the loss (exactness first); use sdpa or flash_attention_2"
+            raise PydanticCustomError("attention", message, {"value": repr(implementation), "why": CHANGED_ATTENTION[implementation]})
+        message = "{value} is not an attention implementation; one of {allowed}, or a hub kernel path"
+        raise PydanticCustomError("attention", message, {"value": repr(implementation), "allowed": ", ".join(ATTENTION_IMPLEMENTATIONS)})
+
     @field_validator(*ATTENTION_FLAGS)
     @classmethod
     def _one_attention(cls, flag: bool | None, info: ValidationInfo) -> bool | None:
@@ -482,10 +501,10 @@ class MFTConfigBase(StrictModel, QuantizationKeys, SpeedSwitches, RefusedAxolotl
 
     @property
     def attention_choice(self) -> tuple[str, str] | None:
-        """:attr:`requested_attention`, except a FlashAttention this machine cannot run: the model's default
+        """:attr:`requested_attention`, except one this run cannot apply (a FlashAttention this machine lacks, xformers): the model's default
         then (speed only, said at the start: :func:`~mft_plugin.config.speed.inactive_switches`)."""
         choice = self.requested_attention
-        return None if choice and flash_attention_inactive(choice[1]) else choice
+        return None if choice and inactive_attention(choice[1]) else choice
 
     @property
     def attention(self) -> str | None:
@@ -518,6 +537,7 @@ def empty_means_default(data: Any, fields: Any) -> Any:
 
 
 BNB_CONFIG_KWARGS = ("bnb_4bit_use_double_quant", "bnb_4bit_quant_type", "bnb_4bit_compute_dtype")
+AXOLOTL_DERIVED_KEYS = ("batch_size", "auto_resume_from_checkpoints", "bnb_config_kwargs")  # read by axolotl_derived_keys
 
 
 def axolotl_derived_keys(data: Any) -> Any:
@@ -528,7 +548,7 @@ def axolotl_derived_keys(data: Any) -> Any:
     ``micro_batch_size``, per process; ``auto_resume_from_checkpoints: true`` with no
     ``resume_from_checkpoint`` is ``resume_from_checkpoint: true`` (the newest complete checkpoint, else
     a fresh start)."""
-    if not isinstance(data, dict) or not {"batch_size", "auto_resume_from_checkpoints", "bnb_config_kwargs", "tokens"} & data.keys():
+    if not isinstance(data, dict) or not {*AXOLOTL_DERIVED_KEYS, "tokens"} & data.keys():
         return data
     data = dict(data)
     if isinstance(data.get("tokens"), dict):  # Axolotl's first spelling of special_tokens (its archived examples)

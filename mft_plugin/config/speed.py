@@ -8,7 +8,8 @@ Trainer (:mod:`mft_plugin.train.recipe`); ``gradient_checkpointing: offload`` is
 ``activation_offloading``. FlashAttention is one of them too (``flash_attention: true`` or
 ``attn_implementation: flash_attention_2``, as 162 of Axolotl's examples write it): it computes the same
 attention as the model's default, faster; without a CUDA GPU and the flash-attn package the model keeps
-its default attention and the start says so.
+its default attention and the start says so. So does Axolotl's ``attn_implementation: xformers``
+(``xformers_attention: true``), a patch mft-run does not apply.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ _HUB_KERNELS = "HF kernels fetched from the hub by the kernels package on a CUDA
 _OFFLOAD = "Axolotl's activation offloading to CPU memory during the forward pass (CUDA GPU)"
 _FUSED_LOSS = "a fused linear cross-entropy; mft-run's corrected loss is fused with the LM head by loss_impl: chunked"
 _FLASH = "FlashAttention runs on a CUDA GPU with the flash-attn package"
+_XFORMERS = "Axolotl's xformers attention patch, which runs inside `axolotl train` on a CUDA GPU"
 _MOE = "a mixture-of-experts kernel (CUDA GPU); it runs the same experts' math"
 _HYBRID = "Axolotl's Gemma 4 patch: FlashAttention on the sliding-window layers, SDPA on the global ones (CUDA GPU)"
 _LINEARIZED = "Axolotl's Llama 4 patch that holds each expert as nn.Linear layers, the same experts' math (inside `axolotl train`)"
@@ -81,12 +83,15 @@ def switches_on(config: Any) -> list[str]:
     return on
 
 
-def flash_attention_inactive(implementation: str | None) -> bool:
-    """Whether ``implementation`` (an ``attn_implementation``) is a FlashAttention this machine cannot run."""
+def inactive_attention(implementation: str | None) -> str | None:
+    """What would run ``implementation`` (an ``attn_implementation``) where this run cannot: a FlashAttention
+    this machine lacks, or Axolotl's xformers patch; None where it runs."""
     from transformers.utils import import_utils  # torch-free schema otherwise
 
+    if implementation == "xformers":
+        return _XFORMERS
     check = {"flash_attention_2": "is_flash_attn_2_available", "flash_attention_3": "is_flash_attn_3_available"}.get(implementation or "")
-    return check is not None and not getattr(import_utils, check, lambda: False)()  # absent: an older transformers
+    return _FLASH if check is not None and not getattr(import_utils, check, lambda: False)() else None  # absent: an older transformers
 
 
 def inactive_switches(config: Any, tf32_available: bool) -> list[str]:
@@ -94,8 +99,8 @@ def inactive_switches(config: Any, tf32_available: bool) -> list[str]:
     (said once at the start of the run). ``tf32_available``: whether this machine has TF32 matmuls."""
     lines = [f"{key}: inactive here (speed only, same loss): {SPEED_SWITCHES[key]}" for key in switches_on(config)]
     key, attention = config.requested_attention or (None, None)
-    if flash_attention_inactive(attention):
-        lines.append(f"{key}: {attention} inactive here (speed only, same loss): {_FLASH}; the model's default attention runs")
+    if runner := inactive_attention(attention):
+        lines.append(f"{key}: {attention} inactive here (speed only, same loss): {runner}; the model's default attention runs")
     if config.tf32 and not tf32_available:
         lines.append("tf32: inactive here (speed only): TF32 is a matmul mode of Ampere or newer CUDA GPUs")
     return lines
