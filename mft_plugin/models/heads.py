@@ -118,13 +118,21 @@ class LogitTransform:
 IDENTITY = LogitTransform()
 
 
+def _unsharded_type(module: object) -> type:
+    """``module``'s class, under FSDP2 the one ``fully_shard`` derived its own from (an ``FSDPLinear`` is
+    an ``FSDPModule`` and a ``torch.nn.Linear``, with the Linear's forward: the head is still fusable)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(cls for cls in type(module).__mro__ if not issubclass(cls, FSDPModule))
+
+
 def output_head(model: torch.nn.Module) -> torch.nn.Linear:
     """The model's LM head if it is a plain ``torch.nn.Linear`` (with or without bias) and no known
     config key changes the logits after it in a way not fused (:meth:`LogitTransform.of`); else
     UnfusableError. :func:`fusable_head` also measures."""
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
-    if type(head) is not torch.nn.Linear:
+    if _unsharded_type(head) is not torch.nn.Linear:
         name = f"{type(head).__module__}.{type(head).__qualname__}"
         raise UnfusableError(f"its output layer is {name}, not a torch.nn.Linear (e.g. an adapter on lm_head)")
     LogitTransform.of(model)
