@@ -178,7 +178,8 @@ def loss_chooser(cfg: Mapping[str, Any], args: BaseModel, objective: Objective) 
     ``loss_impl``, the engine, the objective and a probe forward of the model), with why in words."""
     config = run_config(cfg, args)
     if config.engine_name != "ddp" and config.loss_impl != "naive":
-        return lambda student: (None, f"plain (loss_impl: {config.loss_impl}: {PLUGIN_UNFUSED})")
+        reason = f"the fused loss is not used with fsdp/deepspeed {PLUGIN_UNFUSED}"
+        return lambda student: (None, f"plain (loss_impl: {config.loss_impl}: {reason})")
     return lambda student: loss_choice(config, objective, student)
 
 
