@@ -38,15 +38,16 @@ RUNS = {  # name -> (objective, mitigations, teacher)
 COMPARISONS = [("LoRA+MFT", "LoRA+FT"), ("full MFT, 4-bit teacher", "full FT"), ("full MFT, float32 teacher", "full FT")]
 
 
-def build_random_llama(folder: Path, hidden: int, layers: int) -> Path:
-    """A randomly initialised Llama of the given width and depth with the shipped tokenizer."""
+def build_random_llama(folder: Path, hidden: int, layers: int, vocab: int | None = None) -> Path:
+    """A randomly initialised Llama of the given width and depth with the shipped tokenizer; ``vocab``:
+    a larger vocabulary than the tokenizer's (the head's size at scale; the extra ids are never input)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(REFERENCE_MODEL)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 43 // 16 // 64 * 64,
+        vocab_size=vocab or len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 43 // 16 // 64 * 64,
         num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
         max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,

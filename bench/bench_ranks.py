@@ -18,6 +18,10 @@ Under ZeRO-3, DeepSpeed 0.19 keeps a float32 master copy of each rank's weight p
 (ZeRO-2 does not): hence the second 4Ψ/N. With bf16 weights on GPUs it is the usual 16Ψ/N.
 
     OMP_NUM_THREADS=1 python bench/bench_ranks.py              # 27M-parameter random Llama
+    OMP_NUM_THREADS=1 python bench/bench_ranks.py --naive-vs-fused --vocab 128256   # ZeRO-3, both losses
+
+``--naive-vs-fused``: ZeRO-3 only, with ``loss_impl: naive`` and ``loss_impl: chunked`` (fused inside the
+gathered head's forward) side by side in one run; the peak is where the [tokens, vocab] logits show.
 FSDP2 is not measured: accelerate applies it to GPU processes only.
 """
 
@@ -42,6 +46,10 @@ MODES = {  # name -> (processes, engine keys, predicted state bytes per paramete
     "DDP, 2 ranks": (2, {}, 20.0),
     "ZeRO-2, 2 ranks": (2, {"deepspeed": str(DEEPSPEED / "zero2.json")}, 4 + 12 / 2 + 4),
     "ZeRO-3, 2 ranks": (2, {"deepspeed": str(DEEPSPEED / "zero3.json")}, (4 + 4 + 4 + 8 + 4) / 2),
+}
+ZERO3_LOSSES = {  # --naive-vs-fused: the same ZeRO-3 run, the plain loss against the fused one
+    f"ZeRO-3, 2 ranks, {loss}": (2, {"deepspeed": str(DEEPSPEED / "zero3.json"), "loss_impl": loss}, (4 + 4 + 4 + 8 + 4) / 2)
+    for loss in ("naive", "chunked")
 }
 MFT = {"name": "mft", "tau": 0.25}
 
@@ -80,17 +88,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--sequence-len", type=int, default=128)
     parser.add_argument("--micro-batch-size", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the tokenizer's)")
+    parser.add_argument("--naive-vs-fused", action="store_true", help="ZeRO-3 only, loss_impl naive and chunked")
     parser.add_argument("--rank-of", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rank_of:
         return measure_rank(json.loads(args.rank_of[0]), Path(args.rank_of[1]))
     with tempfile.TemporaryDirectory() as tmp:
-        base_model = str(build_random_llama(Path(tmp) / "model", args.hidden, args.layers))
+        base_model = str(build_random_llama(Path(tmp) / "model", args.hidden, args.layers, args.vocab))
         psi = parameter_count(base_model)
         print(f"random Llama, {psi / 1e6:.1f}M parameters (Ψ); MiB = 2^20 bytes; per rank, the largest of the ranks\n")
         print("| mode | tensors held per rank, MiB | predicted states, MiB | held / predicted | peak per rank, MiB |")
         print("| --- | --- | --- | --- | --- |")
-        for name, (processes, engine, bytes_per_parameter) in MODES.items():
+        for name, (processes, engine, bytes_per_parameter) in (ZERO3_LOSSES if args.naive_vs_fused else MODES).items():
             config = training_config(base_model, args, Path(tmp) / "out", objective=MFT, **engine)
             ranks = run_mode(processes, config, Path(tmp) / name.replace(" ", "_").replace(",", ""))
             held, peak = max(r["held"] for r in ranks), max(r["peak"] for r in ranks)

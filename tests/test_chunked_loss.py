@@ -27,6 +27,7 @@ from mft_plugin.loss.corrected import masked_mean, nll_token_losses
 from mft_plugin.strategy import Objective
 from mft_plugin.teacher.sources import FrozenCopyTeacher, SharedBaseTeacher
 from tests.test_objectives import CASES, IGNORE, objective
+from tests.tiny import REPO
 
 TOKENS, HIDDEN, VOCAB = 23, 8, 37  # prime sizes: chunks never divide them evenly
 CHUNK_SIZES = [1, 4, 7, TOKENS, TOKENS + 5]
@@ -217,7 +218,10 @@ def gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-def assert_fused_matches_plain(student: torch.nn.Module, teacher: Any, ft_rows: torch.Tensor | None = None) -> None:
+def assert_fused_matches_plain(
+    student: torch.nn.Module, teacher: Any, ft_rows: torch.Tensor | None = None, in_head: bool = False
+) -> None:
+    """``in_head``: the loss computed inside the head's forward (FSDP2, ZeRO-3), the teacher's head copied."""
     inputs, mft = batch(), get_objective("mft", tau=0.25)
     if ft_rows is not None:
         inputs[FT_LOSS_COLUMN] = ft_rows
@@ -227,7 +231,9 @@ def assert_fused_matches_plain(student: torch.nn.Module, teacher: Any, ft_rows: 
     masked_mean(plain, labels).backward()
     expected = gradients(student)
     student.zero_grad()
-    fused = ChunkedLoss(mft, output_head(student), chunk_size=5)(student, teacher, inputs, labels)
+    if teacher is not None:
+        teacher.copies_head = in_head
+    fused = ChunkedLoss(mft, output_head(student), chunk_size=5, in_head=in_head)(student, teacher, inputs, labels)
     masked_mean(fused, labels).backward()
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
     got = gradients(student)
@@ -236,21 +242,53 @@ def assert_fused_matches_plain(student: torch.nn.Module, teacher: Any, ft_rows: 
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+IN_HEAD = pytest.mark.parametrize("in_head", [False, True], ids=["after_forward", "in_head"])
+
+
+@IN_HEAD
 @pytest.mark.parametrize("tied", [True, False])
-def test_fused_path_matches_plain_path_with_a_frozen_copy_teacher(tied: bool) -> None:
+def test_fused_path_matches_plain_path_with_a_frozen_copy_teacher(tied: bool, in_head: bool) -> None:
     student, teacher = tiny_llama(0, tied), FrozenCopyTeacher(tiny_llama(1, tied))
-    assert_fused_matches_plain(student, teacher)
+    assert_fused_matches_plain(student, teacher, in_head=in_head)
 
 
-def test_fused_path_keeps_plain_nll_rows_and_runs_the_teacher_on_the_others_only() -> None:
+@IN_HEAD
+def test_fused_path_keeps_plain_nll_rows_and_runs_the_teacher_on_the_others_only(in_head: bool) -> None:
     student, teacher = tiny_llama(0), FrozenCopyTeacher(tiny_llama(1))
-    assert_fused_matches_plain(student, teacher, ft_rows=torch.tensor([0, 1, 0]))
+    assert_fused_matches_plain(student, teacher, ft_rows=torch.tensor([0, 1, 0]), in_head=in_head)
 
 
-def test_fused_path_matches_plain_path_with_the_shared_base_teacher_of_lora() -> None:
+@IN_HEAD
+def test_fused_path_matches_plain_path_with_the_shared_base_teacher_of_lora(in_head: bool) -> None:
     lora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)  # adapters != base
     student = get_peft_model(tiny_llama(0), lora)
-    assert_fused_matches_plain(student, SharedBaseTeacher(student))
+    assert_fused_matches_plain(student, SharedBaseTeacher(student), in_head=in_head)
+
+
+def test_in_head_the_teachers_view_outlives_a_head_weight_freed_after_its_forward() -> None:
+    """As FSDP2 frees a gathered weight's storage after the head's forward (here: zeroed), the teacher's
+    view keeps a copy of what the forward saw; without the copy it would read the freed weight."""
+    inputs, frozen = batch(), tiny_llama(1)
+    expected = FrozenCopyTeacher(tiny_llama(1)).logits(inputs).flatten(0, 1).softmax(-1)
+    frozen.lm_head.register_forward_hook(lambda module, args, output: module.weight.data.zero_())
+    teacher = FrozenCopyTeacher(frozen)
+    teacher.copies_head = True
+    view = teacher.targets(inputs)
+    p_teacher = torch.empty_like(expected)
+    view.chunk(slice(0, expected.shape[0]), torch.zeros(expected.shape[0], dtype=torch.long), p_teacher)
+    torch.testing.assert_close(p_teacher, expected, rtol=1e-5, atol=1e-7)
+    assert not view.weight.eq(0).all() and frozen.lm_head.weight.eq(0).all()
+
+
+def test_in_head_a_model_that_changes_its_heads_output_is_refused() -> None:
+    from tests.test_exactness import scaled_llama
+
+    inputs, model = batch(), scaled_llama(0.5)
+    labels = shift_for_causal_lm(inputs["labels"])
+    fused = ChunkedLoss(get_objective("mft"), output_head(model), in_head=True)
+    with pytest.raises(UnfusableError, match="its logits are not its head's output"):
+        fused(model, FrozenCopyTeacher(scaled_llama(0.5)), inputs, labels)
+    assert "forward" not in model.lm_head.__dict__  # the head's own forward is back
 
 
 def test_under_bf16_autocast_the_chunks_use_the_heads_bf16_logits() -> None:
@@ -301,7 +339,10 @@ def test_auto_picks_chunked_and_falls_back_to_naive_where_it_cannot_apply(base_c
     assert isinstance(select_loss_impl(validate_config(base_config), mft, model), ChunkedLoss)
     assert select_loss_impl(validate_config({**base_config, "loss_impl": "naive"}), mft, model) is None
     assert select_loss_impl(validate_config(base_config), OwnLossObjective(), model) is None
-    assert select_loss_impl(validate_config({**base_config, "fsdp": True}), mft, model) is None
+    for engine in ({"fsdp": True}, {"deepspeed": str(REPO / "yaml_examples/deepspeed/zero3.json")}):
+        sharded = select_loss_impl(validate_config({**base_config, **engine}), mft, model)
+        assert isinstance(sharded, ChunkedLoss) and sharded.in_head  # inside the head's forward, where it is gathered
+    assert not select_loss_impl(validate_config(base_config), mft, model).in_head
 
 
 def test_explicit_chunked_or_a_cache_fails_where_chunked_cannot_apply(base_config: dict[str, Any]) -> None:
@@ -317,7 +358,7 @@ def test_explicit_chunked_or_a_cache_fails_where_chunked_cannot_apply(base_confi
     [
         ({"loss_impl": "fused"}, "loss_impl: Input should be 'auto', 'naive' or 'chunked'"),
         ({"loss_impl": "naive", "teacher_cache": {}}, "teacher_cache needs the chunked loss"),
-        ({"loss_impl": "chunked", "fsdp": True}, "loss_impl: chunked cannot be used with fsdp/deepspeed"),
+        ({"teacher_cache": {}, "fsdp": True}, "teacher_cache cannot be used with fsdp/deepspeed yet"),
         ({"teacher_cache": {"top_k": 0}}, "teacher_cache.top_k: Input should be greater than or equal to 1"),
         ({"teacher_cache": {"topk": 8}}, "teacher_cache.topk: unknown key"),
     ],

@@ -370,6 +370,26 @@ def test_fsdp2_lora_equals_one_process(base_config: dict[str, Any], tmp_path: Pa
     _compare_runs(base_config, tmp_path, {"mitigations": [{"name": "lora", "r": 4}]}, {"fsdp": True})
 
 
+# The fused loss where the engine gathers the LM head (FSDP2, ZeRO-3): computed inside the head's forward
+# (mft_plugin.models.heads.fused_forward), against one process (which fuses it after the forward).
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("engine", "mitigations"),
+    [
+        ({"fsdp": True}, []),
+        ({"deepspeed": str(REPO / "yaml_examples/deepspeed/zero3.json")}, []),
+        ({"deepspeed": str(REPO / "yaml_examples/deepspeed/zero3.json")}, [{"name": "lora", "r": 4}]),
+    ],
+    ids=["fsdp2_full", "zero3_full", "zero3_lora"],
+)
+def test_the_chunked_loss_inside_a_gathered_head_equals_one_process(
+    base_config: dict[str, Any], tmp_path: Path, engine: dict[str, Any], mitigations: list[dict[str, Any]]
+) -> None:
+    # loss_impl: chunked, not auto: a run that could not fuse would stop at startup rather than train plain
+    _compare_runs(base_config, tmp_path, {"loss_impl": "chunked", "mitigations": mitigations}, engine)
+
+
 # --- the frozen teacher sharded like the student ---------------------------------------------
 
 

@@ -70,6 +70,11 @@ def has_spec_eval(cfg: Mapping[str, Any]) -> bool:
     return bool(cfg.get("test_datasets") or cfg.get("val_set_size"))
 
 
+# mft-run fuses the loss under fsdp/deepspeed inside the LM head's forward (mft_plugin.models.heads.fused_forward),
+# with the frozen teacher's head copied by its Engine; the plugin's trainer is not wired or tested for it yet.
+PLUGIN_UNFUSED = "inside axolotl train yet (mft-run fuses it there, inside the LM head's forward)"
+
+
 def unsupported(cfg: Mapping[str, Any], mitigations: Sequence[Mitigation]) -> list[str]:
     """What this Axolotl config asks that the MFT trainer cannot do, one message per key."""
     problems = []
@@ -78,8 +83,11 @@ def unsupported(cfg: Mapping[str, Any], mitigations: Sequence[Mitigation]) -> li
     problems += evaluation_problems(cfg)
     if cfg.get("teacher_cache") is not None:
         problems.append("teacher_cache: not available inside axolotl train yet; remove it (mft-run has it)")
-    if problem := loss_impl_problem(cfg.get("loss_impl") or "auto", None, config_view(cfg).engine_name != "ddp"):
+    sharded = config_view(cfg).engine_name != "ddp"
+    if problem := loss_impl_problem(cfg.get("loss_impl") or "auto", None, sharded):
         problems.append(problem)
+    if sharded and cfg.get("loss_impl") == "chunked":
+        problems.append(f"loss_impl: chunked cannot be used with fsdp/deepspeed {PLUGIN_UNFUSED}; use loss_impl: auto or naive")
     for mitigation in mitigations:
         own = type(mitigation)
         stages = [stage for stage in STAGES_AXOLOTL_OWNS if getattr(own, stage) is not getattr(Mitigation, stage)]
@@ -169,6 +177,9 @@ def loss_chooser(cfg: Mapping[str, Any], args: BaseModel, objective: Objective) 
     """The loss path for Axolotl's student, chosen as mft-run chooses it (:func:`mft_plugin.loss.chunked.loss_choice`:
     ``loss_impl``, the engine, the objective and a probe forward of the model), with why in words."""
     config = run_config(cfg, args)
+    if config.engine_name != "ddp" and config.loss_impl != "naive":
+        reason = f"the fused loss is not used with fsdp/deepspeed {PLUGIN_UNFUSED}"
+        return lambda student: (None, f"plain (loss_impl: {config.loss_impl}: {reason})")
     return lambda student: loss_choice(config, objective, student)
 
 

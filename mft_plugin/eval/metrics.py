@@ -30,12 +30,14 @@ def perplexity(
     batches: Iterable[dict[str, torch.Tensor]],
     accelerator: Accelerator,
     head: torch.nn.Linear | None = None,
+    in_head: bool = False,
 ) -> float:
     """Token-level perplexity of ``model`` over every batch (summed across processes).
 
     ``head``: the model's LM head when the loss is fused with it (:func:`mft_plugin.models.heads.fusable_head`):
     the NLL is then computed through it chunk by chunk (:func:`mft_plugin.loss.chunked.chunked_nll`),
-    never from ``[batch, seq, vocab]`` logits; None: from the model's logits.
+    never from ``[batch, seq, vocab]`` logits; None: from the model's logits. ``in_head``: inside the
+    head's forward, where FSDP2 and ZeRO-3 gather its weight (:func:`mft_plugin.models.heads.fused_forward`).
     """
     total_nll = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     total_tokens = torch.zeros((), dtype=torch.float64, device=accelerator.device)
@@ -43,7 +45,7 @@ def perplexity(
         for batch in batches:
             labels = shift_for_causal_lm(batch["labels"])
             if head is not None:
-                token_nll = chunked_nll(model, head, batch, labels)
+                token_nll = chunked_nll(model, head, batch, labels, in_head)
             else:
                 token_nll = nll_token_losses(model(**model_inputs(batch)).logits, labels)
             per_row_nll = token_nll.sum(dim=-1).double()

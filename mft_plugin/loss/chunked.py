@@ -46,8 +46,9 @@ from mft_plugin.models.heads import (
     LogitTransform,
     UnfusableError,
     default_chunk_size,
-    forward_hidden,
     fusable_head,
+    fused_forward,
+    output_head,
 )
 from mft_plugin.strategy import Objective
 from mft_plugin.teacher.sources import Teacher
@@ -295,16 +296,27 @@ def chunked_token_losses(
 
 
 @torch.no_grad()
-def chunked_nll(model: torch.nn.Module, head: torch.nn.Linear, batch: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+def chunked_nll(
+    model: torch.nn.Module,
+    head: torch.nn.Linear,
+    batch: Mapping[str, torch.Tensor],
+    labels: torch.Tensor,
+    in_head: bool = False,
+) -> torch.Tensor:
     """Plain NLL per token ``[batch, seq]`` of ``model`` on ``batch`` (``labels`` already shifted) through
     the chunked head and the model's :class:`LogitTransform`: the evaluation never needs more memory
-    than a training step."""
-    captured = forward_hidden(model, head, batch)
-    losses = chunked_token_losses(
-        captured.hidden.flatten(0, -2), head.weight, labels.flatten(), None, None,
-        compute_dtype=captured.compute_dtype, bias=head.bias, transform=LogitTransform.of(model),
-    )
-    return losses.view_as(labels)
+    than a training step. ``in_head``: computed inside the head's forward (FSDP2, ZeRO-3:
+    :func:`mft_plugin.models.heads.fused_forward`)."""
+    transform = LogitTransform.of(model)
+
+    def nll(hidden: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
+        losses = chunked_token_losses(
+            hidden.flatten(0, -2), head.weight, labels.flatten(), None, None,
+            compute_dtype=compute_dtype, bias=head.bias, transform=transform,
+        )  # fmt: skip
+        return losses.view_as(labels)
+
+    return fused_forward(model, head, batch, nll, in_head)
 
 
 def is_label_weight_objective(objective: Objective) -> bool:
@@ -318,9 +330,17 @@ class ChunkedLoss:
     """The fused path of ``MFTTrainer.compute_loss``: student forward without logits, then the loss."""
 
     def __init__(
-        self, objective: Objective, head: torch.nn.Linear, chunk_size: int | None = None, transform: LogitTransform = IDENTITY
+        self,
+        objective: Objective,
+        head: torch.nn.Linear,
+        chunk_size: int | None = None,
+        transform: LogitTransform = IDENTITY,
+        in_head: bool = False,
     ) -> None:
+        """``in_head``: the loss computed inside the head's forward, where FSDP2 and ZeRO-3 gather its weight
+        (:func:`mft_plugin.models.heads.fused_forward`); else after the model's forward (whole weights)."""
         self.objective, self.head, self.chunk_size, self.transform = objective, head, chunk_size, transform
+        self.in_head = in_head
 
     def __call__(
         self,
@@ -337,17 +357,20 @@ class ChunkedLoss:
         (:class:`mft_plugin.data.batches.RowRouting`) get
         w = 1; the teacher runs only on the other rows.
         """
-        captured = forward_hidden(model, self.head, batch)
         nll_rows = RowRouting.of(batch).ft_rows
         view = None
         if teacher is not None:
             view = teacher.targets(batch, None if nll_rows is None else ~nll_rows)
         token_nll = nll_rows.unsqueeze(1).expand_as(labels).flatten() if nll_rows is not None else None
-        losses = chunked_token_losses(
-            captured.hidden.flatten(0, -2), self.head.weight, labels.flatten(), self.objective, view,
-            self.chunk_size, token_nll, captured.compute_dtype, self.head.bias, self.transform, grad_scale,
-        )
-        return losses.view_as(labels)
+
+        def corrected(hidden: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
+            losses = chunked_token_losses(
+                hidden.flatten(0, -2), self.head.weight, labels.flatten(), self.objective, view,
+                self.chunk_size, token_nll, compute_dtype, self.head.bias, self.transform, grad_scale,
+            )  # fmt: skip
+            return losses.view_as(labels)
+
+        return fused_forward(model, self.head, batch, corrected, self.in_head)
 
 
 def select_loss_impl(config: MFTConfigBase, objective: Objective, model: torch.nn.Module) -> ChunkedLoss | None:
@@ -359,26 +382,36 @@ def select_loss_impl(config: MFTConfigBase, objective: Objective, model: torch.n
 def loss_choice(config: MFTConfigBase, objective: Objective, model: torch.nn.Module) -> tuple[ChunkedLoss | None, str]:
     """:func:`select_loss_impl` and, in words for the startup line, which path it took and why.
 
-    The fused path does not apply under fsdp/deepspeed (the head weight is sharded outside its module's
-    forward), to objectives outside the label-weight family, or to models whose logits are not
-    their :class:`LogitTransform` of ``hidden @ head.weight.T + head.bias``, which a probe forward
-    measures (:func:`fusable_head`).
+    The fused path does not apply to objectives outside the label-weight family, or to models whose
+    logits are not their :class:`LogitTransform` of ``hidden @ head.weight.T + head.bias``, which a probe
+    forward measures (:func:`fusable_head`). Under fsdp/deepspeed it runs inside the head's forward, where
+    the engine gathers the weight (:func:`mft_plugin.models.heads.fused_forward`): there no probe forward
+    can run (ZeRO-3 weights are partitioned until the engine exists), every forward checks instead that the
+    model returns its head's output unchanged, and a model that scales or caps its logits after the head
+    keeps the plain loss.
     """
     if config.loss_impl == "naive":
         return None, "plain (loss_impl: naive)"
+    in_head = config.engine_name != "ddp"
     try:
-        if config.engine_name != "ddp":
-            raise UnfusableError(f"the run shards parameters ({config.engine_name})")
         if not is_label_weight_objective(objective):
             raise UnfusableError(f"objective {objective.name!r} overrides token_losses (not a label-weight objective)")
-        chunked = ChunkedLoss(objective, fusable_head(model), transform=LogitTransform.of(model))
+        transform = LogitTransform.of(model)
+        if in_head and transform != IDENTITY:
+            raise UnfusableError(
+                f"under {config.engine_name} it is computed inside the LM head's forward, and this model changes its "
+                f"logits after the head ({transform})"
+            )
+        head = output_head(model) if in_head else fusable_head(model)
+        chunked = ChunkedLoss(objective, head, transform=transform, in_head=in_head)
     except UnfusableError as error:
         if config.teacher_cache is not None and objective.needs_teacher:
             raise UnfusableError(f"teacher_cache needs the chunked loss, which cannot be used: {error}") from None
         if config.loss_impl == "chunked":
             raise UnfusableError(f"loss_impl: chunked cannot be used: {error}; use loss_impl: auto or naive") from None
         return None, f"plain (loss_impl: auto: the fused loss does not apply: {error})"
-    return chunked, (
-        f"chunked (loss_impl: {config.loss_impl}: fused with the LM head, no [tokens, vocab] logits; "
-        "a probe forward matched the model's own logits)"
+    where = (
+        f"inside the LM head's forward, where {config.engine_name} gathers its weight; every forward checks the "
+        "model returns the head's output unchanged" if in_head else "a probe forward matched the model's own logits"
     )
+    return chunked, f"chunked (loss_impl: {config.loss_impl}: fused with the LM head, no [tokens, vocab] logits; {where})"

@@ -11,7 +11,7 @@ head and transform, proves on a probe forward that the model's logits are exactl
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -118,13 +118,21 @@ class LogitTransform:
 IDENTITY = LogitTransform()
 
 
+def _unsharded_type(module: object) -> type:
+    """``module``'s class, under FSDP2 the one ``fully_shard`` derived its own from (an ``FSDPLinear`` is
+    an ``FSDPModule`` and a ``torch.nn.Linear``, with the Linear's forward: the head is still fusable)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(cls for cls in type(module).__mro__ if not issubclass(cls, FSDPModule))
+
+
 def output_head(model: torch.nn.Module) -> torch.nn.Linear:
     """The model's LM head if it is a plain ``torch.nn.Linear`` (with or without bias) and no known
     config key changes the logits after it in a way not fused (:meth:`LogitTransform.of`); else
     UnfusableError. :func:`fusable_head` also measures."""
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
-    if type(head) is not torch.nn.Linear:
+    if _unsharded_type(head) is not torch.nn.Linear:
         name = f"{type(head).__module__}.{type(head).__qualname__}"
         raise UnfusableError(f"its output layer is {name}, not a torch.nn.Linear (e.g. an adapter on lm_head)")
     LogitTransform.of(model)
@@ -176,25 +184,35 @@ def fusable_head(model: torch.nn.Module) -> torch.nn.Linear:
 class _Captured:
     hidden: torch.Tensor | None = None  # [batch, seq, H]
     compute_dtype: torch.dtype | None = None  # the head's matmul dtype: autocast's, else the hidden states'
+    weight: torch.Tensor | None = None  # [V, H], detached: the head's weight as its forward saw it
+    bias: torch.Tensor | None = None  # [V] or None
+
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype of the head's matmul on ``hidden`` here: autocast's where it is on, else ``hidden``'s."""
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
 
 
 @contextlib.contextmanager
-def head_inputs(head: torch.nn.Linear) -> Iterator[_Captured]:
+def head_inputs(head: torch.nn.Linear, copy_weights: bool = False) -> Iterator[_Captured]:
     """Within the block, a model forward hands its head input (the final hidden states) to us and
     its head computes logits for zero positions: the full ``[batch, seq, V]`` logits are never made.
 
     The forward still runs through the model's own ``forward`` (and so through DDP, peft and
     activation checkpointing); the autocast state seen by the head is recorded, so that the chunks'
-    logits are computed in the precision the head would have used.
+    logits are computed in the precision the head would have used. The head's weight and bias are
+    captured as its forward sees them; ``copy_weights``: as copies, for an engine that gathers them
+    only for the head's forward and frees them after it (FSDP2, ZeRO-3: the teacher's view reads them later).
     """
     captured = _Captured()
 
     def keep_hidden(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         (hidden,) = args
-        device = hidden.device.type
-        captured.hidden = hidden
-        autocast = torch.is_autocast_enabled(device)
-        captured.compute_dtype = torch.get_autocast_dtype(device) if autocast else hidden.dtype
+        captured.hidden, captured.compute_dtype = hidden, _compute_dtype(hidden)
+        captured.weight, captured.bias = (
+            None if t is None else t.detach().clone() if copy_weights else t.detach() for t in (head.weight, head.bias)
+        )
         return (hidden[..., :0, :],)
 
     handle = head.register_forward_pre_hook(keep_hidden)
@@ -204,11 +222,57 @@ def head_inputs(head: torch.nn.Linear) -> Iterator[_Captured]:
         handle.remove()
 
 
-def forward_hidden(model: torch.nn.Module, head: torch.nn.Linear, inputs: Mapping[str, torch.Tensor]) -> _Captured:
+def forward_hidden(
+    model: torch.nn.Module, head: torch.nn.Linear, inputs: Mapping[str, torch.Tensor], copy_weights: bool = False
+) -> _Captured:
     """Run ``model`` on the batch's model inputs (:func:`mft_plugin.data.batches.model_inputs`) and
     return its final hidden states ``[batch, seq, H]``, the head's logits never made."""
-    with head_inputs(head) as captured:
+    with head_inputs(head, copy_weights) as captured:
         model(**model_inputs(inputs))
     if captured.hidden is None:
         raise UnfusableError("its forward never called its output layer")
     return captured
+
+
+TokenLosses = Callable[[torch.Tensor, torch.dtype], torch.Tensor]  # (hidden [..., H], compute dtype) -> [...]
+
+
+def fused_forward(
+    model: torch.nn.Module, head: torch.nn.Linear, inputs: Mapping[str, torch.Tensor], losses: TokenLosses, in_head: bool
+) -> torch.Tensor:
+    """Per-token ``losses`` of the model's final hidden states on the batch's model inputs, ``[batch, seq]``.
+
+    ``losses`` reads ``head.weight`` (and bias) when called. Where the weights are whole (one process,
+    DDP) it is called after the forward. ``in_head`` (FSDP2, ZeRO-3): the head's weight exists whole only
+    inside the head module's own forward, which the engine's hooks surround (they gather it before and
+    free it after, and they gather it again for the backward and reduce its gradient), so ``losses``
+    replaces the head's forward and its result goes out as the model's ``logits``: the gradient reaches
+    the weight through the engine's own hooks. The model must return its head's output unchanged;
+    this is checked on every forward (no probe forward can run a ZeRO-3 model before its engine exists).
+    """
+    if not in_head:
+        captured = forward_hidden(model, head, inputs)
+        return losses(captured.hidden, captured.compute_dtype)
+    computed: list[torch.Tensor] = []
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        computed.append(losses(hidden, _compute_dtype(hidden)))
+        return computed[-1]
+
+    own = head.__dict__.get("forward")  # an instance forward of its own (a library's patch), put back after
+    head.forward = forward  # an instance attribute: called inside the module's __call__, so inside every hook
+    try:
+        returned = model(**model_inputs(inputs)).logits
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
+    if not computed:
+        raise UnfusableError("its forward never called its output layer")
+    if returned.shape != computed[-1].shape or not torch.equal(returned.detach(), computed[-1].detach()):
+        raise UnfusableError(
+            "its logits are not its head's output (the model changes them after the head; under fsdp/deepspeed the "
+            "fused loss is computed inside the head's forward): use loss_impl: naive"
+        )
+    return returned

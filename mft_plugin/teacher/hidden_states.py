@@ -82,7 +82,7 @@ class HiddenStateCache:
         """The stored hidden states of the batch's blocks, all rows (reading is free), with the frozen head."""
         hidden = self.hidden.rows(cache_rows(batch), batch["input_ids"].shape[1]).to(self.device).flatten(0, 1)
         if self.shared_head is not None:
-            return frozen_head_view(hidden, self.shared_head, self.transform)
+            return frozen_head_view(hidden, self.shared_head.weight, self.shared_head.bias, self.transform)
         return TeacherHead(hidden, self.weight, self.bias, self.transform)
 
     def logits(self, batch: Mapping[str, torch.Tensor], rows: torch.Tensor | None = None) -> torch.Tensor:

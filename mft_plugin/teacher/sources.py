@@ -53,38 +53,42 @@ def _picked(batch: Batch, rows: torch.Tensor | None) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def teacher_head(model: torch.nn.Module, batch: Batch, rows: torch.Tensor | None = None) -> TeacherHead:
+def teacher_head(
+    model: torch.nn.Module, batch: Batch, rows: torch.Tensor | None = None, copy_head: bool = False
+) -> TeacherHead:
     """A teacher model's final hidden states ``[N, H]`` and head (its logits never made), in the dtype of
     the head's matmul in this forward (autocast's under mixed precision), as the hidden-state cache stores them.
 
     Rows not in ``rows`` get zero hidden states, i.e. a p^T from the bias alone, which the loss weighs
-    by 1 - w = 0 (they train on plain NLL).
+    by 1 - w = 0 (they train on plain NLL). The head's weight is the one its forward saw; ``copy_head``:
+    a copy of it, where the engine frees the gathered weight after the head's forward (FSDP2, ZeRO-3)
+    while the fused loss reads it later, in the student's head forward.
     """
-    head = output_head(model)
-    if rows is None:
-        captured = forward_hidden(model, head, batch)
-        hidden, dtype = captured.hidden, captured.compute_dtype
-    else:
-        hidden, dtype = head.weight.new_zeros((*batch["input_ids"].shape, head.weight.shape[1])), head.weight.dtype
-        if rows.any():
-            captured = forward_hidden(model, head, _picked(batch, rows))
-            dtype = captured.compute_dtype
-            hidden = hidden.to(captured.hidden.dtype).index_put_((rows,), captured.hidden)
-    return frozen_head_view(hidden.flatten(0, -2).to(dtype), head, LogitTransform.of(model))
+    head, transform = output_head(model), LogitTransform.of(model)
+    shape = (*batch["input_ids"].shape, head.in_features)
+    if rows is not None and not rows.any():  # every row trains on plain NLL: p^T is never read
+        return frozen_head_view(head.weight.new_zeros(shape).flatten(0, -2), head.weight, head.bias, transform)
+    captured = forward_hidden(model, head, batch if rows is None else _picked(batch, rows), copy_head)
+    hidden = captured.hidden if rows is None else captured.hidden.new_zeros(shape).index_put_((rows,), captured.hidden)
+    return frozen_head_view(hidden.flatten(0, -2).to(captured.compute_dtype), captured.weight, captured.bias, transform)
 
 
-def frozen_head_view(hidden: torch.Tensor, head: torch.nn.Linear, transform: LogitTransform) -> TeacherHead:
-    """The teacher view of hidden states ``[N, H]`` through ``head`` (its weights cast to their dtype)
-    and the model's ``transform`` after it."""
-    bias = None if head.bias is None else head.bias.detach().to(hidden.dtype)
-    return TeacherHead(hidden, head.weight.detach().to(hidden.dtype), bias, transform)
+def frozen_head_view(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transform: LogitTransform
+) -> TeacherHead:
+    """The teacher view of hidden states ``[N, H]`` through a head's ``weight`` ``[V, H]`` and ``bias``
+    ``[V]`` (cast to the hidden states' dtype) and the model's ``transform`` after it."""
+    bias = None if bias is None else bias.detach().to(hidden.dtype)
+    return TeacherHead(hidden, weight.detach().to(hidden.dtype), bias, transform)
 
 
 class _ModelTeacher:
     """A teacher that is a model run under a context of its own (:meth:`_forwarding`): the forwards
-    of both model teachers, written once."""
+    of both model teachers, written once. ``copies_head``: its view keeps a copy of the head's weight,
+    set by the engine where that weight is gathered only for the head's forward (FSDP2, ZeRO-3)."""
 
     model: torch.nn.Module
+    copies_head: bool = False
 
     def _forwarding(self) -> contextlib.AbstractContextManager[None]:
         raise NotImplementedError
@@ -96,7 +100,7 @@ class _ModelTeacher:
 
     def targets(self, batch: Batch, rows: torch.Tensor | None = None) -> TeacherHead:
         with self._forwarding():
-            return teacher_head(self.model, batch, rows)
+            return teacher_head(self.model, batch, rows, self.copies_head)
 
 
 class FrozenCopyTeacher(_ModelTeacher):

@@ -32,7 +32,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from mft_plugin.config.engines import FSDPConfig
 from mft_plugin.config.schema import MFTConfigBase
 from mft_plugin.models.forms import is_quantized
-from mft_plugin.teacher.sources import FrozenCopyTeacher, Teacher
+from mft_plugin.teacher.sources import FrozenCopyTeacher, SharedBaseTeacher, Teacher
 
 EngineName = Literal["ddp", "fsdp", "deepspeed"]
 
@@ -98,9 +98,13 @@ class Engine:
         partitioned already, since ``TrainingArguments`` exist before ``from_pretrained``); ZeRO-1/2
         keep parameters whole on every rank, the student's as well, so the teacher is whole there too.
         A quantized teacher (``teacher: {load_in_4bit: true}``) is small already and stays whole.
+        Under either engine the fused loss reads the teacher's head weight after the teacher's forward,
+        when the engine may have freed it: the teacher's view then keeps a copy of it (``copies_head``).
         """
         if teacher is None:
             return None
+        if isinstance(teacher, (FrozenCopyTeacher, SharedBaseTeacher)):
+            teacher.copies_head = self.is_sharded
         if isinstance(teacher, FrozenCopyTeacher) and not is_quantized(teacher.model):
             if self.name == "fsdp":
                 from accelerate.utils import fsdp2_prepare_model

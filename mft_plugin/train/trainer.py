@@ -196,6 +196,7 @@ class MFTTrainer(Trainer):
                     tqdm(self.get_eval_dataloader(dataset), desc=f"{phase} ({name})", leave=base, disable=hidden),
                     self.accelerator,
                     head,
+                    self.chunked_loss is not None and self.chunked_loss.in_head,
                 )
                 for name, dataset in self.eval_sets.items()
             }
