@@ -30,6 +30,8 @@ from mft_plugin.data.batches import LABELS, POSITIONS
 from mft_plugin.data.documents import DataError, read_records
 from mft_plugin.data.labels import IGNORE_INDEX
 from mft_plugin.registry import Registry, default_registry
+
+ATTENTION_MASK = "attention_mask"
 from mft_plugin.strategy import DataFormat, RecordError
 
 logger = logging.getLogger(__name__)
@@ -174,13 +176,18 @@ def _as_dataset(rows: list[Row], sequence_len: int) -> Dataset:
 
 def concatenate_rows(first: Dataset, second: Dataset) -> Dataset:
     """``first`` then ``second``, e.g. specialized and replayed general rows: a column only one of them
-    has is filled in for the other (``labels`` = the input ids, ``position_ids`` = 0, 1, ... per row)."""
+    has is filled in for the other (``labels`` = the input ids, ``position_ids`` = 0, 1, ... per row,
+    ``attention_mask`` = all ones, which Axolotl's tokenized rows carry)."""
+    fills = {
+        LABELS: lambda ids: ids,
+        POSITIONS: lambda ids: list(range(len(ids))),
+        ATTENTION_MASK: lambda ids: [1] * len(ids),
+    }
 
     def filled(dataset: Dataset, columns: set[str]) -> Dataset:
-        if LABELS in columns - set(dataset.column_names):
-            dataset = dataset.add_column(LABELS, dataset["input_ids"])
-        if POSITIONS in columns - set(dataset.column_names):
-            dataset = dataset.add_column(POSITIONS, [list(range(len(ids))) for ids in dataset["input_ids"]])
+        for column in sorted(columns - set(dataset.column_names)):
+            if column in fills:
+                dataset = dataset.add_column(column, [fills[column](ids) for ids in dataset["input_ids"]])
         return dataset
 
     columns = set(first.column_names) | set(second.column_names)
