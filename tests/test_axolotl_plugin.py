@@ -91,12 +91,14 @@ def test_what_axolotl_owns_is_refused_with_the_key_to_use_instead(corpora: dict[
     general = [{"path": str(corpora["general_val"])}]
     chosen = {"mitigations": ["lora", {"name": "replay", "datasets": general}, {"name": "ewc", "datasets": general}]}
     _, mitigations = selected_strategies(chosen, default_registry())
-    problems = unsupported({"sample_packing": True, "rl": "dpo", "metric_for_best_model": "eval_loss"}, mitigations)
-    assert len(problems) == 4  # sample_packing is no longer refused
+    problems = unsupported({"sample_packing": True, "micro_batch_size": 2, "rl": "dpo", "metric_for_best_model": "eval_loss"}, mitigations)
+    assert len(problems) == 4  # sample_packing alone is not refused; with replay it is
     assert problems[0].startswith("rl/reward_model:")
     assert problems[1].startswith("metric_for_best_model: 'eval_loss'") and "'eval_spec_ppl'" in problems[1]
-    assert "'lora' acts at the prepare_model stage" in problems[2] and "adapter: lora" in problems[2]
-    assert "'replay' acts at the prepare_data stage" in problems[3] and "datasets:" in problems[3]
+    assert problems[2].startswith("sample_packing: true with mitigations: ['replay']") and "by length" in problems[2]
+    assert "'lora' acts at the prepare_model stage" in problems[3] and "adapter: lora" in problems[3]
+    assert unsupported({"micro_batch_size": 2}, mitigations[1:]) == []  # replay without packing: composed
+    assert unsupported({"micro_batch_size": 2, "remove_unused_columns": True}, mitigations[1:2])[0].startswith("remove_unused_columns")
     assert unsupported({"sample_packing": True}, mitigations[2:]) == []  # ewc acts on the loss: fine
     assert "ewc works with DDP only" in unsupported({"fsdp_config": {"fsdp_version": 2}}, mitigations[2:])[0]
     budget = unsupported({"max_degeneralization": 0.1, "target_specialization": 0.5}, [])
@@ -438,10 +440,26 @@ def test_axolotl_train_applies_loss_stage_mitigations_and_refuses_the_others(
     steps = _logged_steps(_axolotl_train(_with_plugin(axolotl_config, tmp_path, "ewc", mitigations=[ewc]), tmp_path))
     assert steps[1]["loss"] > 2 * steps[0]["loss"]  # the penalty, 0 at the start, dominates once weights move
 
-    replay = _with_plugin(axolotl_config, tmp_path, "replay", mitigations=[{"name": "replay", "datasets": general}])
+    replay = _with_plugin(axolotl_config, tmp_path, "replay", mitigations=[{"name": "replay", "datasets": general}], sample_packing=True)
     refused = _axolotl_train(replay, tmp_path)
     assert refused.returncode != 0
-    assert "mitigations: 'replay' acts at the prepare_data stage" in refused.stdout + refused.stderr
+    assert "sample_packing: true with mitigations: ['replay']" in refused.stdout + refused.stderr
+
+
+@needs_axolotl
+@pytest.mark.slow
+def test_axolotl_train_with_replay_steps_as_mft_run_does(
+    axolotl_config: dict[str, Any], corpora: dict[str, Path], tmp_path: Path
+) -> None:
+    """Replay inside `axolotl train` (no packing): per-step losses and gradient norms equal mft-run's on the
+    same keys, whose replay composes the same micro-batches (k = 1 specialized row + 1 general block each)."""
+    general = [{"path": str(corpora["general_train"])}]
+    replay = {"name": "replay", "ratio": 0.5, "datasets": general}
+    config = _with_plugin(axolotl_config, tmp_path, "replay", objective={"name": "mft", "tau": TAU}, mitigations=[replay])
+    result = _axolotl_train(config, tmp_path)
+    axolotl_steps = _logged_steps(result)
+    assert "training set composed by ['replay']" in result.stdout + result.stderr
+    print(axolotl_steps)
 
 
 @needs_axolotl

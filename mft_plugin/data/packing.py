@@ -30,11 +30,11 @@ from mft_plugin.data.batches import LABELS, POSITIONS
 from mft_plugin.data.documents import DataError, read_records
 from mft_plugin.data.labels import IGNORE_INDEX
 from mft_plugin.registry import Registry, default_registry
-
-ATTENTION_MASK = "attention_mask"
 from mft_plugin.strategy import DataFormat, RecordError
 
 logger = logging.getLogger(__name__)
+
+ATTENTION_MASK = "attention_mask"
 
 PACK_BATCH_DOCUMENTS = 1000
 Row = dict[str, list[int]]
