@@ -191,4 +191,5 @@ def concatenate_rows(first: Dataset, second: Dataset) -> Dataset:
         return dataset
 
     columns = set(first.column_names) | set(second.column_names)
-    return concatenate_datasets([filled(first, columns), filled(second, columns)])
+    first, second = filled(first, columns), filled(second, columns)
+    return concatenate_datasets([first, second.cast(first.features)])  # e.g. Axolotl's int32 ids, int8 masks
