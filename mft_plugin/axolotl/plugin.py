@@ -2,7 +2,8 @@
 
 Hooks used, in the order Axolotl calls them: ``get_input_args`` (our keys join Axolotl's
 schema), ``register`` (the strategies are built and checked against the rest of the config,
-before any data or weights load; the best-checkpoint keys are set), ``get_trainer_cls`` (the MFT
+before any data or weights load; the best-checkpoint keys are set), ``load_datasets`` (Axolotl's own
+datasets, composed by a data-stage mitigation such as replay), ``get_trainer_cls`` (the MFT
 trainer on top of Axolotl's), ``post_trainer_create`` (the base perplexities, cached in ``base_perplexity.json`` under mft-run's
 key of the evaluation rows and the base, mitigations' ``on_train_begin``, and the startup line in Axolotl's log), ``post_train`` (``metrics.json``
 as mft-run writes it, from the same code: :func:`mft_plugin.train.outputs.final_metrics`).
