@@ -91,12 +91,14 @@ def test_what_axolotl_owns_is_refused_with_the_key_to_use_instead(corpora: dict[
     general = [{"path": str(corpora["general_val"])}]
     chosen = {"mitigations": ["lora", {"name": "replay", "datasets": general}, {"name": "ewc", "datasets": general}]}
     _, mitigations = selected_strategies(chosen, default_registry())
-    problems = unsupported({"sample_packing": True, "rl": "dpo", "metric_for_best_model": "eval_loss"}, mitigations)
-    assert len(problems) == 4  # sample_packing is no longer refused
+    problems = unsupported({"sample_packing": True, "micro_batch_size": 2, "rl": "dpo", "metric_for_best_model": "eval_loss"}, mitigations)
+    assert len(problems) == 4  # sample_packing alone is not refused; with replay it is
     assert problems[0].startswith("rl/reward_model:")
     assert problems[1].startswith("metric_for_best_model: 'eval_loss'") and "'eval_spec_ppl'" in problems[1]
-    assert "'lora' acts at the prepare_model stage" in problems[2] and "adapter: lora" in problems[2]
-    assert "'replay' acts at the prepare_data stage" in problems[3] and "datasets:" in problems[3]
+    assert problems[2].startswith("sample_packing: true with mitigations: ['replay']") and "by length" in problems[2]
+    assert "'lora' acts at the prepare_model stage" in problems[3] and "adapter: lora" in problems[3]
+    assert unsupported({"micro_batch_size": 2}, mitigations[1:]) == []  # replay without packing: composed
+    assert unsupported({"micro_batch_size": 2, "remove_unused_columns": True}, mitigations[1:2])[0].startswith("remove_unused_columns")
     assert unsupported({"sample_packing": True}, mitigations[2:]) == []  # ewc acts on the loss: fine
     assert "ewc works with DDP only" in unsupported({"fsdp_config": {"fsdp_version": 2}}, mitigations[2:])[0]
     budget = unsupported({"max_degeneralization": 0.1, "target_specialization": 0.5}, [])
@@ -106,6 +108,37 @@ def test_what_axolotl_owns_is_refused_with_the_key_to_use_instead(corpora: dict[
         "max_degeneralization: needs general_eval_datasets: DG is measured on them",
     ]
     assert unsupported({"max_degeneralization": 0.1, "val_set_size": 0.1, "general_eval_datasets": general}, []) == []
+
+
+def test_replay_composes_axolotls_tokenized_rows_as_mft_run_composes_its_own(tiny_model: Path, corpora: dict[str, Path]) -> None:
+    """Axolotl's rows (int32 ids, int8 masks, labels) through replay's own prepare_data: the general blocks are
+    appended with the columns Axolotl's collator pads, flagged for the FT loss, and an epoch draws 1 + 1 rows
+    per micro-batch of 2."""
+    from transformers import AutoTokenizer
+
+    from mft_plugin.axolotl.bridge import composed_training_set, data_stage_keys
+    from mft_plugin.data.batches import FT_LOSS_COLUMN, REPLAY_COLUMN
+
+    ids = [[1, 5, 6, 7], [1, 8, 9]]
+    axolotl_rows = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(i) for i in ids], "labels": ids})
+    axolotl_rows = axolotl_rows.cast_column("input_ids", datasets_list("int32")).cast_column("attention_mask", datasets_list("int8"))
+    cfg = {"micro_batch_size": 2, "sequence_len": 32, "seed": 0, "mitigations": [{"name": "replay", "datasets": [{"path": str(corpora["general_val"])}]}]}
+    _, mitigations = selected_strategies(cfg, default_registry())
+    train, epoch_rows = composed_training_set(cfg, mitigations, axolotl_rows, AutoTokenizer.from_pretrained(tiny_model))
+    assert data_stage_keys(mitigations) == {"remove_unused_columns": False}
+    assert train.select(range(2))["input_ids"] == ids and train[REPLAY_COLUMN][:2] == [0, 0]
+    general = train.select(range(2, len(train)))
+    assert set(general[REPLAY_COLUMN]) == set(general[FT_LOSS_COLUMN]) == {1} and len(general) > 1
+    assert all(row["labels"] == row["input_ids"] and row["attention_mask"] == [1] * len(row["input_ids"]) for row in general)
+    assert epoch_rows == 4  # 2 micro-batches: 1 specialized row + 1 general block each
+    order = mitigations[0].epoch_order(0)
+    assert sorted(order[0::2]) == [0, 1] and all(i >= 2 for i in order[1::2])
+
+
+def datasets_list(dtype: str) -> Any:
+    from datasets import List, Value
+
+    return List(Value(dtype))
 
 
 def test_best_checkpoint_is_chosen_by_specialized_perplexity_among_evaluated_checkpoints() -> None:
@@ -438,10 +471,33 @@ def test_axolotl_train_applies_loss_stage_mitigations_and_refuses_the_others(
     steps = _logged_steps(_axolotl_train(_with_plugin(axolotl_config, tmp_path, "ewc", mitigations=[ewc]), tmp_path))
     assert steps[1]["loss"] > 2 * steps[0]["loss"]  # the penalty, 0 at the start, dominates once weights move
 
-    replay = _with_plugin(axolotl_config, tmp_path, "replay", mitigations=[{"name": "replay", "datasets": general}])
+    replay = _with_plugin(axolotl_config, tmp_path, "replay", mitigations=[{"name": "replay", "datasets": general}], sample_packing=True)
     refused = _axolotl_train(replay, tmp_path)
     assert refused.returncode != 0
-    assert "mitigations: 'replay' acts at the prepare_data stage" in refused.stdout + refused.stderr
+    assert "sample_packing: true with mitigations: ['replay']" in refused.stdout + refused.stderr
+
+
+@needs_axolotl
+@pytest.mark.slow
+def test_axolotl_train_with_replay_steps_as_mft_run_does(
+    axolotl_config: dict[str, Any], corpora: dict[str, Path], tmp_path: Path
+) -> None:
+    """Replay inside `axolotl train` (no packing): per-step losses and gradient norms equal mft-run's on the
+    same keys, whose replay composes the same micro-batches (k = 1 specialized row + 1 general block each)."""
+    general = [{"path": str(corpora["general_train"])}]
+    replay = {"name": "replay", "ratio": 0.5, "datasets": general}
+    config = _with_plugin(axolotl_config, tmp_path, "replay", objective={"name": "mft", "tau": TAU}, mitigations=[replay])
+    result = _axolotl_train(config, tmp_path)
+    axolotl_steps = _logged_steps(result)
+    assert "training set composed by ['replay']" in result.stdout + result.stderr
+    ours = {key: config[key] for key in ("base_model", "sequence_len", "micro_batch_size", "max_steps", "learning_rate",
+                                         "optimizer", "lr_scheduler", "logging_steps", "seed", "objective", "mitigations")}
+    ours |= {"datasets": [{"path": str(corpora["spec_train"]), "type": "completion"}], "output_dir": str(tmp_path / "mft-run")}
+    mft_run_steps = _logged_steps(_axolotl_train(ours, tmp_path, "mft-run"))
+    assert len(axolotl_steps) == len(mft_run_steps) == 3
+    for theirs, mine in zip(axolotl_steps, mft_run_steps, strict=True):  # logged to 4 significant digits
+        assert theirs["loss"] == pytest.approx(mine["loss"], rel=1e-3)
+        assert theirs["grad_norm"] == pytest.approx(mine["grad_norm"], rel=5e-2)  # seen: up to 1.8% apart
 
 
 @needs_axolotl

@@ -40,10 +40,15 @@ PLUGIN_KEYS = ("objective", "mitigations", *EVALUATION_KEYS, *LOSS_KEYS)  # what
 # attend across the packed sequences. Teacher and student are both held without one.
 NO_KV_CACHE = {"use_cache": False}
 STAGES_AXOLOTL_OWNS = {
-    "prepare_data": "Axolotl prepares the data; add the extra data as another entry of its datasets: "
-    "(README, 'Axolotl plugin': why Axolotl's pipeline cannot keep an exact per-micro-batch ratio)",
     "prepare_model": "Axolotl attaches adapters; use its own keys (adapter: lora, lora_r, ...)",
 }
+# Axolotl's multipack sampler bins rows into micro-batches by length: a data-stage mitigation's layout
+# (e.g. replay's k new rows then micro_batch_size - k general rows) would not survive it.
+PACKING_REFUSAL = (
+    "sample_packing: true with mitigations: {names} (data stage): Axolotl's multipack sampler fills each "
+    "micro-batch by bin-packing rows by length, so no micro-batch keeps the composition the mitigation lays "
+    "out (replay: ratio x micro_batch_size new rows, the rest general rows); set sample_packing: false"
+)
 
 
 def args_model(registry: Registry) -> type[BaseModel]:
@@ -88,6 +93,10 @@ def unsupported(cfg: Mapping[str, Any], mitigations: Sequence[Mitigation]) -> li
         problems.append(problem)
     if sharded and cfg.get("loss_impl") == "chunked":
         problems.append(f"loss_impl: chunked cannot be used with fsdp/deepspeed {PLUGIN_UNFUSED}; use loss_impl: auto or naive")
+    if cfg.get("sample_packing") and (composing := data_stage(mitigations)):
+        problems.append(PACKING_REFUSAL.format(names=[m.name for m in composing]))
+    if data_stage(mitigations) and cfg.get("remove_unused_columns"):
+        problems.append("remove_unused_columns: true: the data-stage mitigation's routing columns are needed by the loss; remove the key")
     for mitigation in mitigations:
         own = type(mitigation)
         stages = [stage for stage in STAGES_AXOLOTL_OWNS if getattr(own, stage) is not getattr(Mitigation, stage)]
@@ -96,6 +105,30 @@ def unsupported(cfg: Mapping[str, Any], mitigations: Sequence[Mitigation]) -> li
         if not stages:  # what it says of the rest of the config, as mft-run asks it
             problems += own.config_problems(mitigation.params, config_view(cfg))
     return problems
+
+
+def data_stage(mitigations: Sequence[Mitigation]) -> list[Mitigation]:
+    """The mitigations that compose the training set (``prepare_data``), e.g. replay."""
+    return [m for m in mitigations if type(m).prepare_data is not Mitigation.prepare_data]
+
+
+def composed_training_set(
+    cfg: Mapping[str, Any], mitigations: Sequence[Mitigation], train: Dataset, tokenizer: PreTrainedTokenizerBase
+) -> tuple[Dataset, int]:
+    """Axolotl's tokenized training set through each data-stage mitigation, as mft-run's recipe passes its
+    own (the mitigation's ``prepare_data``, unchanged: replay appends its general blocks, flagged), and the
+    rows one epoch draws (``epoch_order``; the Trainer's sampler is then :class:`MicroBatchSampler`)."""
+    context = run_context(cfg, tokenizer)
+    for mitigation in mitigations:
+        train = mitigation.prepare_data(train, context)
+    epoch_rows = next((len(order) for m in mitigations if (order := m.epoch_order(0)) is not None), len(train))
+    return train, epoch_rows
+
+
+def data_stage_keys(mitigations: Sequence[Mitigation]) -> dict[str, Any]:
+    """Axolotl keys a data-stage mitigation needs: its routing columns reach the loss (the Trainer would
+    drop columns the model's ``forward`` does not take)."""
+    return {"remove_unused_columns": False} if data_stage(mitigations) else {}
 
 
 def evaluation_problems(cfg: Mapping[str, Any]) -> list[str]:

@@ -2,7 +2,8 @@
 
 Hooks used, in the order Axolotl calls them: ``get_input_args`` (our keys join Axolotl's
 schema), ``register`` (the strategies are built and checked against the rest of the config,
-before any data or weights load; the best-checkpoint keys are set), ``get_trainer_cls`` (the MFT
+before any data or weights load; the best-checkpoint keys are set), ``load_datasets`` (Axolotl's own
+datasets, composed by a data-stage mitigation such as replay), ``get_trainer_cls`` (the MFT
 trainer on top of Axolotl's), ``post_trainer_create`` (the base perplexities, cached in ``base_perplexity.json`` under mft-run's
 key of the evaluation rows and the base, mitigations' ``on_train_begin``, and the startup line in Axolotl's log), ``post_train`` (``metrics.json``
 as mft-run writes it, from the same code: :func:`mft_plugin.train.outputs.final_metrics`).
@@ -11,6 +12,7 @@ as mft-run writes it, from the same code: :func:`mft_plugin.train.outputs.final_
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,10 @@ from mft_plugin.axolotl.bridge import (
     NO_KV_CACHE,
     announcement,
     best_checkpoint_keys,
+    composed_training_set,
     config_view,
+    data_stage,
+    data_stage_keys,
     evaluation_sets,
     loss_chooser,
     plugin_args,
@@ -81,8 +86,25 @@ class MFTPlugin(BasePlugin):
         problems = unsupported(cfg, self.mitigations)
         if problems:
             raise ValueError("mft_plugin.axolotl.MFTPlugin:\n  " + "\n  ".join(problems))
-        for key, value in best_checkpoint_keys(cfg).items():
+        for key, value in (best_checkpoint_keys(cfg) | data_stage_keys(self.mitigations)).items():
             cfg[key] = value
+
+    def load_datasets(self, cfg: Any, preprocess: bool = False) -> Any:
+        """Axolotl's own datasets, then the data-stage mitigations' composition (replay), as mft-run composes
+        its training set; the steps Axolotl schedules are counted, with Axolotl's formula
+        (``calculate_total_num_steps`` without packing), over the rows one composed epoch draws. None
+        (Axolotl loads as usual) without such a mitigation, and for ``axolotl preprocess``."""
+        if preprocess or not data_stage(self.mitigations):
+            return None
+        from axolotl.common.datasets import TrainDatasetMeta, load_datasets
+        from axolotl.loaders import load_tokenizer
+
+        meta = load_datasets(cfg=cfg)
+        train, epoch_rows = composed_training_set(cfg, self.mitigations, meta.train_dataset, load_tokenizer(cfg))
+        total_num_steps = math.ceil(epoch_rows * cfg["num_epochs"] / cfg["batch_size"])
+        LOG.info("mft_plugin.axolotl.MFTPlugin: training set composed by %s: %d rows, %d per epoch, %d steps",
+                 [m.name for m in data_stage(self.mitigations)], len(train), epoch_rows, total_num_steps)  # fmt: skip
+        return TrainDatasetMeta(train_dataset=train, eval_dataset=meta.eval_dataset, total_num_steps=total_num_steps)
 
     def get_trainer_cls(self, cfg: Any) -> type[Trainer]:
         from axolotl.core.trainers.base import AxolotlTrainer

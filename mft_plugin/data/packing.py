@@ -35,6 +35,8 @@ from mft_plugin.strategy import DataFormat, RecordError
 
 logger = logging.getLogger(__name__)
 
+ATTENTION_MASK = "attention_mask"
+
 PACK_BATCH_DOCUMENTS = 1000
 Row = dict[str, list[int]]
 
@@ -190,14 +192,20 @@ def _as_dataset(rows: list[Row], sequence_len: int) -> Dataset:
 
 def concatenate_rows(first: Dataset, second: Dataset) -> Dataset:
     """``first`` then ``second``, e.g. specialized and replayed general rows: a column only one of them
-    has is filled in for the other (``labels`` = the input ids, ``position_ids`` = 0, 1, ... per row)."""
+    has is filled in for the other (``labels`` = the input ids, ``position_ids`` = 0, 1, ... per row,
+    ``attention_mask`` = all ones, which Axolotl's tokenized rows carry)."""
+    fills = {
+        LABELS: lambda ids: ids,
+        POSITIONS: lambda ids: list(range(len(ids))),
+        ATTENTION_MASK: lambda ids: [1] * len(ids),
+    }
 
     def filled(dataset: Dataset, columns: set[str]) -> Dataset:
-        if LABELS in columns - set(dataset.column_names):
-            dataset = dataset.add_column(LABELS, dataset["input_ids"])
-        if POSITIONS in columns - set(dataset.column_names):
-            dataset = dataset.add_column(POSITIONS, [list(range(len(ids))) for ids in dataset["input_ids"]])
+        for column in sorted(columns - set(dataset.column_names)):
+            if column in fills:
+                dataset = dataset.add_column(column, [fills[column](ids) for ids in dataset["input_ids"]])
         return dataset
 
     columns = set(first.column_names) | set(second.column_names)
-    return concatenate_datasets([filled(first, columns), filled(second, columns)])
+    first, second = filled(first, columns), filled(second, columns)
+    return concatenate_datasets([first, second.cast(first.features)])  # e.g. Axolotl's int32 ids, int8 masks
