@@ -228,8 +228,6 @@ def test_save_only_model(base_config: dict[str, Any]) -> None:
     assert training_arguments(validate_config({**base_config, "save_only_model": True}), 40, True).save_only_model
     with pytest.raises(ConfigError, match="save_only_model: true keeps no optimizer states"):
         validate_config({**base_config, "save_only_model": True, "resume_from_checkpoint": True})
-    with pytest.raises(ConfigError, match="eta_min: 7e-07 is not supported: not a key of Axolotl's schema"):
-        validate_config({**base_config, "eta_min": 7e-7})
 
 
 def test_unfrozen_parameters_train_only_the_named_parameters(two_step_config: dict[str, Any], tiny_model: Path) -> None:
