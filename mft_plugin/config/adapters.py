@@ -100,8 +100,8 @@ def adapter_from_axolotl_keys(data: Any, adapter_names: set[str]) -> Any:
     axolotl_keys = ("adapter", *AXOLOTL_LORA_KEYS, *AXOLOTL_FLAGS)  # empty (or a flag false): not given
     data = {key: value for key, value in data.items() if not (key in axolotl_keys and value in (None, False) and (value is None or key in AXOLOTL_FLAGS))}
     given = [key for key in axolotl_keys[1:] if key in data]
+    chosen = [name for name in _entry_names(data.get("mitigations")) if name in adapter_names]  # adapters chosen there
     if "adapter" not in data:  # absent or left empty: full finetuning, and the adapter keys unread (Axolotl)
-        chosen = [name for name in _entry_names(data.get("mitigations")) if name in adapter_names]
         if given and chosen:  # the user means them for that adapter, where they are spelled otherwise
             message = "{key} is an Axolotl adapter key and needs `adapter: lora`; with mitigations: {name}, set it in the mitigation ({hint})"
             raise PydanticCustomError("adapter_key", message, {"key": given[0], "name": chosen[0], "hint": "mitigations: [{name: lora, r: 8}]"})
@@ -120,7 +120,6 @@ def adapter_from_axolotl_keys(data: Any, adapter_names: set[str]) -> Any:
     if data.pop("lora_target_linear", False):  # every linear layer, plus the named ones (Axolotl's union)
         named = entry.get("target_modules") or []
         entry["target_modules"] = [ALL_LINEAR, *([named] if isinstance(named, str) else named)] if named else ALL_LINEAR
-    chosen = [other for other in _entry_names(data.get("mitigations")) if other in adapter_names]
     if chosen:
         message = "adapter: {adapter} and mitigations: {other} both choose an adapter; keep one of them"
         raise PydanticCustomError("adapter_conflict", message, {"adapter": adapter, "other": chosen[0]})

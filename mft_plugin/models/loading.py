@@ -20,7 +20,7 @@ from tokenizers import AddedToken
 from transformers import AutoConfig, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from mft_plugin.config.adapters import QuantizationKeys, TeacherConfig
-from mft_plugin.config.schema import MFTConfigBase
+from mft_plugin.config.schema import TEMPLATE_FORMAT, MFTConfigBase
 from mft_plugin.models.experts import quantize_experts
 
 
@@ -47,7 +47,7 @@ def chat_template_text(tokenizer: PreTrainedTokenizerBase, keys: dict[str, str])
     ``chat_template`` data format resolves an entry's (Axolotl's named templates, the tokenizer's own)."""
     from mft_plugin.registry import default_registry
 
-    return default_registry().get("format", "chat_template").cls(**keys).template(tokenizer)
+    return default_registry().get("format", TEMPLATE_FORMAT).cls(**keys).template(tokenizer)
 
 
 def add_configured_tokens(tokenizer: PreTrainedTokenizerBase, config: MFTConfigBase) -> None:
