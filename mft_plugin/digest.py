@@ -31,7 +31,7 @@ from datasets import Dataset
 from mft_plugin.config.adapters import QuantizationKeys
 from mft_plugin.config.schema import MFTConfigBase
 from mft_plugin.files import fingerprint
-from mft_plugin.models.precision import precision_name
+from mft_plugin.models.precision import precision_name, weight_dtype
 
 
 def rows_digest(rows: Dataset) -> str:
@@ -70,7 +70,8 @@ def model_settings(config: MFTConfigBase) -> dict[str, Any]:
     grown = bool(config.special_tokens or config.tokens or config.resize_token_embeddings_to_32x)
     return {
         "base_model": config.base_model,
-        "tokenizer": [config.tokenizer_config, config.tokenizer_type],
+        "revision": config.revision_of_model,
+        "tokenizer": [config.tokenizer_config, config.tokenizer_type, config.tokenizer_legacy],
         "model_type": config.model_type,
         "trust_remote_code": config.trust_remote_code,
         "added_tokens": {
@@ -78,7 +79,9 @@ def model_settings(config: MFTConfigBase) -> dict[str, Any]:
         } if grown else None,
         "model_config": config.model_config_,  # config.json attributes set before loading
         "quantize_moe_experts": config.quantize_moe_experts,
+        "checkpoint_format": config.model_quantization_config,  # Mxfp4Config: read dequantized
         "precision": precision_name(config.bf16, config.fp16),
+        "weights": str(weight_dtype(config)),
         "quantization": config.model_dump(mode="json", include=set(QuantizationKeys.model_fields)),
         "attn_implementation": config.attention,
     }
@@ -120,7 +123,8 @@ NOT_ROW_SHAPING = frozenset({  # keys that cannot change a tokenized row; every 
     "save_total_limit", "early_stopping_patience", "loss_watchdog_threshold", "loss_watchdog_patience", "strict",
     "use_wandb", "wandb_project", "wandb_entity", "wandb_name", "wandb_run_id", "wandb_mode", "wandb_watch",
     "wandb_log_model", "use_tensorboard", "max_degeneralization", "target_specialization", "sweep",
-    "objective", "mitigations", *QuantizationKeys.model_fields,
+    "objective", "mitigations", "model_quantization_config", "model_quantization_config_kwargs", "hf_use_auth_token",
+    *QuantizationKeys.model_fields,
 })  # fmt: skip
 
 

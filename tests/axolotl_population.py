@@ -31,7 +31,8 @@ CUDA_KERNEL_PLUGINS = (
     "axolotl.integrations.kernels.KernelsPlugin",
 )
 ENGINE_BLOCKS = ("deepspeed", "fsdp", "fsdp_config")  # one process here; the engines are README "Scaling out"
-MODEL_CLASS_KEYS = ("model_type", "tokenizer_type")  # the shipped model's own classes load it
+# the shipped model's own classes and tokenizer files load it; it has no mistral-common tokenizer (tekken.json)
+MODEL_CLASS_KEYS = ("model_type", "tokenizer_type", "tokenizer_use_mistral_common")
 MESSAGES = [
     {"role": "user", "content": "What does clause 4 say about renewal?"},
     {"role": "assistant", "content": "It renews the licence for one year unless either party objects."},
@@ -72,6 +73,8 @@ def _record(entry: dict[str, Any]) -> dict[str, Any]:
         return {entry.get("field_messages") or "messages": messages}
     if kind in ("completion", None, "pretrain"):
         return {entry.get("field") or entry.get("text_column") or "text": "The licensee shall pay the fee monthly."}
+    if kind == "jeopardy":
+        return {"question": "It renews the licence for one year.", "category": "CLAUSES", "answer": "clause 4"}
     return {"instruction": "Summarise clause 4.", "input": "", "output": MESSAGES[1]["content"]}
 
 
@@ -86,8 +89,8 @@ def _local_entry(entry: Any, folder: Path, name: str) -> Any:
 
 
 def user_changes(config: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """``config`` changed only where a user moving to this machine must change it: the shipped model,
-    local data files (written to ``folder``), ``sequence_len`` <= 256, no CUDA kernel plugins and no
+    """``config`` changed only where a user moving to this machine must change it: the shipped model
+    (its own model and tokenizer classes), local data files (written to ``folder``), ``sequence_len`` <= 256, no CUDA kernel plugins and no
     deepspeed/fsdp blocks, and ``objective: mft``."""
     folder.mkdir(parents=True, exist_ok=True)
     changed = {key: value for key, value in config.items() if key not in (*MODEL_CLASS_KEYS, *ENGINE_BLOCKS)}

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ from mft_plugin.models.loading import load_tokenizer
 from mft_plugin.train.recipe import training_arguments
 from tests.axolotl_population import POPULATION, problems_of
 
-VALIDATING = 124  # of the 198 (51 before issue 25); README "Axolotl's example YAMLs" lists what stops the rest
+VALIDATING = 150  # of the 198 (51 before issue 25); README "Axolotl's example YAMLs" lists what stops the rest
 
 
 def test_the_population_is_axolotls_198_supervised_text_examples() -> None:
@@ -218,6 +220,26 @@ def test_cosine_min_lr_ratio_is_axolotls_floor(base_config: dict[str, Any]) -> N
         validate_config({**base_config, "lr_scheduler": "linear", "cosine_min_lr_ratio": 0.1})
 
 
+def test_lr_quadratic_warmup_is_axolotls_schedule_in_a_run(two_step_config: dict[str, Any]) -> None:
+    import math
+
+    from mft_plugin import run
+
+    config = validate_config({**two_step_config, "max_steps": 5, "save_steps": 5, "warmup_steps": 2, "lr_quadratic_warmup": True})
+    run(config)
+    state = json.loads((Path(config.output_dir) / "trainer_state.json").read_text())
+    logged = [entry["learning_rate"] for entry in state["log_history"] if "learning_rate" in entry]
+
+    def axolotl(step: int) -> float:  # axolotl.utils.schedulers._get_cosine_schedule_with_quadratic_warmup_lr_lambda
+        if step < 2:
+            return (step / 2) ** 2
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * (step - 2) / 3)))
+
+    assert logged == pytest.approx([config.learning_rate * axolotl(step) for step in range(5)])  # each step's own rate
+    with pytest.raises(ConfigError, match="lr_quadratic_warmup is a warmup of lr_scheduler: cosine without cosine_min_lr_ratio"):
+        validate_config({**two_step_config, "lr_quadratic_warmup": True, "lr_scheduler": "linear"})
+
+
 def test_cosine_constant_lr_ratio_zero_is_off_as_in_axolotl(base_config: dict[str, Any]) -> None:
     validate_config({**base_config, "cosine_constant_lr_ratio": 0})  # Axolotl's scheduler tests the ratio's truth
     with pytest.raises(ConfigError, match="cosine_constant_lr_ratio: 0.8 is not supported: Axolotl's cosine-then-constant"):
@@ -275,6 +297,183 @@ def test_tokenizer_use_mistral_common_is_refused_naming_the_package(base_config:
         validate_config({**base_config, "tokenizer_use_mistral_common": True})
 
 
+# --- checkpoint formats, hub revisions, tokenizer options, keys Axolotl drops -----------------------
+
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # E2M1, by code
+MXFP4 = {"model_quantization_config": "Mxfp4Config", "model_quantization_config_kwargs": {"dequantize": True}}
+
+
+@pytest.fixture(scope="module")
+def mxfp4_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A 1-layer gpt-oss stored as gpt-oss is on the hub: each expert weight as MXFP4 blocks (two E2M1 codes
+    a byte, the low nibble first, 32 values a block) and one E8M0 scale a block; with each weight's value
+    dequantized naively, code by code: FP4_VALUES[code] * 2 ** (scale - 127)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    from tests.tiny import REFERENCE_MODEL
+
+    folder = tmp_path_factory.mktemp("tiny-gpt-oss-mxfp4")
+    tokenizer = AutoTokenizer.from_pretrained(REFERENCE_MODEL)
+    torch.manual_seed(0)
+    config = GptOssConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_local_experts=4,
+                          num_experts_per_tok=2, layer_types=["full_attention"])  # fmt: skip
+    GptOssForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    weights, expected = load_file(folder / "model.safetensors"), {}
+    for proj in ("gate_up_proj", "down_proj"):
+        name = f"model.layers.0.mlp.experts.{proj}"
+        experts, inputs, outputs = weights.pop(name).shape  # the parameter is [expert, in, out]; blocks run along in
+        codes = torch.randint(0, 16, (experts, outputs, inputs))
+        scales = torch.randint(123, 131, (experts, outputs, inputs // 32), dtype=torch.uint8)
+        blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+        weights[f"{name}_blocks"] = blocks.to(torch.uint8).reshape(experts, outputs, inputs // 32, 16)
+        weights[f"{name}_scales"] = scales
+        expected[name] = torch.tensor([[[FP4_VALUES[codes[e, o, i]] * 2.0 ** (int(scales[e, o, i // 32]) - 127)
+                                         for o in range(outputs)] for i in range(inputs)] for e in range(experts)])
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    stored = json.loads((folder / "config.json").read_text())
+    stored["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn",
+                                     "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(stored))
+    return folder, expected
+
+
+def test_an_mxfp4_checkpoint_loads_as_its_exact_dequantized_weights(
+    base_config: dict[str, Any], mxfp4_checkpoint: tuple[Path, dict[str, torch.Tensor]]
+) -> None:
+    from mft_plugin.models.loading import load_frozen_teacher, load_model
+    from mft_plugin.train.preflight import preflight
+
+    folder, expected = mxfp4_checkpoint
+    config = validate_config({**base_config, "base_model": str(folder), **MXFP4})
+    preflight(config)
+    for model in (load_model(config), load_frozen_teacher(config)):  # student and full finetuning's teacher alike
+        parameters = dict(model.named_parameters())
+        for name, values in expected.items():
+            assert parameters[name].dtype == torch.float32 and torch.equal(parameters[name], values)
+    with pytest.raises(ConfigError, match=r"stores its weights quantized \(mxfp4, config.json quantization_config\); "
+                       r"set model_quantization_config: Mxfp4Config"):  # fmt: skip
+        preflight(validate_config({**base_config, "base_model": str(folder)}))
+
+
+def test_a_checkpoint_quantized_otherwise_is_refused_before_loading(base_config: dict[str, Any], tiny_model: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from mft_plugin.train.preflight import preflight
+
+    folder = shutil.copytree(tiny_model, tmp_path / "fp8-model")
+    stored = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**stored, "quantization_config": {"quant_method": "fp8"}}))
+    with pytest.raises(ConfigError, match=r"stores its weights quantized \(fp8, config.json quantization_config\), a scheme"):
+        preflight(validate_config({**base_config, "base_model": str(folder)}))
+
+
+@pytest.mark.parametrize(("keys", "message"), [
+    ({"model_quantization_config": "FineGrainedFP8Config"}, "'FineGrainedFP8Config' is not supported: fp8 weights and matmuls change the loss"),
+    ({"model_quantization_config": "Mxfp4Config"}, "Mxfp4Config needs model_quantization_config_kwargs: {dequantize: true}"),
+    ({**MXFP4, "model_quantization_config_kwargs": {"dequantize": False}}, "only {dequantize: true} is supported"),
+    ({"model_quantization_config_kwargs": {"dequantize": True}}, "read only with model_quantization_config: Mxfp4Config"),
+    ({**MXFP4, "adapter": "qlora", "load_in_4bit": True}, "cannot be combined with load_in_4bit/load_in_8bit"),
+])  # fmt: skip
+def test_model_quantization_config_errors(base_config: dict[str, Any], keys: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_config({**base_config, **keys})
+
+
+def test_revision_of_model_reads_that_revision_of_a_hub_model(tiny_model: Path, tmp_path: Path) -> None:
+    """Two revisions of a hub model in an offline hub cache: ``revision_of_model`` (Axolotl's
+    ``model_revision`` too) picks the one the student and the tokenizer load from."""
+    import shutil
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    repo = tmp_path / "hub" / "models--acme--tiny"
+    for ref, commit in (("main", "a" * 40), ("v1", "b" * 40)):
+        shutil.copytree(tiny_model, repo / "snapshots" / commit)
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+    weights = repo / "snapshots" / ("b" * 40) / "model.safetensors"
+    save_file({name: tensor + 1 if name == "model.norm.weight" else tensor for name, tensor in load_file(weights).items()}, weights)
+    script = (
+        "import sys; from mft_plugin.config.errors import validate_config; from mft_plugin.models.loading import load_model\n"
+        "for keys in ({}, {'revision_of_model': 'v1'}, {'model_revision': 'v1'}):\n"
+        "    config = validate_config({'base_model': 'acme/tiny', 'datasets': [{'path': sys.argv[1]}], **keys})\n"
+        "    print(round(float(load_model(config).model.norm.weight.mean()), 4))"
+    )
+    corpus = tmp_path / "spec.txt"
+    corpus.write_text("One clause.\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", script, str(corpus)], env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    main, v1, alias = map(float, result.stdout.split())
+    assert v1 == alias == pytest.approx(main + 1)
+
+
+def test_bfloat16_weights_train_in_bf16_with_the_fused_loss_equal_to_the_plain_one(base_config: dict[str, Any], tmp_path: Path) -> None:
+    """Axolotl's pure bf16 training: student, teacher and the measured base all hold bf16 weights; the fused
+    loss gives the plain one's metrics (the same bf16 logits, float32 softmaxes), and an unchanged model
+    is measured as its base exactly (S = DG = 0: a learning rate of 1e-30 moves no bf16 weight)."""
+    from mft_plugin import run
+    from mft_plugin.models.loading import load_frozen_teacher, load_model
+
+    config = validate_config({**base_config, "bfloat16": True})
+    assert {p.dtype for p in load_model(config).parameters()} == {p.dtype for p in load_frozen_teacher(config).parameters()} == {torch.bfloat16}
+    keys = {**base_config, "bfloat16": True, "max_steps": 2, "eval_steps": 2}
+    trained = {impl: run(validate_config({**keys, "loss_impl": impl, "output_dir": str(tmp_path / impl)})) for impl in ("naive", "chunked")}
+    for metric in ("eval_spec_ppl", "eval_general_ppl", "base_spec_ppl", "base_general_ppl"):
+        assert trained["chunked"][metric] == pytest.approx(trained["naive"][metric], rel=1e-3), metric
+    assert trained["chunked"]["eval_spec_ppl"] < trained["chunked"]["base_spec_ppl"]  # it trained
+    still = run(validate_config({**keys, "learning_rate": 1e-30, "output_dir": str(tmp_path / "still")}))
+    assert still["eval_S"] == 0.0 and still["eval_DG"] == 0.0
+
+
+@pytest.mark.parametrize(("keys", "message"), [
+    ({"bfloat16": True, "float16": True}, "bfloat16 and float16 cannot both be true"),
+    ({"float16": True, "fp16": True}, "float16: true holds the weights in float16, which fp16: true cannot compute over"),
+    ({"bfloat16": True, "fp16": True}, "bfloat16: true holds the weights in bfloat16, which fp16: true cannot compute over"),
+])  # fmt: skip
+def test_half_precision_weight_errors(base_config: dict[str, Any], keys: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_config({**base_config, **keys})
+
+
+def test_curriculum_sampling_trains_on_the_rows_in_their_order(base_config: dict[str, Any], corpora: dict[str, Path]) -> None:
+    from datasets import Dataset
+    from transformers import Trainer
+
+    config = validate_config({**base_config, "curriculum_sampling": True, "sample_packing_sequentially": True})
+    args = training_arguments(config, 40, evaluate=False)
+    trainer = Trainer(model=torch.nn.Linear(1, 1), args=args, train_dataset=Dataset.from_dict({"x": list(range(12))}))
+    assert list(trainer._get_train_sampler()) == list(range(12))  # the Trainer's own sampler, unshuffled
+    replay = {"name": "replay", "ratio": 0.5, "datasets": [{"path": str(corpora["general_val"])}]}
+    for keys, message in (({"group_by_length": True}, "curriculum_sampling keeps the data's order, and group_by_length regroups it"),
+                          ({"mitigations": [replay]}, "curriculum_sampling: replay composes every micro-batch")):  # fmt: skip
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            validate_config({**base_config, "curriculum_sampling": True, **keys})
+
+
+def test_tokenizer_legacy_is_the_tokenizers_legacy_argument(base_config: dict[str, Any]) -> None:
+    assert load_tokenizer(validate_config({**base_config, "tokenizer_legacy": False})).init_kwargs["legacy"] is False
+    assert "legacy" not in load_tokenizer(validate_config(base_config)).init_kwargs  # unset: the tokenizer's own
+
+
+def test_keys_axolotl_drops_or_does_not_run_here_are_said_once(base_config: dict[str, Any]) -> None:
+    keys = {"debug": True, "test_value": True, "base_model_ignore_patterns": "*.pth", "sample_packing_seq_len_multiplier": 2,
+            "nvfp4_merge_aware": True, "dsv4_fp4_grouped_mode": "nvfp4", "use_glm_dsa_kernels": True, "flash_optimum": True,
+            "hf_use_auth_token": True, "revision_of_model": "main"}  # fmt: skip
+    notes = validate_config({**base_config, **keys}).start_notes
+    said = {note.split(":")[0] for note in notes}
+    assert said == set(keys), notes
+    assert len(notes) == len(keys)
+    assert "revision_of_model: 'main' has no effect: base_model is a local folder" in "\n".join(notes)
+    assert all("inactive here (speed only, same loss)" in note for note in notes if note.split(":")[0] in
+               ("dsv4_fp4_grouped_mode", "use_glm_dsa_kernels", "flash_optimum"))  # fmt: skip
+
+
 # --- mixture-of-experts keys -------------------------------------------------------------------------
 
 
@@ -315,8 +514,29 @@ def test_quantize_moe_experts(base_config: dict[str, Any], tiny_moe: Path) -> No
         assert weight.shape == full.shape and torch.allclose(weight, full, atol=0.2 * full.abs().max().item())
     ids = torch.tensor([[1, 5, 9, 13]])
     assert torch.allclose(quantized(ids).logits, plain(ids).logits, atol=0.1)
-    with pytest.raises(ConfigError, match="quantize_moe_experts quantizes the experts to 4 bits with load_in_4bit"):
-        validate_config({**base_config, "adapter": "lora", "load_in_8bit": True, "quantize_moe_experts": True})
+    with pytest.raises(ConfigError, match="quantize_moe_experts quantizes the experts as the base is: it needs load_in_4bit or load_in_8bit"):
+        validate_config({**base_config, "adapter": "lora", "quantize_moe_experts": True})
+
+
+def test_quantize_moe_experts_in_8_bits(base_config: dict[str, Any], tiny_moe: Path) -> None:
+    """``load_in_8bit`` with ``quantize_moe_experts`` (Axolotl's 8-bit experts): each expert weight is stored
+    as int8 rows of its float16 copy, code = round(127 w / max|row|), and read back as code * max|row| / 127."""
+    from mft_plugin.models.experts import expert_parameters
+    from mft_plugin.models.loading import load_model
+
+    lora = {**base_config, "base_model": str(tiny_moe), "adapter": "lora", "load_in_8bit": True}
+    plain, quantized = load_model(validate_config(lora)), load_model(validate_config({**lora, "quantize_moe_experts": True}))
+    experts = expert_parameters(plain)
+    assert len(experts) == 2 and expert_parameters(quantized) == []
+    for reference, name in experts:
+        module = quantized.get_submodule(next(path for path, m in plain.named_modules() if m is reference))
+        half = getattr(reference, name).detach().to(torch.float16).float()
+        row_max = half.abs().amax(-1, keepdim=True)
+        codes = torch.round(half * (127 / row_max))  # the scale 127 / max first, as bitsandbytes computes it
+        assert torch.equal(module.parametrizations[name].original, codes.to(torch.int8))
+        torch.testing.assert_close(getattr(module, name), codes * row_max / 127, rtol=1e-6, atol=1e-7)
+    ids = torch.tensor([[1, 5, 9, 13]])
+    assert torch.allclose(quantized(ids).logits, plain(ids).logits, atol=0.1)
 
 
 def test_lora_target_parameters_train_the_fused_experts(base_config: dict[str, Any], tiny_moe: Path) -> None:

@@ -359,7 +359,7 @@ def test_every_key_of_axolotls_schema_is_known(tmp_path: Path, train_file: Path)
         ("load_best_model_at_end: false", "the final model is always the checkpoint of least specialized validation"),
         ("dpo_beta: 0.1", "0.1 is not supported: a preference/RL or reward-model trainer"),
         ("default_system_message: Hi", "conversations are rendered as written; no system message is inserted"),
-        ("flash_attn_cross_entropy: true", "true is not supported: a CUDA-only kernel (Triton/CUDA)"),
+        ("flash_attn_d512: true", "true is not supported: a CUDA-only kernel (Triton/CUDA)"),
         ("attn_implementation: sage", "'sage' is not supported: SageAttention quantizes Q and K to int8, which changes the loss"),
         ("attn_implementation: flash", "'flash' is not an attention implementation; one of eager, sdpa, flash_attention_2"),
         ("local_rank: 0", "0 is not supported: set by the launcher (LOCAL_RANK), not by the YAML (Axolotl key; allowed here: empty)"),
@@ -375,9 +375,9 @@ def test_refused_axolotl_keys_say_why(tmp_path: Path, train_file: Path, line: st
 
 
 def test_refused_keys_with_their_off_value_ask_for_nothing(tmp_path: Path, train_file: Path) -> None:
-    off = "flash_attn_cross_entropy: false\nxformers_attention:\nlocal_rank:\nsave_safetensors: true\nstrict: false\ndebug:\n"
+    off = "flash_attn_d512: false\nxformers_attention:\nlocal_rank:\nsave_safetensors: true\nstrict: false\ndebug:\n"
     config = load_config(write(tmp_path, minimal(train_file) + off))
-    assert not {"flash_attn_cross_entropy", "local_rank", "save_safetensors", "debug"} & set(config.model_dump())
+    assert not {"flash_attn_d512", "local_rank", "save_safetensors", "debug"} & set(config.model_dump())
 
 
 def test_empty_keys_take_the_default(tmp_path: Path, train_file: Path) -> None:

@@ -258,6 +258,17 @@ def test_alpaca_prompt_styles_as_axolotl_writes_them(
     assert texts(tokenizer, row) == (f"<s>{prompt}Paris.</s>", "Paris.</s>")
 
 
+def test_jeopardy_is_axolotls_clue_category_and_answer_in_the_alpaca_prompt(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Axolotl's ``JeopardyPromptTokenizingStrategy``: instruction = question, input = category, response
+    "what is " + answer; the prompt is ``AlpacaPrompter``'s with input (prompters.py), masked."""
+    record = {"question": "It renews for one year.", "category": "CLAUSES", "answer": "clause 4"}
+    row = data_format("jeopardy").tokenize(record, tokenizer, False)
+    prompt = ("Below is an instruction that describes a task, paired with an input that provides further context. Write a "
+              "response that appropriately completes the request.\n\n### Instruction:\nIt renews for one year.\n\n"
+              "### Input:\nCLAUSES\n\n### Response:\n")  # fmt: skip
+    assert texts(tokenizer, row) == (f"<s>{prompt}what is clause 4</s>", "what is clause 4</s>")
+
+
 def test_general_data_stays_raw_text(base_config: dict[str, Any], tmp_path: Path) -> None:
     entry = {"path": str(chat_file(tmp_path)), "type": "chat_template"}
     with pytest.raises(ConfigError, match=r"general_eval_datasets\.0\.type: Input should be 'completion'"):
@@ -269,4 +280,4 @@ def test_formats_are_listed_with_their_keys(capsys: pytest.CaptureFixture[str]) 
 
     assert main(["--list"]) == 0
     rows = [line.split()[:3] for line in capsys.readouterr().out.splitlines() if line.startswith("format ")]
-    assert [name for _, name, dist in rows if dist == "mft-plugin"] == ["alpaca", "chat_template", "completion", "input_output"]
+    assert [name for _, name, dist in rows if dist == "mft-plugin"] == ["alpaca", "chat_template", "completion", "input_output", "jeopardy"]

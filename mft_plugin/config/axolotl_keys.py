@@ -41,15 +41,12 @@ REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
     **{
         key: (_CUDA, OFF)
         for key in (
-            "flash_attn_cross_entropy", "use_dsv4_kernels", "use_glm_dsa_kernels", "flash_optimum", "dsv4_fp4_grouped_mode",
             "pretrain_multipack_attn",
         )
     },
     "flex_attn_compile_kwargs": ("torch.compile of flex attention is not run by mft-run", OFF),
     **{key: (_COMPILE, OFF) for key in ("torch_compile", "torch_compile_mode", "torch_compile_backend", "torch_compile_options")},
     **{key: (_FP8, OFF) for key in ("fp8", "fp8_enable_fsdp_float8_all_gather", "fp8_config")},
-    "bfloat16": ("loads the weights in bfloat16 (pure bf16 training); mft-run keeps float32 weights: use bf16: true", OFF),
-    "float16": ("loads the weights in float16 (pure fp16 training); mft-run keeps float32 weights: use fp16: true", OFF),
     "torch_dtype": ("the weights' dtype follows bf16/fp16 (mixed precision over float32 weights)", OFF),
     # parallelism and placement
     **{key: (_PARALLEL, (None, 1)) for key in (
@@ -76,20 +73,17 @@ REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
     "pretraining_dataset": ("streaming pretraining data; mft-run finetunes on datasets", OFF),
     "streaming": ("streaming datasets are not read by mft-run", OFF),
     "streaming_multipack_buffer_size": ("streaming datasets are not read by mft-run", OFF),
-    "curriculum_sampling": ("the data order is the Trainer's seeded shuffle", OFF),
-    "sample_packing_sequentially": ("the data order is the Trainer's seeded shuffle", OFF),
+    # accepted true: mft-run packs next-fit in the records' order (data/packing.pack_rows), what it asks for
+    "sample_packing_sequentially": ("Axolotl's multipack bin packing is not implemented; rows are packed next-fit in order", (*OFF, True)),
     "shuffle_merged_datasets": ("merged datasets are always shuffled by the Trainer's seeded sampler", (None, True)),
     "min_sample_len": ("records are kept or cut by the data format", OFF),
     "skip_prepare_dataset": ("mft-run always tokenizes the datasets itself", OFF),
     "push_dataset_to_hub": ("no hub uploads (offline)", OFF),
     "hub_model_id": ("no hub uploads (offline); the model is saved in output_dir", OFF),
-    "hf_use_auth_token": ("use the HF_TOKEN environment variable", OFF),
-    "revision_of_model": ("pin the revision by downloading the model folder first", OFF),
     "shrink_embeddings": ("embeddings are only grown, for added tokens", OFF),
     # quantization schemes
     **{key: (_QUANT, OFF) for key in (
-        "gptq", "gptq_disable_exllama", "gptq_groupsize", "gptq_model_v1", "model_quantization_config", "model_quantization_config_kwargs",
-        "nvfp4_merge_aware",
+        "gptq", "gptq_disable_exllama", "gptq_groupsize", "gptq_model_v1",
     )},
     # multimodal
     **{key: (_VISION, OFF) for key in ("processor_type", "freeze_mm_modules")},
@@ -98,7 +92,6 @@ REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
         "chat_template); mft-run reads transformers tokenizers only, so installing it (pip install mistral-common) "
         "would not be enough; with false the model folder's tokenizer and chat_template are used", OFF,
     ),
-    "tokenizer_legacy": ("the tokenizer loads with its own saved settings", OFF),
     "tokenizer_use_fast": ("the tokenizer loads with its own saved settings", (None, True)),
     "low_cpu_mem_usage": ("transformers 5 always loads with low memory; the key no longer exists", (None, True)),
     # training loop variants
@@ -110,13 +103,10 @@ REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
     "cosine_constant_lr_ratio": (  # 0 is off in Axolotl too: its scheduler tests the ratio's truth (trainers/mixins/scheduler.py)
         "Axolotl's cosine-then-constant schedule is not implemented; cosine_min_lr_ratio is", (*OFF, 0, 0.0),
     ),
-    "lr_quadratic_warmup": ("the warmup is transformers' linear warmup", OFF),
     "do_causal_lm_eval": ("evaluation is perplexity, S and DG (paper Sec. 3.1)", OFF),
     "eval_causal_lm_metrics": ("evaluation is perplexity, S and DG (paper Sec. 3.1)", OFF),
     "eval_max_new_tokens": ("evaluation is perplexity, S and DG (paper Sec. 3.1)", OFF),
     "eval_table_size": ("evaluation is perplexity, S and DG (paper Sec. 3.1)", (None, 0)),
-    "debug": ("the resolved config is printed by --validate; tokenized-sample dumps are not implemented", OFF),
-    "test_value": ("not a training key", OFF),
     "accelerator_config": ("accelerate's state is set up by mft-run's engine (README 'Scaling out')", OFF),
     "full_finetune": ("full finetuning is the default: leave adapter empty", OFF),
     "torchdistx_path": ("torchdistx is not used; transformers 5 loads with low memory", OFF),
@@ -205,7 +195,7 @@ REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
     "metric_for_best_model": (_BEST, (None, "eval_spec_ppl")),
     "greater_is_better": (_BEST, OFF),
     **{key: ("no hub access at run time: download the model folder and give its path as base_model", OFF) for key in (
-        "hub_revision", "hub_strategy", "model_revision",
+        "hub_revision", "hub_strategy",
     )},
     **{key: ("the model loads from base_model with its own config.json and transformers' defaults", OFF) for key in (
         "base_model_config", "model_kwargs", "rope_scaling", "quantization", "trainer_cls", "is_falcon_derived_model",
@@ -228,6 +218,13 @@ REFUSED: dict[str, tuple[str, tuple[Any, ...]]] = {
 NO_EFFECT: dict[str, str] = {
     "eta_min": "the cosine schedule's floor is cosine_min_lr_ratio",
     "adam_eps": "AdamW's epsilon is adam_epsilon",
+    "sample_packing_seq_len_multiplier": "packed rows hold up to sequence_len tokens",
+    "base_model_ignore_patterns": "every weight file of base_model is read",
+    "debug": "`axolotl train --debug` prints tokenized samples; the resolved config is printed by mft-run --validate",
+    "test_value": "not a training key",
+    # keys of Axolotl's KernelsPlugin (a CUDA kernel plugin), read only while that plugin is loaded
+    "nvfp4_merge_aware": "it snaps LoRA updates to the grid of NVFP4 expert weights, and mft-run loads no NVFP4 weights "
+                         "(an NVFP4 checkpoint is refused at load)",
 }
 
 

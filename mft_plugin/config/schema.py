@@ -180,6 +180,9 @@ UNEVALUATED = (
 )
 
 
+DEQUANTIZE = "{dequantize: true}"  # the one model_quantization_config_kwargs read (Mxfp4Config's dequantizing load)
+
+
 def _has_validation_set(info: ValidationInfo) -> bool:
     """Whether the config validated so far has a specialized validation set (``test_datasets`` or
     ``val_set_size``): what every evaluation-driven key (budget, intervals, patience, saves) needs."""
@@ -223,7 +226,17 @@ class MFTConfigBase(StrictModel, QuantizationKeys, SpeedSwitches, RefusedAxolotl
         None, description="full finetuning of only the parameters these regexes name; the rest frozen (Axolotl)"
     )
     resize_token_embeddings_to_32x: bool = Field(False, description="grow the embeddings to a multiple of 32 rows (Axolotl)")
-    quantize_moe_experts: bool = Field(False, description="also quantize fused MoE expert weights to 4 bits (with load_in_4bit)")
+    quantize_moe_experts: bool = Field(False, description="also quantize fused MoE expert weights (with load_in_4bit or load_in_8bit)")
+    model_quantization_config: Literal["Mxfp4Config"] | None = Field(
+        None, description="Mxfp4Config (with dequantize: true): an MXFP4 checkpoint (gpt-oss) loads as its exact full-precision weights (Axolotl)"
+    )
+    model_quantization_config_kwargs: dict[str, Any] | None = Field(None, description="the config's arguments: {dequantize: true}")
+    revision_of_model: str | None = Field(
+        None, validation_alias=AliasChoices("revision_of_model", "model_revision"),
+        description="the hub revision (branch, tag or commit) of base_model and its tokenizer (Axolotl); a local folder has none",
+    )
+    tokenizer_legacy: bool | None = Field(None, description="the tokenizer's `legacy` argument (Llama/T5 sentencepiece spacing; Axolotl)")
+    hf_use_auth_token: bool | None = Field(None, description="hub datasets load with the saved hub token (HF_TOKEN, `hf auth login`; Axolotl)")
     merge_adapter: bool = Field(False, description="also save the adapter merged into the base, as a plain model in output_dir/merged")
 
     # data
@@ -251,6 +264,7 @@ class MFTConfigBase(StrictModel, QuantizationKeys, SpeedSwitches, RefusedAxolotl
     lr_scheduler: str = Field("cosine", description="a transformers SchedulerType (checked by preflight)")
     warmup_steps: float = Field(0, ge=0, description="steps; a float below 1 is a fraction of the run (transformers 5, Axolotl)")
     warmup_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    lr_quadratic_warmup: bool = Field(False, description="lr_scheduler: cosine whose warmup ramps as (step / warmup)^2 (Axolotl)")
     cosine_min_lr_ratio: float | None = Field(None, ge=0.0, le=1.0, description="lr_scheduler: cosine decays to this fraction of learning_rate (Axolotl)")
     optimizer: str = Field("adamw_torch", description="a transformers OptimizerNames value (checked by preflight)")
     weight_decay: float = Field(0.0, ge=0.0)
@@ -261,9 +275,12 @@ class MFTConfigBase(StrictModel, QuantizationKeys, SpeedSwitches, RefusedAxolotl
     bf16: bool | Literal["auto"] = Field(False, description="auto: bf16 on a GPU that has it, else fp16 unless fp16: false (Axolotl)")
     fp16: bool | None = Field(None, description="empty: false, unless bf16: auto finds no bf16 GPU (Axolotl)")
     tf32: bool | None = Field(None, description="TF32 matmuls on Ampere+ CUDA GPUs; empty: transformers' default")
+    bfloat16: bool = Field(False, description="weights held in bfloat16, student and teacher (pure bf16 training, Axolotl); default float32")
+    float16: bool = Field(False, description="weights held in float16 (pure fp16 training, Axolotl); needs fp16: false")
     gradient_checkpointing: bool | Literal["offload"] = Field(False, description="offload: checkpointing plus activation_offloading (Axolotl)")
     gradient_checkpointing_kwargs: CheckpointingKwargs | None = None
     group_by_length: bool = Field(False, description="batch training rows of similar length together (transformers' sampler)")
+    curriculum_sampling: bool = Field(False, description="train on the rows in the data's order, unshuffled (Axolotl)")
     ddp_find_unused_parameters: bool | None = None
     seed: int = Field(42, ge=0, le=2**32 - 1, description="numpy's seed range")
     dataloader_num_workers: int = Field(0, ge=0)
@@ -433,12 +450,53 @@ class MFTConfigBase(StrictModel, QuantizationKeys, SpeedSwitches, RefusedAxolotl
             raise PydanticCustomError("attention", message, {"other": chosen[0]})
         return flag
 
+    @field_validator("model_quantization_config", mode="before")
+    @classmethod
+    def _dequantized_checkpoint(cls, name: Any) -> Any:
+        """Axolotl's two names; only MXFP4's dequantizing load gives the checkpoint's own weights exactly."""
+        if name in (None, "Mxfp4Config"):
+            return name
+        why = "fp8 weights and matmuls change the loss (exactness first)" if name == "FineGrainedFP8Config" else "not a config Axolotl reads"
+        message = "{value} is not supported: {why}; Mxfp4Config with model_quantization_config_kwargs: {allowed} is"
+        raise PydanticCustomError("model_quantization_config", message, {"value": repr(name), "why": why, "allowed": DEQUANTIZE})
+
+    @field_validator("model_quantization_config_kwargs")
+    @classmethod
+    def _dequantize(cls, kwargs: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
+        if kwargs is None:
+            return kwargs
+        if not info.data.get("model_quantization_config"):
+            raise PydanticCustomError("model_quantization_config", "read only with model_quantization_config: Mxfp4Config")
+        if kwargs != {"dequantize": True}:
+            message = ("{value}: only {allowed} is supported: transformers trains no MXFP4 weights, so the "
+                       "checkpoint loads dequantized (its exact values in float32)")
+            raise PydanticCustomError("model_quantization_config", message, {"value": kwargs, "allowed": DEQUANTIZE})
+        return kwargs
+
     @model_validator(mode="after")
     def _consistent(self) -> MFTConfigBase:
+        if self.model_quantization_config and not self.model_quantization_config_kwargs:
+            message = "model_quantization_config: Mxfp4Config needs model_quantization_config_kwargs: {dequantize: true} (training on MXFP4 weights is not supported)"
+            raise PydanticCustomError("model_quantization_config", message)
+        if self.model_quantization_config and (self.quantized or (self.teacher and self.teacher.quantized)):
+            message = "model_quantization_config: Mxfp4Config loads the weights dequantized; it cannot be combined with load_in_4bit/load_in_8bit"
+            raise PydanticCustomError("model_quantization_config", message)
         if self.bf16 is True and self.fp16:
             raise PydanticCustomError("precision", "bf16 and fp16 cannot both be true; choose one")
-        if self.quantize_moe_experts and not self.load_in_4bit:
-            message = "quantize_moe_experts quantizes the experts to 4 bits with load_in_4bit (QLoRA); 8-bit experts are not implemented"
+        if self.lr_quadratic_warmup and (self.lr_scheduler != "cosine" or self.cosine_min_lr_ratio is not None):
+            message = "lr_quadratic_warmup is a warmup of lr_scheduler: cosine without cosine_min_lr_ratio (Axolotl's), and lr_scheduler is {scheduler}"
+            raise PydanticCustomError("lr_quadratic_warmup", message, {"scheduler": repr(self.lr_scheduler) + (" with cosine_min_lr_ratio" if self.cosine_min_lr_ratio is not None else "")})
+        if self.curriculum_sampling and self.group_by_length:
+            raise PydanticCustomError("curriculum_sampling", "curriculum_sampling keeps the data's order, and group_by_length regroups it; choose one")
+        if self.bfloat16 and self.float16:
+            raise PydanticCustomError("precision", "bfloat16 and float16 cannot both be true; choose the weights' dtype")
+        if (self.bfloat16 and self.fp16) or (self.float16 and (self.fp16 or self.bf16 is True)):
+            message = ("{weights}: true holds the weights in {dtype}, which {mixed}: true cannot compute over (fp16's loss "
+                       "scaling needs float32 weights); leave {mixed} false")
+            weights, mixed = ("bfloat16", "fp16") if self.bfloat16 else ("float16", "fp16" if self.fp16 else "bf16")
+            raise PydanticCustomError("precision", message, {"weights": weights, "dtype": weights, "mixed": mixed})
+        if self.quantize_moe_experts and not self.quantized:
+            message = "quantize_moe_experts quantizes the experts as the base is: it needs load_in_4bit or load_in_8bit"
             raise PydanticCustomError("quantize_moe_experts", message)
         if self.save_only_model and self.resume_from_checkpoint:
             message = "save_only_model: true keeps no optimizer states in checkpoints, so resume_from_checkpoint cannot resume exactly"
@@ -485,6 +543,10 @@ class MFTConfigBase(StrictModel, QuantizationKeys, SpeedSwitches, RefusedAxolotl
         if self.adapter_keys_without_adapter:
             keys = ", ".join(self.adapter_keys_without_adapter)
             notes.append(f"{keys}: no effect: adapter is empty, so this is full finetuning (Axolotl reads them only with an adapter)")
+        if self.revision_of_model and Path(self.base_model).expanduser().is_dir():
+            notes.append(f"revision_of_model: {self.revision_of_model!r} has no effect: base_model is a local folder, read as it is")
+        if self.hf_use_auth_token:
+            notes.append("hf_use_auth_token: true: hub downloads use the saved hub token (HF_TOKEN or `hf auth login`), the hub client's default")
         return notes + no_effect_notes(self) + inactive_switches(self, is_torch_tf32_available())
 
     @property

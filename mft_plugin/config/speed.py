@@ -28,12 +28,14 @@ _XFORMERS = "Axolotl's xformers attention patch, which runs inside `axolotl trai
 _MOE = "a mixture-of-experts kernel (CUDA GPU); it runs the same experts' math"
 _HYBRID = "Axolotl's Gemma 4 patch: FlashAttention on the sliding-window layers, SDPA on the global ones (CUDA GPU)"
 _LINEARIZED = "Axolotl's Llama 4 patch that holds each expert as nn.Linear layers, the same experts' math (inside `axolotl train`)"
+_BETTER_TRANSFORMER = "optimum's BetterTransformer, which mft-run does not apply (transformers 5 models run SDPA natively)"
+_KERNELS_PLUGIN = "a kernel of Axolotl's KernelsPlugin for DeepSeek-V4/GLM-5 layers and NVFP4 experts (CUDA GPU, inside `axolotl train`)"
 _PLACEMENT = "Axolotl's order of loading and FSDP sharding; mft-run's engine (accelerate) places the model"
 
 # key -> what would run it
 SPEED_SWITCHES: dict[str, str] = {
     **{key: _LIGER for key in ("liger_rope", "liger_rms_norm", "liger_rms_norm_gated", "liger_glu_activation", "liger_layer_norm")},
-    **{key: _FUSED_LOSS for key in ("liger_fused_linear_cross_entropy", "cut_cross_entropy")},
+    **{key: _FUSED_LOSS for key in ("liger_fused_linear_cross_entropy", "cut_cross_entropy", "flash_attn_cross_entropy")},
     **{key: _AXOLOTL for key in (
         "lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "fused_attn_kernel", "flash_attn_fuse_mlp",
         "flash_attn_rms_norm", "tiled_mlp",
@@ -44,6 +46,8 @@ SPEED_SWITCHES: dict[str, str] = {
     "gemma4_hybrid_attn_impl": _HYBRID,
     "llama4_linearized_experts": _LINEARIZED,
     "experimental_skip_move_to_device": _PLACEMENT,
+    "flash_optimum": _BETTER_TRANSFORMER,
+    **{key: _KERNELS_PLUGIN for key in ("use_dsv4_kernels", "use_glm_dsa_kernels", "dsv4_fp4_grouped_mode")},
 }
 
 
@@ -73,6 +77,11 @@ class SpeedSwitches(BaseModel):
     gemma4_hybrid_attn_impl: bool | None = None
     llama4_linearized_experts: bool | None = None
     experimental_skip_move_to_device: bool | None = None
+    flash_optimum: bool | None = None
+    flash_attn_cross_entropy: bool | None = None
+    use_dsv4_kernels: bool | None = None
+    use_glm_dsa_kernels: bool | None = None
+    dsv4_fp4_grouped_mode: str | None = Field(None, description="the KernelsPlugin's grouped GEMM for NVFP4 experts: nvfp4, ...")
 
 
 def switches_on(config: Any) -> list[str]:

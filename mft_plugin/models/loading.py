@@ -17,11 +17,12 @@ import torch
 import transformers
 from safetensors import SafetensorError
 from tokenizers import AddedToken
-from transformers import AutoConfig, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, BitsAndBytesConfig, Mxfp4Config, PreTrainedModel, PreTrainedTokenizerBase
 
 from mft_plugin.config.adapters import QuantizationKeys, TeacherConfig
 from mft_plugin.config.schema import TEMPLATE_FORMAT, MFTConfigBase
 from mft_plugin.models.experts import quantize_experts
+from mft_plugin.models.precision import weight_dtype
 
 
 def load_tokenizer(config: MFTConfigBase, with_added_tokens: bool = True) -> PreTrainedTokenizerBase:
@@ -30,9 +31,8 @@ def load_tokenizer(config: MFTConfigBase, with_added_tokens: bool = True) -> Pre
     tokenizer_class = getattr(transformers, config.tokenizer_type, None)
     if tokenizer_class is None or not hasattr(tokenizer_class, "from_pretrained"):
         raise ValueError(f"tokenizer_type: {config.tokenizer_type!r} is not a transformers tokenizer class")
-    tokenizer = tokenizer_class.from_pretrained(
-        config.tokenizer_config or config.base_model, trust_remote_code=config.trust_remote_code
-    )
+    legacy = {} if config.tokenizer_legacy is None else {"legacy": config.tokenizer_legacy}  # Axolotl passes it only when set
+    tokenizer = tokenizer_class.from_pretrained(config.tokenizer_config or config.base_model, **hub_options(config), **legacy)
     if config.tokenizer_chat_template:
         tokenizer.chat_template = chat_template_text(tokenizer, config.tokenizer_chat_template)
     if with_added_tokens:
@@ -40,6 +40,13 @@ def load_tokenizer(config: MFTConfigBase, with_added_tokens: bool = True) -> Pre
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out, so any id will do
     return tokenizer
+
+
+def hub_options(config: MFTConfigBase) -> dict[str, Any]:
+    """The ``from_pretrained`` options of every file read from ``base_model`` (tokenizer, config, weights):
+    remote code, and the hub revision (``revision_of_model``; transformers ignores it for a local folder)."""
+    revision = {"revision": config.revision_of_model} if config.revision_of_model else {}
+    return {"trust_remote_code": config.trust_remote_code, **revision}
 
 
 def chat_template_text(tokenizer: PreTrainedTokenizerBase, keys: dict[str, str]) -> str:
@@ -76,8 +83,8 @@ def mixed_precision(config: MFTConfigBase) -> Literal["bf16", "fp16"] | None:
 
 
 def compute_dtype(config: MFTConfigBase) -> torch.dtype:
-    """The dtype the model computes in: that of the mixed precision, else float32."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, None: torch.float32}[mixed_precision(config)]
+    """The dtype the model computes in: that of the mixed precision, else the weights'."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, None: weight_dtype(config)}[mixed_precision(config)]
 
 
 def quantization_config(keys: QuantizationKeys, model_dtype: torch.dtype = torch.float32) -> BitsAndBytesConfig | None:
@@ -106,21 +113,25 @@ def load_model(config: MFTConfigBase, **overrides: Any) -> PreTrainedModel:
     """The base causal LM as the student starts from it: quantized if the top-level keys say so,
     with the attention implementation asked for and embeddings grown for added tokens."""
     # Weights load in float32 even for bf16/fp16 runs: those are mixed-precision compute (autocast).
-    kwargs: dict[str, Any] = {"dtype": torch.float32, "trust_remote_code": config.trust_remote_code}
+    kwargs: dict[str, Any] = {"dtype": weight_dtype(config), **hub_options(config)}
     kwargs["quantization_config"] = quantization_config(config, compute_dtype(config))
     if config.attention is not None:
         kwargs["attn_implementation"] = config.attention
     if config.model_config_:  # Axolotl's overrides of config.json, set as attributes (loaders/utils.py)
-        kwargs["config"] = AutoConfig.from_pretrained(config.base_model, trust_remote_code=config.trust_remote_code)
+        kwargs["config"] = AutoConfig.from_pretrained(config.base_model, **hub_options(config))
         for key, value in config.model_config_.items():
             setattr(kwargs["config"], key, value)
     kwargs.update(overrides)
+    if config.model_quantization_config and kwargs["quantization_config"] is None:
+        # every load of an MXFP4 checkpoint (student, teacher, the base of a merge) reads it dequantized:
+        # each weight is its FP4 value times its block's power-of-two scale, exact in float32
+        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
     try:
         model = model_class(config).from_pretrained(config.base_model, **kwargs)
     except (OSError, ValueError, RuntimeError, SafetensorError) as error:
         raise ModelLoadError(describe_load_error(config.base_model, error)) from error
     keep_4bit_layout_on_cpu(model)
-    if config.quantize_moe_experts and getattr(kwargs["quantization_config"], "load_in_4bit", False):
+    if config.quantize_moe_experts and isinstance(kwargs["quantization_config"], BitsAndBytesConfig):
         quantize_experts(model, config)  # after the linear layers, as Axolotl
     grow_embeddings(model, config)
     return model
@@ -177,7 +188,7 @@ def load_frozen_teacher(config: MFTConfigBase) -> PreTrainedModel:
     the quantized/rounded model's distribution, not the float32 base's (README "Cheap teacher").
     """
     options = config.teacher or TeacherConfig()
-    dtype = getattr(torch, options.dtype)
+    dtype = getattr(torch, options.dtype) if "dtype" in options.model_fields_set else weight_dtype(config)  # default: the student's
     return load_model(config, dtype=dtype, quantization_config=quantization_config(options, dtype))
 
 
@@ -197,7 +208,7 @@ def keep_4bit_layout_on_cpu(model: torch.nn.Module) -> None:
 def save_merged_model(config: MFTConfigBase, adapter_dir: Path, merged_dir: Path) -> None:
     """The adapter saved in ``adapter_dir`` merged into the float32 base, saved as a plain model.
 
-    The base is reloaded unquantized, so a QLoRA adapter merges into full-precision weights
+    The base is reloaded unquantized, so a QLoRA adapter merges into the weights' dtype
     (merging into 4-bit weights would round the update away).
     """
     from peft import PeftModel

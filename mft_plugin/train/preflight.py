@@ -21,7 +21,7 @@ from mft_plugin.train.checkpoints import CheckpointError, check_named_checkpoint
 from mft_plugin.config.schema import MFTConfigBase
 from mft_plugin.config.errors import ConfigError, with_locations
 from mft_plugin.models.heads import LogitTransform, UnfusableError
-from mft_plugin.models.loading import load_tokenizer
+from mft_plugin.models.loading import hub_options, load_tokenizer
 from mft_plugin.teacher.projected import linearity_problem
 from mft_plugin.train.outputs import OutputDirError, prepare_output_dir
 
@@ -44,6 +44,23 @@ def machine_problems(config: MFTConfigBase) -> list[str]:
     if not hasattr(transformers, config.model_type):
         problems.append(f"model_type: {config.model_type!r} is not a class of transformers {transformers.__version__}")
     return problems
+
+
+def checkpoint_quantization_problems(config: MFTConfigBase, model_config: object) -> list[str]:
+    """A checkpoint stored quantized (``quantization_config`` in its config.json) would load through a
+    quantizer whose weights are not the ones trained and measured here: MXFP4 loads dequantized, exactly,
+    when the YAML says so; bitsandbytes checkpoints load as bitsandbytes layers; any other scheme is refused."""
+    stored = getattr(model_config, "quantization_config", None) or {}
+    method = stored.get("quant_method") if isinstance(stored, dict) else getattr(stored, "quant_method", None)
+    method = getattr(method, "value", method)
+    if method in (None, "bitsandbytes") or (method == "mxfp4" and config.model_quantization_config == "Mxfp4Config"):
+        return []
+    where = f"{config.base_model} stores its weights quantized ({method}, config.json quantization_config)"
+    if method == "mxfp4":
+        return [f"base_model: {where}; set model_quantization_config: Mxfp4Config with model_quantization_config_kwargs: "
+                "{dequantize: true} to train on its exact dequantized weights"]
+    return [f"base_model: {where}, a scheme mft-run does not train on (it changes the weights and the loss); "
+            "use the unquantized checkpoint, with load_in_4bit/load_in_8bit for a quantized base"]
 
 
 def fusion_problems(config: MFTConfigBase, model_config: object) -> list[str]:
@@ -120,10 +137,11 @@ def preflight(config: MFTConfigBase, source: str | None = None, overrides: Seque
     problems += _one_of("optimizer", config.optimizer, [o.value for o in OptimizerNames])
     problems += machine_problems(config)
     try:
-        model_config = AutoConfig.from_pretrained(config.base_model, trust_remote_code=config.trust_remote_code)
+        model_config = AutoConfig.from_pretrained(config.base_model, **hub_options(config))
     except (OSError, ValueError) as error:  # not a model folder (no config.json), nor a reachable hub name
         problems.append(f"base_model: cannot load {config.base_model!r}: {_one_line(error)}")
         raise ConfigError(with_locations(problems, source, overrides)) from None
+    problems += checkpoint_quantization_problems(config, model_config)
     problems += fusion_problems(config, model_config)
     positions = getattr(model_config, "max_position_embeddings", None)
     if positions is not None and config.sequence_len > positions:

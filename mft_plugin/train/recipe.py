@@ -100,11 +100,10 @@ def build_datasets(config: MFTConfigBase, context: RecipeContext) -> tuple[Datas
     return datasets.pop(TRAIN), datasets
 
 
-def _sampling_argument(group_by_length: bool) -> dict[str, Any]:
-    """``group_by_length`` as the installed transformers spells it (5.16 has the flag, later ones a strategy)."""
-    if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__:
-        return {"train_sampling_strategy": "group_by_length" if group_by_length else "random"}
-    return {"group_by_length": group_by_length}
+def _sampling_strategy(group_by_length: bool, curriculum_sampling: bool) -> str:
+    """transformers' ``train_sampling_strategy`` (5.16 and later) for ``group_by_length`` / ``curriculum_sampling``
+    (Axolotl's unshuffled order: the sequential sampler)."""
+    return "sequential" if curriculum_sampling else "group_by_length" if group_by_length else "random"
 
 
 def wandb_environment(config: MFTConfigBase) -> dict[str, str]:
@@ -173,7 +172,7 @@ def training_arguments(
         tf32=None if config.tf32 and not is_torch_tf32_available() else config.tf32,  # inactive: said at the start
         **{CHECKPOINTING_ARGUMENT: bool(config.gradient_checkpointing)},  # offload: the offloading is a note
         **{f"{CHECKPOINTING_ARGUMENT}_kwargs": checkpointing_kwargs.model_dump(exclude_none=True) if checkpointing_kwargs else None},
-        **_sampling_argument(config.group_by_length),
+        train_sampling_strategy=_sampling_strategy(config.group_by_length, config.curriculum_sampling),
         ddp_find_unused_parameters=config.ddp_find_unused_parameters,
         seed=config.seed,
         data_seed=config.seed,
@@ -263,6 +262,7 @@ def _run(config: MFTConfigBase, registry: Registry) -> dict[str, Any]:
         budget=Budget.from_config(config),  # stops training, and bounds the choice of the final checkpoint
         chunked_loss=chunked_loss,
         engine=engine,  # places the teacher, and says when the base is measured
+        quadratic_warmup=config.lr_quadratic_warmup,
         callbacks=stopping_callbacks(config),  # loss_watchdog_*, early_stopping_patience
     )
     trainer.set_base_perplexities(  # measured once; cached for resumed runs and sweep siblings

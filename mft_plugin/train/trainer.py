@@ -30,6 +30,7 @@ from mft_plugin.train.budget import Budget, BudgetStop
 from mft_plugin.train.checkpoints import finish_checkpoint
 from mft_plugin.train.engine import Engine
 from mft_plugin.train.safety import SKIPPED_KEY, NonFiniteGuard, skipped_steps
+from mft_plugin.train.schedules import cosine_with_quadratic_warmup
 
 
 class MFTTrainer(Trainer):
@@ -62,9 +63,11 @@ class MFTTrainer(Trainer):
         budget: Budget | None = None,
         chunked_loss: ChunkedLoss | None = None,
         engine: Engine | None = None,
+        quadratic_warmup: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.quadratic_warmup = quadratic_warmup  # Axolotl's lr_quadratic_warmup (lr_scheduler: cosine)
         self.objective = objective
         self.chunked_loss = chunked_loss  # None: the plain loss from [batch, seq, vocab] logits
         self.engine = engine or Engine()
@@ -150,6 +153,14 @@ class MFTTrainer(Trainer):
             compose = next((m.epoch_order for m in self.mitigations if m.epoch_order(0) is not None), None)
             return MicroBatchSampler(len(dataset), self.args.per_device_train_batch_size, seed, compose)
         return super()._get_train_sampler(train_dataset)
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None) -> Any:
+        """The Trainer's schedule, or Axolotl's cosine with a quadratic warmup (``lr_quadratic_warmup``)."""
+        if self.quadratic_warmup and self.lr_scheduler is None:
+            warmup = self.args.get_warmup_steps(num_training_steps)
+            self.lr_scheduler = cosine_with_quadratic_warmup(optimizer or self.optimizer, warmup, num_training_steps)
+            self._created_lr_scheduler = True  # as the Trainer marks the schedules it makes
+        return super().create_scheduler(num_training_steps, optimizer)
 
     def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
         """The Trainer's gradient norm, checked before the optimizer step (``mft_plugin.train.safety``)."""

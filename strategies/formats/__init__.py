@@ -4,7 +4,7 @@ point like any plugin."""
 from __future__ import annotations
 
 from mft_plugin.hookspecs import hookimpl
-from mft_plugin.strategies.formats.alpaca import AlpacaFormat
+from mft_plugin.strategies.formats.alpaca import AlpacaFormat, JeopardyFormat
 from mft_plugin.strategies.formats.chat_template import ChatTemplateFormat
 from mft_plugin.strategies.formats.completion import CompletionFormat
 from mft_plugin.strategies.formats.input_output import InputOutputFormat
@@ -12,4 +12,4 @@ from mft_plugin.strategies.formats.input_output import InputOutputFormat
 
 @hookimpl
 def mft_register_data_formats() -> list[type]:
-    return [CompletionFormat, AlpacaFormat, InputOutputFormat, ChatTemplateFormat]
+    return [CompletionFormat, AlpacaFormat, JeopardyFormat, InputOutputFormat, ChatTemplateFormat]

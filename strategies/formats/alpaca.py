@@ -1,6 +1,6 @@
 """``alpaca``: ``instruction``, optional ``input``, ``output`` (Axolotl's ``alpaca``, the Stanford
 Alpaca prompt, or with ``type: alpaca:chat`` / ``alpaca:chatml`` / ``alpaca:phi`` Axolotl's other prompt
-styles). The prompt (BOS, system line, instruction and input) is masked unless
+styles); ``jeopardy``: Axolotl's Jeopardy records in that same prompt. The prompt (BOS, system line, instruction and input) is masked unless
 ``train_on_inputs``; the response and its EOS are the labels. As in Axolotl, prompt and response are
 tokenized separately, so the response starts on a token boundary.
 """
@@ -63,14 +63,30 @@ class AlpacaFormat(DataFormat):
     Params = AlpacaParams
     fixed_columns = ("instruction", "output")
 
+    def fields(self, record: Mapping[str, Any]) -> tuple[str, str, str]:
+        """The record's instruction, input ("" for none) and output."""
+        input = record.get("input") or ""
+        if not isinstance(input, str):
+            raise RecordError(f"field 'input' must be a string, got {type(input).__name__}")
+        return record_text(record, "instruction"), input, record_text(record, "output")
+
     def tokenize(
         self, record: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, train_on_inputs: bool
     ) -> dict[str, list[int]]:
         from mft_plugin.data.labels import tokenize_segments
 
-        instruction, output = record_text(record, "instruction"), record_text(record, "output")
-        input = record.get("input") or ""
-        if not isinstance(input, str):
-            raise RecordError(f"field 'input' must be a string, got {type(input).__name__}")
+        instruction, input, output = self.fields(record)
         prompt = (tokenizer.bos_token or "") + alpaca_prompt(instruction, input, self.params.prompt_style)
         return tokenize_segments(tokenizer, [(prompt, False), (output + (tokenizer.eos_token or ""), True)], train_on_inputs)
+
+
+class JeopardyFormat(AlpacaFormat):
+    """Axolotl's ``jeopardy``: the clue is the instruction, its category the input, and the response
+    "what is <answer>" (``JeopardyPromptTokenizingStrategy``; its prompter's own template is unused there,
+    so the prompt is Alpaca's)."""
+
+    name = "jeopardy"
+    fixed_columns = ("question", "category", "answer")
+
+    def fields(self, record: Mapping[str, Any]) -> tuple[str, str, str]:
+        return record_text(record, "question"), record_text(record, "category"), "what is " + record_text(record, "answer")

@@ -83,6 +83,8 @@ class ReplayMitigation(Mitigation):
         problems = []
         if getattr(config, "group_by_length", False):  # the micro-batch sampler keeps each batch's composition
             problems.append("group_by_length: replay composes every micro-batch, so rows cannot be regrouped by length")
+        if getattr(config, "curriculum_sampling", False):
+            problems.append("curriculum_sampling: replay composes every micro-batch from a seeded draw, so rows cannot keep the data's order")
         if new_rows_per_batch(params.ratio, config.micro_batch_size) is None:
             problems.append(
                 f"mitigations.replay.ratio: {params.ratio} x micro_batch_size {config.micro_batch_size} = "
