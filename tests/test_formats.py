@@ -173,7 +173,7 @@ def chat_file(tmp_path: Path) -> Path:
     ("entry", "expected"),
     [
         ({"type": "alpacca"}, "datasets.0: unknown format 'alpacca'; available: alpaca, chat_template, completion, "
-                              "input_output; did you mean 'alpaca'?"),
+                              "input_output, jeopardy; did you mean 'alpaca'?"),
         ({"type": "chat_template", "chat_template": "llama99"},
          "datasets.0.chat_template: 'llama99' is not a chat template: use tokenizer_default, jinja (with "
          "chat_template_jinja), one of Axolotl's named templates (alpaca, aya, chatml, "),
