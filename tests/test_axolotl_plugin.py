@@ -98,7 +98,10 @@ def test_what_axolotl_owns_is_refused_with_the_key_to_use_instead(corpora: dict[
     assert problems[2].startswith("sample_packing: true with mitigations: ['replay']") and "by length" in problems[2]
     assert "'lora' acts at the prepare_model stage" in problems[3] and "adapter: lora" in problems[3]
     assert unsupported({"micro_batch_size": 2}, mitigations[1:]) == []  # replay without packing: composed
-    assert unsupported({"micro_batch_size": 2, "remove_unused_columns": True}, mitigations[1:2])[0].startswith("remove_unused_columns")
+    assert unsupported({"micro_batch_size": 2, "remove_unused_columns": True}, mitigations[1:2])[0].startswith("remove_unused_columns: true")
+    (shuffled,) = unsupported({"micro_batch_size": 2, "shuffle_merged_datasets": True}, mitigations[1:2])
+    assert shuffled.startswith("shuffle_merged_datasets: true: ") and "draws the order of the rows itself" in shuffled
+    assert unsupported({"micro_batch_size": 2, "shuffle_merged_datasets": True}, mitigations[2:]) == []  # no data stage
     assert unsupported({"sample_packing": True}, mitigations[2:]) == []  # ewc acts on the loss: fine
     assert "ewc works with DDP only" in unsupported({"fsdp_config": {"fsdp_version": 2}}, mitigations[2:])[0]
     budget = unsupported({"max_degeneralization": 0.1, "target_specialization": 0.5}, [])
@@ -125,7 +128,7 @@ def test_replay_composes_axolotls_tokenized_rows_as_mft_run_composes_its_own(tin
     cfg = {"micro_batch_size": 2, "sequence_len": 32, "seed": 0, "mitigations": [{"name": "replay", "datasets": [{"path": str(corpora["general_val"])}]}]}
     _, mitigations = selected_strategies(cfg, default_registry())
     train, epoch_rows = composed_training_set(cfg, mitigations, axolotl_rows, AutoTokenizer.from_pretrained(tiny_model))
-    assert data_stage_keys(mitigations) == {"remove_unused_columns": False}
+    assert data_stage_keys(mitigations) == {"remove_unused_columns": False, "shuffle_merged_datasets": False}
     assert train.select(range(2))["input_ids"] == ids and train[REPLAY_COLUMN][:2] == [0, 0]
     general = train.select(range(2, len(train)))
     assert set(general[REPLAY_COLUMN]) == set(general[FT_LOSS_COLUMN]) == {1} and len(general) > 1
