@@ -6,6 +6,7 @@ are named after Axolotl's wherever both have the key, so the shared ones are rea
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,16 @@ def composed_training_set(
         train = mitigation.prepare_data(train, context)
     epoch_rows = next((len(order) for m in mitigations if (order := m.epoch_order(0)) is not None), len(train))
     return train, epoch_rows
+
+
+def scheduled_steps(cfg: Mapping[str, Any], epoch_rows: int) -> int:
+    """The optimizer steps Axolotl schedules over ``epoch_rows`` rows per epoch, by its own rule without packing
+    (``prepare_datasets``: ``ceil(rows x num_epochs / batch_size)``, at most ``max_steps``). Axolotl's default
+    warmup (3% of these steps) and the schedule's length are read off this count: a count past ``max_steps``
+    would warm up over steps that never run (seen: 5 warmup steps in a 3-step run, where Axolotl's own count
+    gives none)."""
+    steps = math.ceil(epoch_rows * cfg["num_epochs"] / cfg["batch_size"])
+    return min(steps, cfg["max_steps"]) if cfg.get("max_steps") else steps
 
 
 def data_stage_keys(mitigations: Sequence[Mitigation]) -> dict[str, Any]:
