@@ -496,8 +496,10 @@ def test_axolotl_train_with_replay_steps_as_mft_run_does(
     give the same rows; on other raw text they differ by design (README "Where we differ from Axolotl"), and
     so do the steps (seen: gradient norms up to 1.8% apart). Axolotl would also shuffle its rows before
     replay composes them (``shuffle_merged_datasets``), which the plugin turns off: without that, the
-    micro-batches hold other specialized rows than mft-run's and the gradient norms differ."""
-    spec = write_block_corpus(tmp_path / "blocks.jsonl", DATA / "legal" / "train.jsonl", 24, axolotl_config["sequence_len"])
+    micro-batches hold other specialized rows than mft-run's and the gradient norms differ. An epoch of 72
+    steps, of which the run takes 3: the steps the plugin schedules must be capped at max_steps as Axolotl
+    caps them, or Axolotl's default warmup (3% of them) would start at a learning rate of 0."""
+    spec = write_block_corpus(tmp_path / "blocks.jsonl", DATA / "legal" / "train.jsonl", 72, axolotl_config["sequence_len"])
     general = [{"path": str(corpora["general_train"])}]
     replay = {"name": "replay", "ratio": 0.5, "datasets": general}
     axolotl_config = {**axolotl_config, "datasets": [{"path": str(spec), "ds_type": "json", "type": "completion"}]}
