@@ -494,7 +494,7 @@ def test_axolotl_train_with_replay_steps_as_mft_run_does(
     The specialized documents are one ``sequence_len`` block each (:func:`tests.tiny.write_block_corpus`),
     where mft-run's ``completion`` (the stream cut into blocks) and Axolotl's (each document cut on its own)
     give the same rows; on other raw text they differ by design (README "Where we differ from Axolotl"), and
-    so do the steps (seen: gradient norms up to 1.8% apart). Axolotl would also shuffle its rows before
+    so do the steps (seen: gradient norms 0.8% to 1.3% apart). Axolotl would also shuffle its rows before
     replay composes them (``shuffle_merged_datasets``), which the plugin turns off: without that, the
     micro-batches hold other specialized rows than mft-run's and the gradient norms differ. An epoch of 72
     steps, of which the run takes 3: the steps the plugin schedules must be capped at max_steps as Axolotl

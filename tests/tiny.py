@@ -65,7 +65,7 @@ def write_block_corpus(path: Path, source: Path, documents: int, sequence_len: i
             for start in range(0, len(ids) - width + 1, width):
                 text = tokenizer.decode(ids[start : start + width])
                 tokens = tokenizer(text)["input_ids"]
-                if len(tokens) == sequence_len - 1 and tokens[-1] != tokenizer.eos_token_id and text.strip() == text:
+                if len(tokens) == sequence_len - 1 and tokens[-1] != tokenizer.eos_token_id and text.strip():  # mft-run skips blank ones
                     texts.append(text)
             if len(texts) >= documents:
                 break
