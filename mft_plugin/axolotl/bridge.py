@@ -105,7 +105,7 @@ def unsupported(cfg: Mapping[str, Any], mitigations: Sequence[Mitigation]) -> li
         problems.append(PACKING_REFUSAL.format(names=[m.name for m in composing]))
     if data_stage(mitigations):
         problems += [
-            f"{key}: {str(cfg[key]).lower()}: {why}; remove the key"
+            f"{key}: {str(cfg[key]).lower()}: {why}; remove the key (the plugin sets {str(value).lower()})"
             for key, (value, why) in DATA_STAGE_KEYS.items() if cfg.get(key) not in (None, value)
         ]  # fmt: skip
     for mitigation in mitigations:
