@@ -48,6 +48,34 @@ def write_corpus(path: Path, source: Path, documents: int, field: str = "text") 
     return path
 
 
+def write_block_corpus(path: Path, source: Path, documents: int, sequence_len: int) -> Path:
+    """Raw-text documents that tokenize to exactly ``sequence_len`` tokens each (BOS, text, EOS): windows of
+    a shipped corpus's tokens, decoded, kept where the text tokenizes back to that length.
+
+    For such documents mft-run's ``completion`` (the stream cut into ``sequence_len`` blocks) and Axolotl's
+    (each document cut on its own) give the same rows, in the same order: the two pipelines can then be
+    compared on identical data (README "Axolotl plugin", replay).
+    """
+    tokenizer = AutoTokenizer.from_pretrained(REFERENCE_MODEL)
+    width = sequence_len - 2  # + BOS, + EOS
+    texts: list[str] = []
+    with source.open() as src:
+        for line in src:
+            ids = tokenizer(json.loads(line)["text"], add_special_tokens=False)["input_ids"]
+            for start in range(0, len(ids) - width + 1, width):
+                text = tokenizer.decode(ids[start : start + width])
+                tokens = tokenizer(text)["input_ids"]
+                if len(tokens) == sequence_len - 1 and tokens[-1] != tokenizer.eos_token_id and text.strip():  # mft-run skips blank ones
+                    texts.append(text)
+            if len(texts) >= documents:
+                break
+    if len(texts) < documents:
+        raise ValueError(f"{source}: only {len(texts)} windows of {width} tokens tokenize back to that length")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts[:documents]))
+    return path
+
+
 def write_yaml(path: Path, config: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

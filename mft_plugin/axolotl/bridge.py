@@ -6,6 +6,7 @@ are named after Axolotl's wherever both have the key, so the shared ones are rea
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,13 @@ PACKING_REFUSAL = (
     "micro-batch by bin-packing rows by length, so no micro-batch keeps the composition the mitigation lays "
     "out (replay: ratio x micro_batch_size new rows, the rest general rows); set sample_packing: false"
 )
+# Axolotl keys a data-stage mitigation sets, each with why no other value can be kept. The order too: the
+# mitigation draws it itself (replay's seeded epoch_order, as in mft-run), and Axolotl's seeded shuffle of the
+# merged rows before it would lay the same rows out in other micro-batches than mft-run's.
+DATA_STAGE_KEYS: dict[str, tuple[Any, str]] = {
+    "remove_unused_columns": (False, "the data-stage mitigation's routing columns are needed by the loss"),
+    "shuffle_merged_datasets": (False, "the data-stage mitigation draws the order of the rows itself, as mft-run does"),
+}
 
 
 def args_model(registry: Registry) -> type[BaseModel]:
@@ -95,8 +103,11 @@ def unsupported(cfg: Mapping[str, Any], mitigations: Sequence[Mitigation]) -> li
         problems.append(f"loss_impl: chunked cannot be used with fsdp/deepspeed {PLUGIN_UNFUSED}; use loss_impl: auto or naive")
     if cfg.get("sample_packing") and (composing := data_stage(mitigations)):
         problems.append(PACKING_REFUSAL.format(names=[m.name for m in composing]))
-    if data_stage(mitigations) and cfg.get("remove_unused_columns"):
-        problems.append("remove_unused_columns: true: the data-stage mitigation's routing columns are needed by the loss; remove the key")
+    if data_stage(mitigations):
+        problems += [
+            f"{key}: {str(cfg[key]).lower()}: {why}; remove the key (the plugin sets {str(value).lower()})"
+            for key, (value, why) in DATA_STAGE_KEYS.items() if cfg.get(key) not in (None, value)
+        ]  # fmt: skip
     for mitigation in mitigations:
         own = type(mitigation)
         stages = [stage for stage in STAGES_AXOLOTL_OWNS if getattr(own, stage) is not getattr(Mitigation, stage)]
@@ -125,10 +136,21 @@ def composed_training_set(
     return train, epoch_rows
 
 
+def scheduled_steps(cfg: Mapping[str, Any], epoch_rows: int) -> int:
+    """The optimizer steps Axolotl schedules over ``epoch_rows`` rows per epoch, by its own rule without packing
+    (``prepare_datasets``: ``ceil(rows x num_epochs / batch_size)``, at most ``max_steps``). Axolotl's default
+    warmup (3% of these steps) and the schedule's length are read off this count: a count past ``max_steps``
+    would warm up over steps that never run (seen: 5 warmup steps in a 3-step run, where Axolotl's own count
+    gives none)."""
+    steps = math.ceil(epoch_rows * cfg["num_epochs"] / cfg["batch_size"])
+    return min(steps, cfg["max_steps"]) if cfg.get("max_steps") else steps
+
+
 def data_stage_keys(mitigations: Sequence[Mitigation]) -> dict[str, Any]:
-    """Axolotl keys a data-stage mitigation needs: its routing columns reach the loss (the Trainer would
-    drop columns the model's ``forward`` does not take)."""
-    return {"remove_unused_columns": False} if data_stage(mitigations) else {}
+    """Axolotl keys a data-stage mitigation needs (:data:`DATA_STAGE_KEYS`): its routing columns reach the
+    loss (the Trainer would drop columns the model's ``forward`` does not take), and Axolotl's rows reach it
+    in their datasets' order, which the mitigation composes as mft-run composes its own."""
+    return {key: value for key, (value, _) in DATA_STAGE_KEYS.items()} if data_stage(mitigations) else {}
 
 
 def evaluation_problems(cfg: Mapping[str, Any]) -> list[str]:

@@ -12,7 +12,6 @@ as mft-run writes it, from the same code: :func:`mft_plugin.train.outputs.final_
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from mft_plugin.axolotl.bridge import (
     resolved_config,
     run_config,
     run_context,
+    scheduled_steps,
     selected_strategies,
     trainer_class,
     unsupported,
@@ -91,8 +91,8 @@ class MFTPlugin(BasePlugin):
 
     def load_datasets(self, cfg: Any, preprocess: bool = False) -> Any:
         """Axolotl's own datasets, then the data-stage mitigations' composition (replay), as mft-run composes
-        its training set; the steps Axolotl schedules are counted, with Axolotl's formula
-        (``calculate_total_num_steps`` without packing), over the rows one composed epoch draws. None
+        its training set; the steps Axolotl schedules are counted as Axolotl counts them without packing
+        (:func:`mft_plugin.axolotl.bridge.scheduled_steps`), over the rows one composed epoch draws. None
         (Axolotl loads as usual) without such a mitigation, and for ``axolotl preprocess``."""
         if preprocess or not data_stage(self.mitigations):
             return None
@@ -101,7 +101,7 @@ class MFTPlugin(BasePlugin):
 
         meta = load_datasets(cfg=cfg)
         train, epoch_rows = composed_training_set(cfg, self.mitigations, meta.train_dataset, load_tokenizer(cfg))
-        total_num_steps = math.ceil(epoch_rows * cfg["num_epochs"] / cfg["batch_size"])
+        total_num_steps = scheduled_steps(cfg, epoch_rows)
         LOG.info("mft_plugin.axolotl.MFTPlugin: training set composed by %s: %d rows, %d per epoch, %d steps",
                  [m.name for m in data_stage(self.mitigations)], len(train), epoch_rows, total_num_steps)  # fmt: skip
         return TrainDatasetMeta(train_dataset=train, eval_dataset=meta.eval_dataset, total_num_steps=total_num_steps)
