@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
-from pydantic import BaseModel, create_model
+from pydantic import BaseModel, ValidationError, create_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
+from mft_plugin.config.errors import ConfigError, format_errors, read_yaml
 from mft_plugin.config.loss import loss_impl_problem
 from mft_plugin.config.schema import NEEDS_VALIDATION_SET, MFTConfigBase, strategies_model
 from mft_plugin.eval.metrics import GENERAL, SPEC
@@ -69,8 +70,26 @@ def args_model(registry: Registry) -> type[BaseModel]:
 
 
 def plugin_args(cfg: Mapping[str, Any], registry: Registry) -> BaseModel:
-    """Our keys of an Axolotl config, validated (default objective: mft)."""
-    return args_model(registry).model_validate({key: cfg[key] for key in PLUGIN_KEYS if cfg.get(key) is not None})
+    """Our keys of an Axolotl config, validated (default objective: mft); :class:`ConfigError` names each
+    bad key as mft-run names it (with its line, when Axolotl says which YAML file the config came from)."""
+    model = args_model(registry)
+    try:
+        return model.model_validate({key: cfg[key] for key in PLUGIN_KEYS if cfg.get(key) is not None})
+    except ValidationError as error:
+        source = config_source(cfg)
+        root = read_yaml(source)[1] if Path(source).is_file() else None
+        raise ConfigError(format_errors(error, model, source, root, set())) from None
+
+
+def config_source(cfg: Mapping[str, Any]) -> str:
+    """The YAML file an Axolotl config was read from (Axolotl's ``load_cfg`` records it), for messages."""
+    return str(cfg.get("axolotl_config_path") or "<axolotl config>")
+
+
+def refusal(cfg: Mapping[str, Any], mitigations: Sequence[Mitigation]) -> ConfigError | None:
+    """:func:`unsupported`'s problems as one :class:`ConfigError`, each line naming the file (None: none)."""
+    problems = unsupported(cfg, mitigations)
+    return ConfigError([f"{config_source(cfg)}: {problem}" for problem in problems]) if problems else None
 
 
 def selected_strategies(cfg: Mapping[str, Any], registry: Registry) -> tuple[Objective, list[Mitigation]]:
