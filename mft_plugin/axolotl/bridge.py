@@ -116,7 +116,7 @@ def unsupported(cfg: Mapping[str, Any], mitigations: Sequence[Mitigation]) -> li
     if cfg.get("teacher_cache") is not None:
         problems.append("teacher_cache: not available inside axolotl train yet; remove it (mft-run has it)")
     sharded = config_view(cfg).engine_name != "ddp"
-    if problem := loss_impl_problem(cfg.get("loss_impl") or "auto", None, sharded):
+    if problem := loss_impl_problem(cfg.get("loss_impl") or "auto", None):
         problems.append(problem)
     if sharded and cfg.get("loss_impl") == "chunked":
         problems.append(f"loss_impl: chunked cannot be used with fsdp/deepspeed {PLUGIN_UNFUSED}; use loss_impl: auto or naive")

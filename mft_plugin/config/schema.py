@@ -547,7 +547,7 @@ class MFTConfigBase(StrictModel, QuantizationKeys, SpeedSwitches, RefusedAxolotl
             raise PydanticCustomError("save_only_model", message)
         if self.deepspeed and self.fsdp_enabled:
             raise PydanticCustomError("engine", "deepspeed and fsdp/fsdp_config cannot both be set; choose one engine")
-        if problem := loss_impl_problem(self.loss_impl, self.teacher_cache, self.engine_name != "ddp"):
+        if problem := loss_impl_problem(self.loss_impl, self.teacher_cache):
             raise PydanticCustomError("loss_impl", problem)
         return self
 
