@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from mft_plugin.data.labels import IGNORE_INDEX
 from mft_plugin.strategy import DataFormat, RecordError, StrategyParams
 
 if TYPE_CHECKING:
@@ -43,6 +42,8 @@ class PretokenizedFormat(DataFormat):
     def tokenize(
         self, record: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, train_on_inputs: bool
     ) -> dict[str, list[int]]:
+        from mft_plugin.data.labels import IGNORE_INDEX  # torch, which the schema does not import
+
         ids = _ids(record, "input_ids", 0)
         if any(i >= len(tokenizer) for i in ids):
             raise RecordError(f"'input_ids' holds {max(ids)}, past the tokenizer's {len(tokenizer)} tokens")
