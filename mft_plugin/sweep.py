@@ -44,10 +44,10 @@ from mft_plugin.config.errors import (
     validate_config,
 )
 from mft_plugin.files import RunFileError, atomic_write_text, read_run_file
-from mft_plugin.report.results import SWEEP_FILE, load_run
-from mft_plugin.report.summary import run_summary
 from mft_plugin.train.console import quiet_unused_libraries
-from mft_plugin.train.outputs import METRICS_FILE, gather_base_perplexities
+
+# Nothing that imports torch, transformers or peft at module level: they come after quiet_unused_libraries
+# (main), which must see the runs' configs before bitsandbytes or DeepSpeed print their import-time lines.
 
 if TYPE_CHECKING:
     from mft_plugin.registry import Registry
@@ -72,6 +72,8 @@ class SweepRun:
 
     @property
     def finished(self) -> bool:
+        from mft_plugin.train.outputs import METRICS_FILE
+
         return (self.output_dir / METRICS_FILE).is_file()
 
 
@@ -192,7 +194,10 @@ def run_sweep(sweep: Sweep, registry: Registry | None = None) -> dict[str, Excep
     A failing run does not stop the others; a signal (``TrainingInterrupted``) or Ctrl-C stops the
     sweep: starting it again resumes where it stopped.
     """
+    from mft_plugin.report.results import SWEEP_FILE, load_run
+    from mft_plugin.report.summary import run_summary
     from mft_plugin.train import recipe
+    from mft_plugin.train.outputs import gather_base_perplexities
     from mft_plugin.train.signals import TrainingInterrupted
 
     runs = sweep.runs
@@ -251,12 +256,16 @@ def preflight_runs(sweep: Sweep) -> None:
 
 def main(argv: Sequence[str], registry: Registry | None = None) -> int:
     """``mft-run sweep``: 0 when every run finished, 1 when some failed, 2 for a bad config."""
-    from mft_plugin.train.signals import TrainingInterrupted
-
     args = build_parser().parse_args(argv)
     try:
         sweep = plan_sweep(args.config, args.grid, args.overrides, registry)
-        quiet_unused_libraries([run.config for run in sweep.runs])  # before preflight imports transformers
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    quiet_unused_libraries([run.config for run in sweep.runs])  # before anything imports transformers
+    from mft_plugin.train.signals import TrainingInterrupted
+
+    try:
         preflight_runs(sweep)
         if args.validate:
             check_finished(sweep, registry)

@@ -54,6 +54,16 @@ def fake_run(trained: list[str], fail: set[str] = frozenset()) -> Callable[..., 
 # ---------------------------------------------------------------- planning
 
 
+def test_the_sweep_command_imports_no_torch_before_it_has_read_the_configs() -> None:
+    """``mft-run sweep`` quiets the import-time lines of libraries its runs do not use (bitsandbytes' missing
+    CPU kernel, on CPUs that have its instructions) only if torch, transformers and peft come after that."""
+    import subprocess
+
+    script = "import sys, mft_plugin.cli, mft_plugin.sweep; print([m for m in ('torch', 'transformers', 'peft') if m in sys.modules])"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.strip() == "[]"
+
+
 def test_grid_is_the_cartesian_product_first_key_slowest() -> None:
     points = grid_points({"objective": ["ft", "mft"], "seed": [1, 2]})
     assert [run_name(point) for point in points] == [
