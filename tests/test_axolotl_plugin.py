@@ -390,13 +390,16 @@ def test_the_plugins_chunked_loss_equals_its_plain_loss(tiny_model: Path, tmp_pa
             torch.testing.assert_close(cache, chunked, rtol=1e-5, atol=1e-8)
 
 
-def test_cache_indices_are_laid_out_as_the_collator_lays_out_the_input_ids() -> None:
+def test_cache_indices_are_laid_out_as_the_collator_lays_out_the_input_ids(tiny_model: Path) -> None:
     """TokenIndexCollator: per pack, its rows' cache indices concatenated and padded as the input ids are
     (NO_ROW), and read per token they are what the per-row read gives; a collator that lays the tokens out
-    otherwise is an error, never another token's p^T."""
+    otherwise is an error, never another token's p^T. A tokenizer that pads on the left is refused before
+    the cache is built (its padding token before each row is labelled with the row's first token)."""
     import numpy as np
+    from transformers import AutoTokenizer, DataCollatorForSeq2Seq
 
-    from mft_plugin.axolotl.cache import TokenIndexCollator
+    from mft_plugin.axolotl.bridge import run_config
+    from mft_plugin.axolotl.cache import LEFT_PADDING, AxolotlTeacherCache, TokenIndexCollator
     from mft_plugin.data.batches import TOKEN_COLUMN, PaddingCollator
     from mft_plugin.teacher.stored import NO_ROW, TOKEN_STRIDE, Field, token_indices
 
@@ -407,8 +410,12 @@ def test_cache_indices_are_laid_out_as_the_collator_lays_out_the_input_ids() -> 
     field = Field(np.arange(3 * 4 * 2, dtype=np.float32).reshape(3, 4, 2), torch.float32)
     per_row = field.rows(np.array([0, 2, NO_ROW]), 2)  # rows 0 and 2 at positions 0, 1
     torch.testing.assert_close(field.tokens(batch[TOKEN_COLUMN].numpy())[0], torch.stack([per_row[0, 0], per_row[0, 1], per_row[1, 0], per_row[2, 0]]), rtol=0, atol=0)
-    with pytest.raises(RuntimeError, match="did not lay out row 0's input ids as concatenated rows"):
-        TokenIndexCollator(concatenated, padding_side="left")([rows[:2], rows[2:]])
+    left = DataCollatorForSeq2Seq(AutoTokenizer.from_pretrained(tiny_model, padding_side="left"), padding=True)
+    with pytest.raises(RuntimeError, match="DataCollatorForSeq2Seq did not lay out row 0's input ids as concatenated rows"):
+        TokenIndexCollator(left)([rows[0], rows[2]])
+    cache = AxolotlTeacherCache(run_config({}, plugin_args({"teacher_cache": {}}, default_registry())), packed=False)
+    with pytest.raises(ValueError, match=re.escape(LEFT_PADDING)):
+        cache.build(Dataset.from_list(rows), lambda: pytest.fail("loaded a teacher"), None, None, left)  # type: ignore[arg-type]
 
 
 def test_the_plugin_refuses_what_it_cannot_do_for_the_loss() -> None:

@@ -13,6 +13,10 @@ Under packing the layout is the hidden states, whatever the adapter: Axolotl lab
 packed-in row with the first token of the next one (a completion row's first token is a label), which no
 per-row cache can know, and the projected and top-k layouts store values of the label (p^T_l); hidden states
 do not depend on it, so p^T is recomputed exactly there too.
+
+A tokenizer that pads on the left is refused: Axolotl's collator then puts padding before each row, and the
+last padding token, labelled with the row's first token, trains on the teacher's p^T at that padding token,
+which no cache of the rows holds (seen: gradients 1e-4 apart, though the loss agreed to 1e-7).
 """
 
 from __future__ import annotations
@@ -32,6 +36,12 @@ from mft_plugin.teacher.cache import cache_layout, cached_teacher, layout_reason
 from mft_plugin.teacher.sources import FrozenCopyTeacher, SharedBaseTeacher, Teacher
 from mft_plugin.teacher.stored import NO_ROW, token_indices
 
+LEFT_PADDING = (
+    "teacher_cache: the tokenizer pads on the left (padding_side: left; Axolotl sets it for Mistral-derived models "
+    "with flash attention and no packing): the padding token before each row is then trained to predict the row's "
+    "first token, against the teacher's p^T at that padding token, which no cache of the rows holds; remove "
+    "teacher_cache, or use a tokenizer that pads on the right"
+)
 PACKED_LAYOUT = (
     "sample_packing: Axolotl's multipack labels each packed-in row's last token with the next row's first "
     "token, which a per-row cache of p^T_l cannot know; hidden states do not depend on the label"
@@ -61,12 +71,11 @@ class TokenIndexCollator:
 
     ``inner`` gets the features without the column (its ``tokenizer.pad`` would leave a per-token column
     unpadded); each of its rows is the concatenation of one pack's rows (multipack: a list of rows) or one
-    row, padded on the tokenizer's side. The indices are concatenated in the same order, padded with
-    :data:`NO_ROW`, and checked against the input ids: a collator that laid the tokens out otherwise fails
-    here, never reads another token's p^T."""
+    row, padded on the right. The indices are concatenated in the same order, padded with :data:`NO_ROW`,
+    and checked against the input ids: a collator that laid the tokens out otherwise fails here, never
+    reads another token's p^T."""
 
     inner: Collator
-    padding_side: str = "right"
 
     def __call__(self, features: list[Any]) -> dict[str, torch.Tensor]:
         packs = [pack if isinstance(pack, list) else [pack] for pack in features]
@@ -75,12 +84,10 @@ class TokenIndexCollator:
         stripped = [[{k: v for k, v in row.items() if k != TOKEN_COLUMN} for row in pack] for pack in packs]
         batch = dict(self.inner([pack if isinstance(given, list) else pack[0] for pack, given in zip(stripped, features)]))
         laid_out = torch.full(batch["input_ids"].shape, NO_ROW, dtype=torch.long)
-        width = laid_out.shape[1]
         for row, (index, row_ids) in enumerate(zip(indices, ids, strict=True)):
-            where = slice(0, len(index)) if self.padding_side == "right" else slice(width - len(index), width)
-            if not torch.equal(batch["input_ids"][row, where].cpu(), torch.as_tensor(row_ids, dtype=batch["input_ids"].dtype)):
+            if not torch.equal(batch["input_ids"][row, : len(index)].cpu(), torch.as_tensor(row_ids, dtype=batch["input_ids"].dtype)):
                 raise RuntimeError(f"{type(self.inner).__name__} did not lay out row {row}'s input ids as concatenated rows")
-            laid_out[row, where] = torch.as_tensor(index, dtype=torch.long)
+            laid_out[row, : len(index)] = torch.as_tensor(index, dtype=torch.long)
         batch[TOKEN_COLUMN] = laid_out
         return batch
 
@@ -102,7 +109,10 @@ class AxolotlTeacherCache:
         collator: Collator,
     ) -> tuple[Teacher, Dataset, Collator, str]:
         """The cache of Axolotl's training ``rows`` (built with ``make_teacher()`` if missing), the rows with
-        their cache index column, the collator that carries it, and the startup line's words for it."""
+        their cache index column, the collator that carries it, and the startup line's words for it.
+        ValueError (:data:`LEFT_PADDING`) before anything is built where the tokenizer pads on the left."""
+        if getattr(getattr(collator, "tokenizer", None), "padding_side", "right") != "right":
+            raise ValueError(LEFT_PADDING)
         config = self.config
         if self.packed:  # see the module docstring
             config = config.model_copy(update={"teacher_cache": config.teacher_cache.model_copy(update={"layout": "hidden_states"})})
@@ -114,5 +124,4 @@ class AxolotlTeacherCache:
         if not self.packed:
             return teacher, rows.add_column(ROW_COLUMN, indexed[ROW_COLUMN]), collator, described
         tokens = [token_indices(row, len(ids)) for row, ids in zip(indexed[ROW_COLUMN], rows["input_ids"], strict=True)]
-        padding_side = getattr(getattr(collator, "tokenizer", None), "padding_side", "right")
-        return teacher, rows.add_column(TOKEN_COLUMN, tokens), TokenIndexCollator(collator, padding_side), described
+        return teacher, rows.add_column(TOKEN_COLUMN, tokens), TokenIndexCollator(collator), described
