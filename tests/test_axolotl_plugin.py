@@ -423,6 +423,10 @@ def test_the_plugin_refuses_what_it_cannot_do_for_the_loss() -> None:
     assert unsupported({"teacher_cache": {}, "loss_impl": "naive"}, []) == [
         "teacher_cache needs the chunked loss: set loss_impl: auto or chunked, or remove teacher_cache"
     ]
+    assert unsupported({"teacher_cache": {}, "fsdp_config": {"fsdp_version": 2}}, []) == [
+        "teacher_cache: needs the fused loss, which is not used with fsdp/deepspeed inside axolotl train yet (mft-run "
+        "fuses it there, inside the LM head's forward); remove teacher_cache"
+    ]
     (unused,) = unsupported({"teacher_cache": {}, "remove_unused_columns": True}, [])
     assert unused.startswith("remove_unused_columns: true: the teacher cache's index column is needed by the loss")
     for layout in ({"layout": "projected"}, {"top_k": 8}):

@@ -100,7 +100,10 @@ def unsupported(cfg: Mapping[str, Any], mitigations: Sequence[Mitigation]) -> li
     problems += evaluation_problems(cfg)
     sharded = config_view(cfg).engine_name != "ddp"
     cache = None if cfg.get("teacher_cache") is None else TeacherCacheConfig.model_validate(cfg["teacher_cache"])
-    for problem in (loss_impl_problem(cfg.get("loss_impl") or "auto", cache, sharded), packing_problem(cfg)):
+    if sharded and cache is not None:  # whatever mft-run does there: the cache needs the fused loss
+        problems.append(f"teacher_cache: needs the fused loss, which is not used with fsdp/deepspeed {PLUGIN_UNFUSED}; remove teacher_cache")
+    # sharded=False: the one engine problem of these keys, the cache's, is said above in the plugin's words
+    for problem in (loss_impl_problem(cfg.get("loss_impl") or "auto", cache, False), packing_problem(cfg)):
         problems += [problem] if problem else []
     if sharded and cfg.get("loss_impl") == "chunked":
         problems.append(f"loss_impl: chunked cannot be used with fsdp/deepspeed {PLUGIN_UNFUSED}; use loss_impl: auto or naive")
