@@ -130,12 +130,14 @@ NOT_ROW_SHAPING = frozenset({  # keys that cannot change a tokenized row; every 
 
 def data_key(config: MFTConfigBase) -> str:
     """The key of the tokenized data of ``config`` (``dataset_prepared_path``): its data files and
-    tokenizer by content and every key that may shape a row. ``val_set_size`` and ``seed`` count only
-    when the held-out set is split off the training data."""
+    tokenizer by content and every key that may shape a row. ``val_set_size`` counts only when the
+    held-out set is split off the training data, and ``seed`` only when it draws rows (that split, or
+    an entry's ``shards``)."""
     specs = [*config.datasets, *(config.test_datasets or []), *(config.general_eval_datasets or [])]
     files = [spec.path for spec in specs] + [f for spec in specs for f in _data_files(spec.data_files)]
     split = bool(config.val_set_size and not config.test_datasets)
-    ignored = NOT_ROW_SHAPING | (set() if split else {"val_set_size", "seed"})
+    drawn = split or any(spec.shards is not None for spec in specs)
+    ignored = NOT_ROW_SHAPING | (set() if split else {"val_set_size"}) | (set() if drawn else {"seed"})
     settings = config.model_dump(mode="json", exclude=set(ignored))
     return cache_key("tokenized data", config, files=files, settings=settings, model=False)
 

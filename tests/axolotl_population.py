@@ -63,6 +63,9 @@ def copy_population(examples: Path) -> int:
 def _record(entry: dict[str, Any]) -> dict[str, Any]:
     """One record with the columns a ``datasets`` entry of Axolotl reads, by its ``type``."""
     kind = entry.get("type")
+    if "type" in entry and kind is None:  # Axolotl's pre-tokenized data: token ids of the shipped tokenizer
+        ids = [1, 100, 200, 300, 2]
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100, *ids[1:]]}
     if kind == "chat_template":
         mapping = entry.get("message_property_mappings") or {}
         role = mapping.get("role") or entry.get("message_field_role") or "role"

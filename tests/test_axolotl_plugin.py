@@ -469,6 +469,7 @@ def test_mft_run_axolotl_fails_when_training_ends_without_the_plugins_metrics(
     out = tmp_path / "out"
     config = write_yaml(tmp_path / "a.yml", {"output_dir": str(out), "plugins": [command.PLUGIN]})
     monkeypatch.setattr(command, "plugin_problems", lambda path, cfg: [])
+    monkeypatch.setattr(command, "config_problems", lambda path, cfg: [])
     calls: list[list[str]] = []
 
     def train(path: str, extra: list[str], write: bool) -> int:
@@ -486,6 +487,27 @@ def test_mft_run_axolotl_fails_when_training_ends_without_the_plugins_metrics(
 
 
 # --- with Axolotl -----------------------------------------------------------------------------
+
+
+@needs_axolotl
+def test_mft_run_axolotl_says_what_the_plugin_refuses_in_one_message_before_axolotl_starts(
+    axolotl_config: dict[str, Any], corpora: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    from mft_plugin.axolotl import command
+
+    monkeypatch.setattr(command, "axolotl_train", lambda path, extra: pytest.fail("axolotl train started"))
+    replay = [{"name": "replay", "datasets": [{"path": str(corpora["general_val"])}]}]
+    packed = write_yaml(tmp_path / "packed.yml", _with_plugin(axolotl_config, tmp_path, "a", mitigations=replay, sample_packing=True))
+    out_of_range = write_yaml(tmp_path / "tau.yml", _with_plugin(axolotl_config, tmp_path, "b", objective={"name": "mft", "tau": 2.5}))
+    for config, message in [
+        (packed, f"{packed}: sample_packing: true with mitigations: ['replay'] (data stage)"),
+        (out_of_range, "objective.tau: Input should be less than or equal to 1 (got 2.5)"),
+    ]:
+        assert command.main([str(config)]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("mft-run axolotl: not starting, invalid config:\n  ") and message in error
+        assert "Traceback" not in error
 
 
 @needs_axolotl

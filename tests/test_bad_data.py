@@ -103,6 +103,40 @@ def test_a_local_file_is_sliced_as_datasets_slices_a_split(tmp_path: Path) -> No
             list(read_records(DatasetSource(path=str(path), split=split)))
 
 
+def test_shards_keep_the_records_axolotl_keeps(tmp_path: Path) -> None:
+    """``shards``/``shards_idx``: Axolotl's ``dataset.shuffle(seed=cfg.seed).shard(shards, shards_idx)``, run
+    here on datasets' own Dataset of the records; every shard of one seed together is the whole file, once."""
+    from datasets import Dataset
+
+    from mft_plugin.config.schema import DatasetSource
+    from mft_plugin.data.documents import read_records
+
+    texts = [f"document {i}" for i in range(23)]
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(jsonl(*({"text": text} for text in texts)))
+    shards = []
+    for index in range(3):
+        spec = DatasetSource(path=str(path), shards=3, shards_idx=index)
+        axolotls = Dataset.from_list([{"text": text} for text in texts]).shuffle(seed=7).shard(num_shards=3, index=index)["text"]
+        shards.append([record["text"] for _, record in read_records(spec, seed=7)])
+        assert shards[-1] == axolotls
+    assert sorted(text for shard in shards for text in shard) == sorted(texts)
+    other_seed = [record["text"] for _, record in read_records(DatasetSource(path=str(path), shards=3), seed=8)]
+    assert len(other_seed) == len(shards[0]) and other_seed != shards[0]
+
+
+def test_a_hub_dataset_is_loaded_at_its_revision(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    from mft_plugin.config.schema import DatasetSource
+    from mft_plugin.data.documents import read_records
+
+    asked: dict[str, object] = {}
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, **kwargs: asked.update(kwargs, path=path) or [{"text": "a"}])
+    assert [record for _, record in read_records(DatasetSource(path="org/corpus", revision="v2", split="train[:10]"))] == [{"text": "a"}]
+    assert asked == {"path": "org/corpus", "name": None, "data_files": None, "split": "train[:10]", "revision": "v2"}
+
+
 def test_line_separators_inside_a_jsonl_string_are_text(tmp_path: Path) -> None:
     """JSON Lines ends a record at \\n alone: U+2028, U+2029 or NEL written raw in a string stay in its record."""
     from mft_plugin.config.schema import DatasetSource

@@ -340,8 +340,9 @@ def test_auto_picks_chunked_and_falls_back_to_naive_where_it_cannot_apply(base_c
     assert select_loss_impl(validate_config({**base_config, "loss_impl": "naive"}), mft, model) is None
     assert select_loss_impl(validate_config(base_config), OwnLossObjective(), model) is None
     for engine in ({"fsdp": True}, {"deepspeed": str(REPO / "yaml_examples/deepspeed/zero3.json")}):
-        sharded = select_loss_impl(validate_config({**base_config, **engine}), mft, model)
-        assert isinstance(sharded, ChunkedLoss) and sharded.in_head  # inside the head's forward, where it is gathered
+        for cache in ({}, {"teacher_cache": {}}):  # no engine refuses the fused loss or the teacher cache
+            sharded = select_loss_impl(validate_config({**base_config, **engine, **cache}), mft, model)
+            assert isinstance(sharded, ChunkedLoss) and sharded.in_head  # inside the head's forward, where it is gathered
     assert not select_loss_impl(validate_config(base_config), mft, model).in_head
 
 
@@ -358,7 +359,6 @@ def test_explicit_chunked_or_a_cache_fails_where_chunked_cannot_apply(base_confi
     [
         ({"loss_impl": "fused"}, "loss_impl: Input should be 'auto', 'naive' or 'chunked'"),
         ({"loss_impl": "naive", "teacher_cache": {}}, "teacher_cache needs the chunked loss"),
-        ({"teacher_cache": {}, "fsdp": True}, "teacher_cache cannot be used with fsdp/deepspeed yet"),
         ({"teacher_cache": {"top_k": 0}}, "teacher_cache.top_k: Input should be greater than or equal to 1"),
         ({"teacher_cache": {"topk": 8}}, "teacher_cache.topk: unknown key"),
     ],

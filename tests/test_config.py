@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mft_plugin.config.errors import ConfigError, load_config
 
@@ -113,6 +114,42 @@ def test_unknown_key_in_a_dataset(tmp_path: Path, train_file: Path) -> None:
         """,
     )
     assert problems(path) == [f"{path}:5: datasets.1.feild: unknown key; did you mean 'field'?"]
+
+
+def test_axolotls_dataset_keys_that_a_format_does_not_read_say_why(tmp_path: Path, train_file: Path) -> None:
+    path = write(
+        tmp_path,
+        f"""
+        base_model: {NO_MODEL}
+        datasets:
+          - path: {train_file}
+            type: completion
+            field_messages: messages
+            field_tools: tools
+        """,
+    )
+    assert problems(path) == [
+        f"{path}:5: datasets.0.field_messages: not a key of type 'completion': Axolotl's dataset key read by type 'chat_template'; remove it",
+        f"{path}:6: datasets.0.field_tools: Axolotl's dataset key is not read by mft-run: tool definitions passed to the chat "
+        "template are not supported yet; remove it",
+    ]
+
+
+def test_axolotls_dataset_loading_keys_are_checked(tmp_path: Path, train_file: Path) -> None:
+    entries = [
+        {"shards": 3, "shards_idx": 3}, {"shards": 2, "preprocess_shards": 2}, {"revision": "main"}, {"trust_remote_code": True},
+    ]  # fmt: skip
+    path = write(tmp_path, f"base_model: {NO_MODEL}\n" + yaml.safe_dump({"datasets": [{"path": str(train_file), **e} for e in entries]}))
+    found = [problem.split(": ", 1)[1] for problem in problems(path)]
+    assert found == [
+        "datasets.0.shards_idx: 3 is not a shard of shards: 3 (allowed: 0 to 2)",
+        "datasets.1.preprocess_shards: tokenizes all the rows in pieces, and shards keeps one piece: give one of them (Axolotl documents them as exclusive)",
+        f"datasets.2.revision: 'main' selects a revision of a hub dataset, and {train_file} is a local file or folder: remove revision",
+        "datasets.3.trust_remote_code: true asks datasets to run a loading script, which datasets 4 and later no longer do; "
+        "a hub dataset of data files needs no remote code: remove it",
+    ]
+    fine = write(tmp_path, f"base_model: {NO_MODEL}\n" + yaml.safe_dump({"datasets": [{"path": str(train_file), "shards": 4, "shards_idx": 3, "trust_remote_code": False}, {"path": str(train_file), "preprocess_shards": 8}]}), "fine.yml")
+    assert load_config(fine).datasets[0].shards == 4
 
 
 def test_unknown_objective_parameter(tmp_path: Path, train_file: Path) -> None:

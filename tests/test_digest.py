@@ -44,6 +44,8 @@ def test_every_key_but_the_declared_row_neutral_ones_shapes_the_tokenized_data_k
     assert data_key(config) != data_key(validate_config({**base_config, "train_on_inputs": True}))
     assert data_key(config) != data_key(validate_config({**base_config, "tokens": ["<court>"]}))
     assert data_key(config) == data_key(validate_config({**base_config, "learning_rate": 1.0, "seed": 1}))
+    sharded = {**base_config, "datasets": [{**base_config["datasets"][0], "shards": 2}]}  # the seed draws the shard's rows
+    assert data_key(validate_config(sharded)) != data_key(validate_config({**sharded, "seed": 1}))
     assert {"train_on_inputs", "sample_packing", "eval_sample_packing", "special_tokens", "tokens"}.isdisjoint(NOT_ROW_SHAPING)
 
 

@@ -373,21 +373,35 @@ def test_fsdp2_lora_equals_one_process(base_config: dict[str, Any], tmp_path: Pa
 # The fused loss where the engine gathers the LM head (FSDP2, ZeRO-3): computed inside the head's forward
 # (mft_plugin.models.heads.fused_forward), against one process (which fuses it after the forward).
 
+# With teacher_cache: {} as well (both runs build their own): the hidden-state layout for full MFT (built
+# before fully_shard under FSDP2; under ZeRO-3 at train begin, every rank running the partitioned frozen copy in
+# lockstep), the projected layout for LoRA (under ZeRO-3 from the partitioned base inside the training engine).
+ZERO3 = {"deepspeed": str(REPO / "yaml_examples/deepspeed/zero3.json")}
+LORA = [{"name": "lora", "r": 4}]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("engine", "mitigations"),
+    ("engine", "mitigations", "cache"),
     [
-        ({"fsdp": True}, []),
-        ({"deepspeed": str(REPO / "yaml_examples/deepspeed/zero3.json")}, []),
-        ({"deepspeed": str(REPO / "yaml_examples/deepspeed/zero3.json")}, [{"name": "lora", "r": 4}]),
+        ({"fsdp": True}, [], None),
+        (ZERO3, [], None),
+        (ZERO3, LORA, None),
+        ({"fsdp": True}, [], "hidden_states"),
+        (ZERO3, [], "hidden_states"),
+        (ZERO3, LORA, "projected"),
     ],
-    ids=["fsdp2_full", "zero3_full", "zero3_lora"],
+    ids=["fsdp2_full", "zero3_full", "zero3_lora", "fsdp2_full_cache", "zero3_full_cache", "zero3_lora_cache"],
 )
 def test_the_chunked_loss_inside_a_gathered_head_equals_one_process(
-    base_config: dict[str, Any], tmp_path: Path, engine: dict[str, Any], mitigations: list[dict[str, Any]]
+    base_config: dict[str, Any], tmp_path: Path, engine: dict[str, Any], mitigations: list[dict[str, Any]], cache: str | None
 ) -> None:
     # loss_impl: chunked, not auto: a run that could not fuse would stop at startup rather than train plain
-    _compare_runs(base_config, tmp_path, {"loss_impl": "chunked", "mitigations": mitigations}, engine)
+    extra = {"loss_impl": "chunked", "mitigations": mitigations, **({"teacher_cache": {}} if cache else {})}
+    _compare_runs(base_config, tmp_path, extra, engine)
+    if cache is not None:  # the 2-process run trained from a complete cache of that layout, not an online teacher
+        (meta,) = (tmp_path / "two" / "teacher_cache").glob("*/meta.json")
+        assert json.loads(meta.read_text())["kind"] == cache
 
 
 # --- the frozen teacher sharded like the student ---------------------------------------------

@@ -173,7 +173,7 @@ def chat_file(tmp_path: Path) -> Path:
     ("entry", "expected"),
     [
         ({"type": "alpacca"}, "datasets.0: unknown format 'alpacca'; available: alpaca, chat_template, completion, "
-                              "input_output, jeopardy; did you mean 'alpaca'?"),
+                              "input_output, jeopardy, pretokenized; did you mean 'alpaca'?"),
         ({"type": "chat_template", "chat_template": "llama99"},
          "datasets.0.chat_template: 'llama99' is not a chat template: use tokenizer_default, jinja (with "
          "chat_template_jinja), one of Axolotl's named templates (alpaca, aya, chatml, "),
@@ -269,6 +269,31 @@ def test_jeopardy_is_axolotls_clue_category_and_answer_in_the_alpaca_prompt(toke
     assert texts(tokenizer, row) == (f"<s>{prompt}what is clause 4</s>", "what is clause 4</s>")
 
 
+def test_pretokenized_records_are_used_as_they_are(tokenizer: PreTrainedTokenizerBase) -> None:
+    ids = tokenizer("The licensee shall pay.")["input_ids"]
+    labelled = {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [IGNORE_INDEX, IGNORE_INDEX, *ids[2:]]}
+    assert data_format("pretokenized").tokenize(labelled, tokenizer, False) == {"input_ids": ids, "labels": labelled["labels"]}
+    assert data_format("pretokenized").tokenize({"input_ids": ids}, tokenizer, False) == {"input_ids": ids, "labels": ids}
+    for record, message in [
+        ({"input_ids": [*ids, len(tokenizer)]}, "past the tokenizer's"),
+        ({"input_ids": ids, "labels": ids[1:]}, "have"),
+        ({"input_ids": ids, "labels": [*ids[1:], IGNORE_INDEX]}, "each position's input id or -100"),  # shifted already
+        ({"input_ids": ids, "attention_mask": [1] * (len(ids) - 1) + [0]}, "padding inside a record"),
+        ({"input_ids": "1 2 3"}, "'input_ids' must be a list of integers"),
+    ]:
+        with pytest.raises(RecordError, match=message):
+            data_format("pretokenized").tokenize(record, tokenizer, False)
+
+
+def test_an_empty_type_is_axolotls_pretokenized_data(base_config: dict[str, Any], tmp_path: Path) -> None:
+    data = tmp_path / "ids.jsonl"
+    data.write_text(json.dumps({"input_ids": [1, 100, 2], "attention_mask": [1, 1, 1], "labels": [-100, 100, 2]}) + "\n")
+    config = validate_config({**base_config, "datasets": [{"path": str(data), "type": None}]})
+    assert config.datasets[0].type == "pretokenized"
+    with pytest.raises(ConfigError, match="input_ids"):  # a text file is not token ids
+        validate_config({**base_config, "datasets": [{**base_config["datasets"][0], "type": None}]})
+
+
 def test_general_data_stays_raw_text(base_config: dict[str, Any], tmp_path: Path) -> None:
     entry = {"path": str(chat_file(tmp_path)), "type": "chat_template"}
     with pytest.raises(ConfigError, match=r"general_eval_datasets\.0\.type: Input should be 'completion'"):
@@ -280,4 +305,4 @@ def test_formats_are_listed_with_their_keys(capsys: pytest.CaptureFixture[str]) 
 
     assert main(["--list"]) == 0
     rows = [line.split()[:3] for line in capsys.readouterr().out.splitlines() if line.startswith("format ")]
-    assert [name for _, name, dist in rows if dist == "mft-plugin"] == ["alpaca", "chat_template", "completion", "input_output", "jeopardy"]
+    assert [name for _, name, dist in rows if dist == "mft-plugin"] == ["alpaca", "chat_template", "completion", "input_output", "jeopardy", "pretokenized"]

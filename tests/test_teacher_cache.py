@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -21,7 +22,16 @@ from mft_plugin.data.labels import safe_labels, shift_for_causal_lm
 from mft_plugin.loss.chunked import ChunkedLoss
 from mft_plugin.loss.corrected import masked_mean
 from mft_plugin.models.heads import output_head
-from mft_plugin.teacher.cache import META_FILE, cache_folder, teacher_cache_key, cached_teacher, open_fields, write_cache
+from mft_plugin.teacher.cache import (
+    BUILD_BATCH_ROWS,
+    META_FILE,
+    cache_folder,
+    cached_teacher,
+    open_fields,
+    plan_cache,
+    teacher_cache_key,
+    write_cache,
+)
 from mft_plugin.teacher.hidden_states import HiddenStateCache, HiddenStates
 from mft_plugin.teacher.sources import FrozenCopyTeacher
 from mft_plugin.teacher.top_k import CachedTeacherChunks, TopK, TopKCache
@@ -195,6 +205,31 @@ def test_a_second_run_on_the_same_base_and_data_reuses_the_cache(base_config: di
     assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temporary left behind
 
 
+def test_in_lockstep_the_main_process_decides_and_writes_and_the_others_run_every_batch_and_read_it(
+    base_config: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ZeRO-3's build (``CachePlan.built_in_lockstep``), one process standing in for each rank."""
+    config, data = cache_config(base_config, tmp_path), blocks(rows=2 * BUILD_BATCH_ROWS + 1)
+    plan, _ = plan_cache(config, data, COLLATOR, tiny_llama(0))
+    main = SimpleNamespace(is_main_process=True, device=torch.device("cpu"), wait_for_everyone=lambda: None)
+    built: list[int] = []
+    written = plan.built_in_lockstep(make_teacher_counting(built), main)
+    plan.built_in_lockstep(make_teacher_counting(built), main)  # usable: the main process tells the others not to build
+    assert len(built) == 1
+    files = {path.name: path.stat().st_mtime_ns for path in plan.folder.iterdir()}
+
+    other_rank = FrozenCopyTeacher(tiny_llama(1))
+    forwards: list[int] = []
+    other_rank.model.register_forward_hook(lambda *_: forwards.append(1))
+    monkeypatch.setattr("mft_plugin.teacher.cache.broadcast_object_list", lambda decision: [True])  # the main said: build
+    read = plan.built_in_lockstep(lambda: other_rank, SimpleNamespace(**{**vars(main), "is_main_process": False}))
+    assert len(forwards) == 3  # every batch the main process ran, so that a collective forward never waits
+    assert {path.name: path.stat().st_mtime_ns for path in plan.folder.iterdir()} == files  # nothing written
+    assert [p.name for p in plan.folder.parent.iterdir()] == [plan.folder.name]
+    batch = training_batch(data, [0, 16])
+    assert torch.equal(read.targets(batch).hidden, written.targets(batch).hidden)
+
+
 def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
@@ -263,16 +298,25 @@ def test_runs_with_the_hidden_state_cache_and_online_train_alike_and_share_one_c
     assert len(list((tmp_path / "caches").iterdir())) == 1
 
 
-def test_with_an_adapter_the_hidden_state_cache_uses_the_shared_base_head(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_with_an_adapter_the_hidden_state_cache_uses_the_shared_base_head_or_its_stored_copy(
+    base_config: dict[str, Any], tmp_path: Path, engine: str
+) -> None:
+    """Under FSDP2 and DeepSpeed the student's head is whole only inside its forward: the stored copy serves."""
     from peft import LoraConfig, get_peft_model
 
+    from mft_plugin.teacher.cache import cache_layout
     from mft_plugin.teacher.sources import SharedBaseTeacher
 
     student = get_peft_model(tiny_llama(0), LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    teacher, data, layout = SharedBaseTeacher(student), blocks(), HiddenStates()
+    config = cache_config({**base_config, "fsdp": engine == "fsdp"}, tmp_path, layout="hidden_states")
+    teacher, data, layout = SharedBaseTeacher(student), blocks(), cache_layout(config, student)
     write_cache(teacher, data, COLLATOR, tmp_path / "cache", layout)
     cache = layout.open(open_fields(tmp_path / "cache", layout.kind), student)
-    assert cache.shared_head is output_head(student) and cache.weight is None  # no copy of the head
+    if engine == "ddp":
+        assert cache.shared_head is output_head(student) and cache.weight is None  # no copy of the head
+    else:
+        assert cache.shared_head is None and cache.weight is not None
     batch = training_batch(data, [4, 1])
     labels = shift_for_causal_lm(batch["labels"])
     online, stored = teacher.targets(batch), cache.targets(batch)

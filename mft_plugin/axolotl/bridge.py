@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
-from pydantic import BaseModel, create_model
+from pydantic import BaseModel, ValidationError, create_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
 from mft_plugin.axolotl.cache import AxolotlTeacherCache, packing_problem
+from mft_plugin.config.errors import ConfigError, format_errors, read_yaml
 from mft_plugin.config.loss import TeacherCacheConfig, loss_impl_problem
 from mft_plugin.config.schema import NEEDS_VALIDATION_SET, MFTConfigBase, strategies_model
 from mft_plugin.eval.metrics import GENERAL, SPEC
@@ -73,8 +74,26 @@ def args_model(registry: Registry) -> type[BaseModel]:
 
 
 def plugin_args(cfg: Mapping[str, Any], registry: Registry) -> BaseModel:
-    """Our keys of an Axolotl config, validated (default objective: mft)."""
-    return args_model(registry).model_validate({key: cfg[key] for key in PLUGIN_KEYS if cfg.get(key) is not None})
+    """Our keys of an Axolotl config, validated (default objective: mft); :class:`ConfigError` names each
+    bad key as mft-run names it (with its line, when Axolotl says which YAML file the config came from)."""
+    model = args_model(registry)
+    try:
+        return model.model_validate({key: cfg[key] for key in PLUGIN_KEYS if cfg.get(key) is not None})
+    except ValidationError as error:
+        source = config_source(cfg)
+        root = read_yaml(source)[1] if Path(source).is_file() else None
+        raise ConfigError(format_errors(error, model, source, root, set())) from None
+
+
+def config_source(cfg: Mapping[str, Any]) -> str:
+    """The YAML file an Axolotl config was read from (Axolotl's ``load_cfg`` records it), for messages."""
+    return str(cfg.get("axolotl_config_path") or "<axolotl config>")
+
+
+def refusal(cfg: Mapping[str, Any], mitigations: Sequence[Mitigation]) -> ConfigError | None:
+    """:func:`unsupported`'s problems as one :class:`ConfigError`, each line naming the file (None: none)."""
+    problems = unsupported(cfg, mitigations)
+    return ConfigError([f"{config_source(cfg)}: {problem}" for problem in problems]) if problems else None
 
 
 def selected_strategies(cfg: Mapping[str, Any], registry: Registry) -> tuple[Objective, list[Mitigation]]:
@@ -100,10 +119,9 @@ def unsupported(cfg: Mapping[str, Any], mitigations: Sequence[Mitigation]) -> li
     problems += evaluation_problems(cfg)
     sharded = config_view(cfg).engine_name != "ddp"
     cache = None if cfg.get("teacher_cache") is None else TeacherCacheConfig.model_validate(cfg["teacher_cache"])
-    if sharded and cache is not None:  # whatever mft-run does there: the cache needs the fused loss
+    if sharded and cache is not None:  # mft-run runs the cache there; the cache needs the fused loss, which the plugin does not
         problems.append(f"teacher_cache: needs the fused loss, which is not used with fsdp/deepspeed {PLUGIN_UNFUSED}; remove teacher_cache")
-    # sharded=False: the one engine problem of these keys, the cache's, is said above in the plugin's words
-    for problem in (loss_impl_problem(cfg.get("loss_impl") or "auto", cache, False), packing_problem(cfg)):
+    for problem in (loss_impl_problem(cfg.get("loss_impl") or "auto", cache), packing_problem(cfg)):
         problems += [problem] if problem else []
     if sharded and cfg.get("loss_impl") == "chunked":
         problems.append(f"loss_impl: chunked cannot be used with fsdp/deepspeed {PLUGIN_UNFUSED}; use loss_impl: auto or naive")

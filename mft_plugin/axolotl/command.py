@@ -5,7 +5,8 @@ mft-plugin not installed in Axolotl's environment, a missing dependency) it logs
 drops our keys as unknown, trains plain finetuning and exits 0. This command loads every plugin
 of the YAML first, exactly as Axolotl will (its own ``load_plugin``), and refuses to start unless
 they all load and ``mft_plugin.axolotl.MFTPlugin`` is among them; then it runs ``axolotl train``
-with the same arguments, and fails if the run ends without the ``metrics.json`` the plugin writes
+with the same arguments (after asking the plugin what it refuses in the config, so that a refusal is
+one message and exit 2), and fails if the run ends without the ``metrics.json`` the plugin writes
 when training ends (proof that the plugin ran).
 """
 
@@ -70,6 +71,23 @@ def plugin_problems(config_path: str, cfg: dict[str, Any]) -> list[str]:
     return problems
 
 
+def config_problems(config_path: str, cfg: dict[str, Any]) -> list[str]:
+    """What the plugin refuses in this config, as its ``register`` hook will inside ``axolotl train``
+    (the same call, on the YAML as Axolotl hands it over), asked here so that the refusal is said in
+    one line per problem and exit 2, not below the two tracebacks of Axolotl's process and of
+    ``accelerate launch``. Options given to ``axolotl train`` on the command line are checked there."""
+    from axolotl.utils.dict import DictDefault
+
+    from mft_plugin.axolotl.plugin import MFTPlugin
+    from mft_plugin.config.errors import ConfigError
+
+    try:
+        MFTPlugin().register(DictDefault({**cfg, "axolotl_config_path": config_path}))
+    except ConfigError as error:
+        return error.problems
+    return []
+
+
 def axolotl_train(config_path: str, extra: Sequence[str]) -> int:
     """``axolotl train CONFIG [extra]`` from this environment (it runs ``accelerate launch`` from PATH)."""
     bin_dir = str(Path(sys.executable).parent)
@@ -90,6 +108,9 @@ def main(argv: Sequence[str]) -> int:
     problems = misspelled_keys(config_path, cfg) or plugin_problems(config_path, cfg)
     if problems:
         print("mft-run axolotl: not starting, Axolotl would not run MFT:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 2
+    if problems := config_problems(config_path, cfg):
+        print("mft-run axolotl: not starting, invalid config:\n  " + "\n  ".join(problems), file=sys.stderr)
         return 2
     metrics = Path(cfg.get("output_dir") or AXOLOTL_DEFAULT_OUTPUT_DIR) / METRICS_FILE
     started = time.time()

@@ -31,20 +31,20 @@ from mft_plugin.axolotl.bridge import (
     evaluation_sets,
     loss_chooser,
     plugin_args,
+    refusal,
     required_keys,
     resolved_config,
     run_config,
     run_context,
     scheduled_steps,
-    selected_strategies,
     trainer_class,
-    unsupported,
 )
 from mft_plugin.registry import default_registry
 from mft_plugin.strategy import Mitigation, Objective
 from mft_plugin.train.budget import Budget
 from mft_plugin.train.engine import Engine
 from mft_plugin.train.outputs import final_metrics, load_base_perplexities, save_base_perplexities, write_run_files
+from mft_plugin.train.recipe import build_strategies
 from mft_plugin.train.trainer import MFTTrainer
 
 LOG = logging.getLogger("axolotl.integrations.mft_plugin")  # under Axolotl's logger: in its log, rank 0
@@ -83,10 +83,9 @@ class MFTPlugin(BasePlugin):
     def register(self, cfg: dict[str, Any]) -> None:
         registry = default_registry()
         self.args = plugin_args(cfg, registry)
-        self.objective, self.mitigations = selected_strategies(cfg, registry)
-        problems = unsupported(cfg, self.mitigations)
-        if problems:
-            raise ValueError("mft_plugin.axolotl.MFTPlugin:\n  " + "\n  ".join(problems))
+        self.objective, self.mitigations = build_strategies(self.args, registry)  # type: ignore[arg-type]
+        if problem := refusal(cfg, self.mitigations):
+            raise problem  # before any data or weights load; `mft-run axolotl` says it in one line, exit 2
         for key, (value, _) in required_keys(cfg, self.mitigations).items():
             cfg[key] = value
         for key, value in best_checkpoint_keys(cfg).items():

@@ -228,6 +228,35 @@ NO_EFFECT: dict[str, str] = {
 }
 
 
+_KD = "a knowledge-distillation target of Axolotl's KD plugin; MFT's teacher is the frozen base model (teacher:)"
+_SHAREGPT = "a key of Axolotl's removed sharegpt types; with type: chat_template, map message keys with message_property_mappings and roles"
+# Axolotl's dataset-entry keys (its SFTDataset) that no mft-run data format reads, each with why. A key that
+# another format reads (``field`` of completion, ``field_messages`` of chat_template) is said to be theirs.
+DATASET_KEYS_NOT_READ: dict[str, str] = {
+    "conversation": "a FastChat conversation template of Axolotl's removed sharegpt types; use type: chat_template with chat_template:",
+    "field_human": _SHAREGPT,
+    "field_model": _SHAREGPT,
+    "input_format": "a prompt-format string of Axolotl's user-defined prompt types; mft-run's formats are listed by mft-run --list",
+    "input_transform": "the message transform of Axolotl's `messages` type; use type: chat_template",
+    "field_tools": "tool definitions passed to the chat template are not supported yet",
+    "message_field_training": "per-message training flags are not supported yet; choose the trained turns with roles_to_train",
+    "message_field_training_detail": "per-span training flags are not supported yet",
+    "split_thinking": "splitting <think> traces out of the content is not supported yet; give the trace in field_thinking",
+    "logprobs_field": _KD,
+    "temperature": _KD,
+}
+
+
+def dataset_key_problem(key: str, entry_type: str, readers: list[str]) -> str | None:
+    """Why an Axolotl dataset-entry key is an error in a ``type: entry_type`` entry: the formats that read it
+    (``readers``), or why none does. None: not an Axolotl dataset key (the caller says "unknown key")."""
+    if readers:
+        return f"not a key of type {entry_type!r}: Axolotl's dataset key read by type {', '.join(map(repr, readers))}; remove it"
+    if key in DATASET_KEYS_NOT_READ:
+        return f"Axolotl's dataset key is not read by mft-run: {DATASET_KEYS_NOT_READ[key]}; remove it"
+    return None
+
+
 def no_effect_notes(config: Any) -> list[str]:
     """One start line per :data:`NO_EFFECT` key that ``config`` sets."""
     return [

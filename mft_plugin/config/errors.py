@@ -14,7 +14,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic_core.core_schema import ErrorType
 
-from mft_plugin.config.schema import MFTConfigBase, config_model
+from mft_plugin.config.axolotl_keys import dataset_key_problem
+from mft_plugin.config.schema import DatasetSource, MFTConfigBase, config_model
 from mft_plugin.registry import Registry, default_registry, suggestion
 
 
@@ -131,6 +132,13 @@ def _data_path(loc: tuple[Any, ...], models: dict[tuple[str, ...], type[BaseMode
     return tuple(path)
 
 
+def _dataset_key_problem(key: str, entry: type[BaseModel], models: dict[tuple[str, ...], type[BaseModel]]) -> str | None:
+    """An Axolotl dataset key in an entry whose format does not read it: which formats do, or why none does."""
+    formats = {_union_tag(model): model for model in models.values() if issubclass(model, DatasetSource) and _union_tag(model)}
+    readers = sorted(str(name) for name, model in formats.items() if key in model.model_fields)
+    return dataset_key_problem(key, str(_union_tag(entry)), readers)
+
+
 def _unknown_key(key: str, allowed: list[str]) -> str:
     """A did-you-mean, or the allowed keys when there are few (a strategy's parameters)."""
     hint = suggestion(key, allowed)
@@ -143,6 +151,8 @@ def _describe(error: dict[str, Any], loc: tuple[Any, ...], models: dict[tuple[st
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         parent = models.get(tuple(p for p in loc[:-1] if isinstance(p, str)))
+        if parent is not None and issubclass(parent, DatasetSource) and (problem := _dataset_key_problem(str(loc[-1]), parent, models)):
+            return problem
         return _unknown_key(str(loc[-1]), sorted(parent.model_fields) if parent else [])
     if error["type"] not in _PYDANTIC_ERROR_TYPES:  # ours (PydanticCustomError) already name the value
         return message

@@ -44,16 +44,12 @@ class TeacherCacheConfig(BaseModel):
     )
 
 
-def loss_impl_problem(loss_impl: LossImpl, teacher_cache: TeacherCacheConfig | None, sharded: bool) -> str | None:
-    """Why these keys cannot go together, or None. ``sharded``: fsdp or deepspeed is on (the chunked loss
-    runs there inside the LM head's forward, :func:`mft_plugin.models.heads.fused_forward`)."""
+def loss_impl_problem(loss_impl: LossImpl, teacher_cache: TeacherCacheConfig | None) -> str | None:
+    """Why these keys cannot go together, or None. Every engine serves both (DDP, FSDP2, ZeRO-2/3: the fused
+    loss runs inside the LM head's forward where it is sharded, :func:`mft_plugin.models.heads.fused_forward`,
+    and the cache is built where the engine can run the teacher, :mod:`mft_plugin.teacher.cache`)."""
     if teacher_cache is not None and teacher_cache.top_k is not None and teacher_cache.layout != "auto":
         return f"teacher_cache: top_k is a layout of its own; remove layout: {teacher_cache.layout} or top_k"
     if teacher_cache is not None and loss_impl == "naive":
         return "teacher_cache needs the chunked loss: set loss_impl: auto or chunked, or remove teacher_cache"
-    if sharded and teacher_cache is not None:  # the fused loss itself runs inside the head's forward there
-        return (
-            "teacher_cache cannot be used with fsdp/deepspeed yet (the cache is built and read outside the engine, "
-            "whose LM head weight is sharded; not tested there); use loss_impl: auto or chunked without it"
-        )
     return None

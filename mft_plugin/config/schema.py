@@ -114,6 +114,13 @@ class DatasetSource(StrictModel):
     data_files: str | list[str] | None = None
     name: str | None = Field(None, description="hub dataset configuration name")
     split: str = "train"
+    revision: str | None = Field(None, description="hub dataset revision: a branch, tag or commit")
+    shards: int | None = Field(None, ge=1, description="keep one of this many shards: Axolotl's shuffle (seed) then shard")
+    shards_idx: int = Field(0, ge=0, description="which shard `shards` keeps")
+    preprocess_shards: int | None = Field(
+        None, ge=1, description="Axolotl tokenizes the entry in this many pieces (memory); here in one pass: the same rows"
+    )
+    trust_remote_code: bool = Field(False, description="must stay false: datasets 4 and later run no loading scripts")
 
     @field_validator("path")
     @classmethod
@@ -121,6 +128,40 @@ class DatasetSource(StrictModel):
         if _looks_local(path):
             _check_local_file(path)
         return path
+
+    @field_validator("trust_remote_code")
+    @classmethod
+    def _no_loading_script(cls, trust: bool) -> bool:
+        if trust:
+            message = "true asks datasets to run a loading script, which datasets 4 and later no longer do; a hub dataset of data files needs no remote code: remove it"
+            raise PydanticCustomError("trust_remote_code", message)
+        return trust
+
+    @field_validator("shards_idx")
+    @classmethod
+    def _one_of_the_shards(cls, index: int, info: ValidationInfo) -> int:
+        shards = info.data.get("shards")
+        if shards is not None and index >= shards:
+            message = "{index} is not a shard of shards: {shards} (allowed: 0 to {last})"
+            raise PydanticCustomError("shards_idx", message, {"index": index, "shards": shards, "last": shards - 1})
+        return index
+
+    @field_validator("preprocess_shards")
+    @classmethod
+    def _not_with_shards(cls, pieces: int | None, info: ValidationInfo) -> int | None:
+        if pieces is not None and info.data.get("shards") is not None:
+            message = "tokenizes all the rows in pieces, and shards keeps one piece: give one of them (Axolotl documents them as exclusive)"
+            raise PydanticCustomError("preprocess_shards", message)
+        return pieces
+
+    @field_validator("revision")
+    @classmethod
+    def _revision_of_a_hub_dataset(cls, revision: str | None, info: ValidationInfo) -> str | None:
+        path = info.data.get("path")
+        if revision is not None and path is not None and _looks_local(path):
+            message = "{revision} selects a revision of a hub dataset, and {path} is a local file or folder: remove revision"
+            raise PydanticCustomError("revision", message, {"revision": repr(revision), "path": path})
+        return revision
 
     @field_validator("data_files")
     @classmethod
@@ -171,6 +212,9 @@ ATTENTION_FLAGS = {
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", "xformers")
 CHANGED_ATTENTION = {"sage": "SageAttention quantizes Q and K to int8", "fp8": "fp8 attention rounds to 8 bits"}
 
+
+DEFAULT_SEED = 42  # Axolotl's and the Trainer's default seed
+PRETOKENIZED = "pretokenized"  # the data format of a `datasets:` entry whose `type:` is empty, as in Axolotl
 
 NEEDS_VALIDATION_SET = "needs a specialized validation set (test_datasets or val_set_size)"
 UNEVALUATED = (
@@ -282,7 +326,7 @@ class MFTConfigBase(StrictModel, QuantizationKeys, SpeedSwitches, RefusedAxolotl
     group_by_length: bool = Field(False, description="batch training rows of similar length together (transformers' sampler)")
     curriculum_sampling: bool = Field(False, description="train on the rows in the data's order, unshuffled (Axolotl)")
     ddp_find_unused_parameters: bool | None = None
-    seed: int = Field(42, ge=0, le=2**32 - 1, description="numpy's seed range")
+    seed: int = Field(DEFAULT_SEED, ge=0, le=2**32 - 1, description="numpy's seed range")
     dataloader_num_workers: int = Field(0, ge=0)
     skip_nonfinite_batches: bool = Field(
         False, description="skip (and count) optimizer steps with a NaN/inf loss or gradient instead of stopping"
@@ -503,7 +547,7 @@ class MFTConfigBase(StrictModel, QuantizationKeys, SpeedSwitches, RefusedAxolotl
             raise PydanticCustomError("save_only_model", message)
         if self.deepspeed and self.fsdp_enabled:
             raise PydanticCustomError("engine", "deepspeed and fsdp/fsdp_config cannot both be set; choose one engine")
-        if problem := loss_impl_problem(self.loss_impl, self.teacher_cache, self.engine_name != "ddp"):
+        if problem := loss_impl_problem(self.loss_impl, self.teacher_cache):
             raise PydanticCustomError("loss_impl", problem)
         return self
 
@@ -714,6 +758,8 @@ def _unknown_name_check(registry: Registry, kind: Kind, default: str | None = No
         if not isinstance(value, dict):
             message = "{kind} must be a name or a mapping of `{key}` and parameters; available: {names}"
             raise PydanticCustomError("strategy_form", message, {"kind": kind, "key": key, "names": names})
+        if key == "type" and key in value and value[key] is None:  # Axolotl's `type:` left empty: token ids as they are
+            value = {**value, key: PRETOKENIZED}
         if key not in value:
             if default is None:
                 message = "a {kind} needs a `{key}`; available: {names}"

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mft_plugin.config.schema import DATA_SUFFIXES, DatasetSource
+from mft_plugin.config.schema import DATA_SUFFIXES, DEFAULT_SEED, DatasetSource
 
 Record = tuple[str, dict[str, Any]]  # (where, record): "file:line" or "file: record N", and the record
 
@@ -27,8 +27,17 @@ class DataError(ValueError):
     """Bad data, named by its file and record; reported as a message, without a traceback."""
 
 
-def read_records(spec: DatasetSource) -> Iterator[Record]:
-    """Every record of one ``datasets:`` entry, each with where it comes from."""
+def read_records(spec: DatasetSource, seed: int = DEFAULT_SEED) -> Iterator[Record]:
+    """Every record of one ``datasets:`` entry, each with where it comes from (with ``shards``, those of
+    its shard, drawn with the run's ``seed``)."""
+    records = _split_records(spec)
+    if spec.shards is None:
+        yield from records
+    else:
+        yield from _shard(list(records), spec, seed)
+
+
+def _split_records(spec: DatasetSource) -> Iterator[Record]:
     local = Path(spec.path).expanduser()
     if not (local.is_file() or local.is_dir()):
         yield from _hub_records(spec)
@@ -41,6 +50,17 @@ def read_records(spec: DatasetSource) -> Iterator[Record]:
         yield from records
     else:
         yield from _split_slice(list(records), spec)
+
+
+def _shard(records: list[Record], spec: DatasetSource, seed: int) -> list[Record]:
+    """The records Axolotl keeps with ``shards``: the split shuffled with the run's seed, then shard
+    ``shards_idx`` of ``shards`` contiguous ones (``Dataset.shuffle(seed).shard(shards, shards_idx)``,
+    run here on the record numbers, so the same YAML and seed keep the same records)."""
+    from datasets import Dataset
+
+    numbers = Dataset.from_dict({"number": list(range(len(records)))})
+    kept = numbers.shuffle(seed=seed).shard(num_shards=spec.shards, index=spec.shards_idx)["number"]
+    return [records[number] for number in kept]
 
 
 def _split_slice(records: list[Record], spec: DatasetSource) -> list[Record]:
@@ -175,7 +195,7 @@ def _hub_records(spec: DatasetSource) -> Iterator[Record]:
 
     try:
         with no_split_generation_bars():
-            dataset = load_dataset(spec.path, name=spec.name, data_files=spec.data_files, split=spec.split)
+            dataset = load_dataset(spec.path, name=spec.name, data_files=spec.data_files, split=spec.split, revision=spec.revision)
     except Exception as error:  # offline, unknown name, ...: one message, not the hub client's traceback
         reason = (str(error).splitlines() or [type(error).__name__])[0]
         raise DataError(f"{spec.path}: not a local file or folder, and loading it as a hub dataset failed: {reason}") from None

@@ -26,7 +26,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.utils.logging import tqdm
 
 from mft_plugin.config.errors import ConfigError
-from mft_plugin.config.schema import DatasetSource
+from mft_plugin.config.schema import DEFAULT_SEED, DatasetSource
 from mft_plugin.data.batches import LABELS, POSITIONS
 from mft_plugin.data.documents import DataError, read_records
 from mft_plugin.data.labels import IGNORE_INDEX
@@ -42,13 +42,13 @@ Row = dict[str, list[int]]
 
 
 def tokenized_records(
-    spec: DatasetSource, data_format: DataFormat, tokenizer: PreTrainedTokenizerBase, train_on_inputs: bool
+    spec: DatasetSource, data_format: DataFormat, tokenizer: PreTrainedTokenizerBase, train_on_inputs: bool, seed: int = DEFAULT_SEED
 ) -> list[Row]:
     """``input_ids``/``labels`` of every record of one entry; bad records are errors naming file and record."""
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no eos_token; records need one to end")
     rows = []
-    for where, record in tqdm(read_records(spec), desc=f"Tokenizing {spec.path} ({data_format.name})", unit=" records"):
+    for where, record in tqdm(read_records(spec, seed), desc=f"Tokenizing {spec.path} ({data_format.name})", unit=" records"):
         try:
             row = data_format.tokenize(record, tokenizer, train_on_inputs)
         except RecordError as error:
@@ -121,12 +121,14 @@ def records_of(
     format_of: Callable[[DatasetSource], DataFormat],
     tokenizer: PreTrainedTokenizerBase,
     train_on_inputs: bool = False,
+    seed: int = DEFAULT_SEED,
 ) -> Records:
-    """The tokenized records of some ``datasets:`` entries, in order, each with its format's kind."""
+    """The tokenized records of some ``datasets:`` entries, in order, each with its format's kind (``seed``:
+    the run's, which draws an entry's ``shards``)."""
     records: Records = []
     for spec in specs:
         data_format = format_of(spec)
-        records += [(row, data_format.concatenates) for row in tokenized_records(spec, data_format, tokenizer, train_on_inputs)]
+        records += [(row, data_format.concatenates) for row in tokenized_records(spec, data_format, tokenizer, train_on_inputs, seed)]
     return records
 
 
@@ -178,10 +180,14 @@ def format_lookup(registry: Registry | None = None) -> Callable[[DatasetSource],
 
 
 def raw_text_blocks(
-    specs: Sequence[DatasetSource], tokenizer: PreTrainedTokenizerBase, sequence_len: int, registry: Registry | None = None
+    specs: Sequence[DatasetSource],
+    tokenizer: PreTrainedTokenizerBase,
+    sequence_len: int,
+    registry: Registry | None = None,
+    seed: int = DEFAULT_SEED,
 ) -> Dataset:
     """Raw-text entries concatenated and cut into ``sequence_len`` blocks, every token a label."""
-    return lay_out(records_of(specs, format_lookup(registry), tokenizer), sequence_len)
+    return lay_out(records_of(specs, format_lookup(registry), tokenizer, seed=seed), sequence_len)
 
 
 def _as_dataset(rows: list[Row], sequence_len: int) -> Dataset:

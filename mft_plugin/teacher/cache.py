@@ -15,7 +15,9 @@ model as it is held, the teacher's own settings, what is stored and every block'
 (:mod:`mft_plugin.digest`): runs of a sweep that share those share the cache. It is written to a temporary folder renamed
 into place when complete, so that a killed build leaves nothing half-written, and two processes never
 mix their writes. A cache found damaged (a truncated array, a missing or unreadable ``meta.json``, a
-leftover folder) is logged, discarded and rebuilt.
+leftover folder) is logged, discarded and rebuilt. Under every engine (:class:`CachePlan`): the main
+process builds it where the teacher's weights are whole before the Trainer exists; under ZeRO-3, when
+training begins, every rank runs the teacher in lockstep and the main process writes.
 """
 
 from __future__ import annotations
@@ -26,10 +28,13 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import TrainingArguments
@@ -64,7 +69,7 @@ def cache_layout(config: MFTConfigBase, student: torch.nn.Module | None = None) 
     if settings.top_k is not None:
         return TopK(settings.top_k)
     if settings.layout == "hidden_states" or (settings.layout == "auto" and projection_problem(student) is not None):
-        return HiddenStates()
+        return HiddenStates(student_head=config.engine_name == "ddp")
     return Projected.for_student(student)
 
 
@@ -91,18 +96,34 @@ def teacher_cache_key(config: MFTConfigBase, blocks: Dataset, layout: CacheLayou
     return cache_key("teacher cache", config, rows=[blocks], settings=settings)
 
 
-def _batches(blocks: Dataset, collator: PaddingCollator, device: torch.device) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-    for start in tqdm(range(0, len(blocks), BUILD_BATCH_ROWS), desc="Building the teacher cache (batches)"):
+def _batches(
+    blocks: Dataset, collator: PaddingCollator, device: torch.device, shown: bool = True
+) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    starts = range(0, len(blocks), BUILD_BATCH_ROWS)
+    for start in tqdm(starts, desc="Building the teacher cache (batches)", disable=not shown):
         batch = collator([blocks[i] for i in range(start, min(start + BUILD_BATCH_ROWS, len(blocks)))])
         yield start, {key: value.to(device) for key, value in batch.items()}
 
 
 def write_cache(
-    teacher: FrozenCopyTeacher | SharedBaseTeacher, blocks: Dataset, collator: PaddingCollator, folder: Path, layout: CacheLayout
+    teacher: FrozenCopyTeacher | SharedBaseTeacher,
+    blocks: Dataset,
+    collator: PaddingCollator,
+    folder: Path,
+    layout: CacheLayout,
+    store: bool = True,
 ) -> None:
     """Run ``teacher`` over every block and store what ``layout`` keeps in ``folder`` (built aside, renamed
-    into place). Run it in the run's precision context (:func:`mft_plugin.models.precision.run_autocast`)."""
+    into place). Run it in the run's precision context (:func:`mft_plugin.models.precision.run_autocast`).
+
+    ``store``: False on the other ranks where the teacher's forward is collective (ZeRO-3 gathers each
+    layer from every rank): they run it over the same batches as the main process, in lockstep, and
+    write nothing."""
     device = next(teacher.model.parameters()).device
+    if not store:
+        for _, batch in _batches(blocks, collator, device, shown=False):  # the main process shows the progress
+            teacher.targets(batch)
+        return
     width = max([len(ids) for ids in blocks["input_ids"]] + [collator.pad_to or 0])  # pad_to_sequence_len pads past the longest
     temporary = folder.with_name(f".{folder.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     temporary.mkdir(parents=True)
@@ -173,17 +194,58 @@ def _taught_blocks(blocks: Dataset) -> list[int]:
     return [i for i, ft in enumerate(blocks[FT_LOSS_COLUMN]) if not ft]
 
 
-def cached_teacher(
-    config: MFTConfigBase,
-    blocks: Dataset,
-    make_teacher: Callable[[], FrozenCopyTeacher | SharedBaseTeacher],
-    collator: PaddingCollator,
-    args: TrainingArguments,
-    student: torch.nn.Module,
-) -> tuple[Teacher, Dataset]:
-    """The cache of these blocks (built with ``make_teacher()``, in the run's precision, if missing or
-    damaged) and the blocks with their cache row in :data:`ROW_COLUMN`. The main process builds it;
-    the others then read it.
+@dataclass(frozen=True)
+class CachePlan:
+    """The cache of one run's taught blocks (``built``: their model inputs alone) in ``folder``, and how to
+    make it: by the main process alone where the teacher's weights are whole (:meth:`built_by_main`), or
+    by every rank in lockstep where only the training engine runs them (ZeRO-3, :meth:`built_in_lockstep`).
+    Either way the training ranks read the same folder."""
+
+    config: MFTConfigBase
+    built: Dataset
+    layout: CacheLayout
+    folder: Path
+    collator: PaddingCollator
+    student: torch.nn.Module
+
+    def _write(self, teacher: FrozenCopyTeacher | SharedBaseTeacher, device_type: str, store: bool = True) -> None:
+        with run_autocast(self.config.bf16, self.config.fp16, device_type):
+            write_cache(teacher, self.built, self.collator, self.folder, self.layout, store)
+
+    def _open(self, fields: dict[str, Field] | None = None) -> Teacher:
+        return self.layout.open(fields if fields is not None else open_fields(self.folder, self.layout.kind), self.student)
+
+    def built_by_main(self, make_teacher: Callable[[], FrozenCopyTeacher | SharedBaseTeacher], args: TrainingArguments) -> Teacher:
+        """The cache, built with ``make_teacher()`` if missing or damaged by the main process while the
+        others wait; they then read it (DDP, FSDP2 before ``fully_shard``, ZeRO-1/2: whole weights)."""
+        with args.main_process_first(desc="teacher cache"):
+            fields = _usable(self.folder, self.layout.kind)
+            if fields is None:
+                teacher = make_teacher()
+                if not is_quantized(teacher.model):
+                    teacher.model.to(args.device)
+                self._write(teacher, args.device.type)
+                del teacher  # the teacher model is not held during training
+        return self._open(fields)
+
+    def built_in_lockstep(
+        self, make_teacher: Callable[[], FrozenCopyTeacher | SharedBaseTeacher], accelerator: Accelerator
+    ) -> Teacher:
+        """The cache, built if missing or damaged by every rank running ``make_teacher()`` (placed by the
+        engine) over the same batches while the main process alone writes: a ZeRO-3 forward gathers each
+        layer from every rank, so a rank that ran it alone would wait forever. The main process decides
+        whether to build (a damaged cache is discarded there only) and tells the others."""
+        main = accelerator.is_main_process
+        fields = _usable(self.folder, self.layout.kind) if main else None
+        build = broadcast_object_list([main and fields is None])[0]
+        if build:
+            self._write(make_teacher(), accelerator.device.type, store=main)
+        accelerator.wait_for_everyone()  # the folder is complete
+        return self._open(fields)
+
+
+def plan_cache(config: MFTConfigBase, blocks: Dataset, collator: PaddingCollator, student: torch.nn.Module) -> tuple[CachePlan, Dataset]:
+    """The cache of these blocks and the blocks with their cache row in :data:`ROW_COLUMN`.
 
     Only the blocks whose loss reads p^T are built: those routed to the plain FT loss (replayed
     general text, ``ft_loss``) get :data:`NO_ROW`, as the online teacher skips them. The cache is
@@ -196,17 +258,22 @@ def cached_teacher(
     layout = cache_layout(config, student)
     folder = cache_folder(config, built, layout)
     logger.warning("teacher cache: %s layout (%s), in %s", layout.kind, layout_reason(config, layout, student), folder)
-    with args.main_process_first(desc="teacher cache"):
-        fields = _usable(folder, layout.kind)
-        if fields is None:
-            teacher = make_teacher()
-            if not is_quantized(teacher.model):
-                teacher.model.to(args.device)
-            with run_autocast(config.bf16, config.fp16, args.device.type):
-                write_cache(teacher, built, collator, folder, layout)
-            del teacher  # the teacher model is not held during training
-            fields = open_fields(folder, layout.kind)
     rows = [NO_ROW] * len(blocks)
     for row, block in enumerate(taught):
         rows[block] = row
-    return layout.open(fields, student), blocks.add_column(ROW_COLUMN, rows)
+    return CachePlan(config, built, layout, folder, collator, student), blocks.add_column(ROW_COLUMN, rows)
+
+
+def cached_teacher(
+    config: MFTConfigBase,
+    blocks: Dataset,
+    make_teacher: Callable[[], FrozenCopyTeacher | SharedBaseTeacher],
+    collator: PaddingCollator,
+    args: TrainingArguments,
+    student: torch.nn.Module,
+) -> tuple[Teacher, Dataset]:
+    """The cache of these blocks (built with ``make_teacher()``, in the run's precision, if missing or
+    damaged) and the blocks with their cache row (:func:`plan_cache`). The main process builds it;
+    the others then read it (:meth:`CachePlan.built_by_main`)."""
+    plan, indexed = plan_cache(config, blocks, collator, student)
+    return plan.built_by_main(make_teacher, args), indexed

@@ -4,8 +4,9 @@ p^T = softmax(h^T W^T + b) is recomputed from the stored h^T inside the chunked 
 through the same :class:`mft_plugin.teacher.views.TeacherHead` the online teacher yields: the target
 is the online teacher's, bit for bit where the same kernels run (the hidden states are stored in the
 dtype of the head's matmul, bfloat16 under bf16 autocast). With an adapter the head is the student's
-own frozen base head; for full finetuning the cache holds one frozen copy of the head (V x H), and
-no other teacher weight is held during training.
+own frozen base head (under FSDP2 and DeepSpeed the copy in the cache: see :class:`HiddenStates`); for
+full finetuning the cache holds one frozen copy of the head (V x H), and no other teacher weight is held
+during training.
 """
 
 from __future__ import annotations
@@ -25,9 +26,16 @@ from mft_plugin.teacher.views import TeacherHead
 
 class HiddenStates:
     """The layout of the exact cache: ``hidden`` ``[blocks, width, H]`` and the frozen ``head_weight``
-    ``[V, H]`` (and ``head_bias`` ``[V]``), in the teacher's compute dtype."""
+    ``[V, H]`` (and ``head_bias`` ``[V]``), in the teacher's compute dtype.
+
+    ``student_head``: an adapter run reads its frozen head from the student (no second copy); False where
+    an engine shards the student's head (FSDP2, DeepSpeed), whose weight is whole only inside the head's
+    own forward, after the teacher's view is made: the stored copy (the same values) is read instead."""
 
     kind: ClassVar[str] = "hidden_states"
+
+    def __init__(self, student_head: bool = True) -> None:
+        self.student_head = student_head
 
     def settings(self) -> dict[str, object]:
         return {}
@@ -50,7 +58,7 @@ class HiddenStates:
                 arrays["head_bias"][:] = as_stored(view.bias)
 
     def open(self, fields: dict[str, Field], student: torch.nn.Module) -> HiddenStateCache:
-        shared_head = output_head(student) if has_adapters(student) else None
+        shared_head = output_head(student) if self.student_head and has_adapters(student) else None
         return HiddenStateCache(fields, shared_head, LogitTransform.of(student))
 
 

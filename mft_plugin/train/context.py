@@ -26,9 +26,9 @@ class RecipeContext:
 
     def records(self, specs: Sequence[DatasetSource]) -> Records:
         """The tokenized records of ``datasets:``-style entries, each through its data format."""
-        return records_of(specs, format_lookup(self.registry), self.tokenizer, self.config.train_on_inputs)
+        return records_of(specs, format_lookup(self.registry), self.tokenizer, self.config.train_on_inputs, self.config.seed)
 
     def packed_blocks(self, specs: Sequence[DatasetConfig]) -> Dataset:
         """Raw general-domain text (replay, Fisher estimation, general validation): concatenated and
         cut into ``sequence_len`` blocks, every token a label, whatever the specialized data's format."""
-        return raw_text_blocks(specs, self.tokenizer, self.config.sequence_len, self.registry)
+        return raw_text_blocks(specs, self.tokenizer, self.config.sequence_len, self.registry, self.config.seed)

@@ -8,8 +8,8 @@ file, so one YAML means the same run however it is launched:
 - which ``TrainingArguments`` keys select it (:meth:`Engine.trainer_arguments`);
 - whether parameters are sharded (the fused head and EWC then cannot see them whole);
 - where the frozen teacher goes (:meth:`Engine.place_teacher`: sharded like the student);
-- when the base is measured (:attr:`Engine.measures_base_in_training`: ZeRO-3 runs partitioned
-  weights only inside the engine that ``train()`` builds).
+- when the base is measured and the teacher cache built (:attr:`Engine.runs_weights_only_in_training`:
+  ZeRO-3 runs partitioned weights only inside the engine that ``train()`` builds).
 
 On a machine without a GPU the Trainer only joins launched processes into one gloo group when told
 to use the CPU, so ``torchrun``/``accelerate launch`` of 2 CPU processes trains one model with DDP
@@ -61,9 +61,10 @@ class Engine:
         return self.name != "ddp"
 
     @property
-    def measures_base_in_training(self) -> bool:
+    def runs_weights_only_in_training(self) -> bool:
         """ZeRO-3: the student's weights are partitioned from ``from_pretrained`` on, and only the engine
-        that ``train()`` builds can run them, so the base is measured when training begins."""
+        that ``train()`` builds can run them, so the base is measured, and the teacher cache built, when
+        training begins."""
         return self.name == "deepspeed" and is_deepspeed_zero3_enabled()
 
     def trainer_arguments(self) -> dict[str, Any]:

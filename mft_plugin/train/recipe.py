@@ -37,7 +37,7 @@ from mft_plugin.models.loading import (
 )
 from mft_plugin.registry import Registry, default_registry
 from mft_plugin.strategy import Mitigation, Objective
-from mft_plugin.teacher.cache import cached_teacher
+from mft_plugin.teacher.cache import plan_cache
 from mft_plugin.teacher.sources import build_teacher
 from mft_plugin.train.budget import Budget
 from mft_plugin.train.checkpoints import is_final, restore_final, resume_target
@@ -242,10 +242,15 @@ def _run(config: MFTConfigBase, registry: Registry) -> dict[str, Any]:
     collator = PaddingCollator(tokenizer.pad_token_id, config.sequence_len if config.pad_to_sequence_len else None)
     own_dtype = config.teacher is not None and "dtype" in config.teacher.model_fields_set  # else the run's precision
     make_teacher = lambda: build_teacher(objective.needs_teacher, model, lambda: load_frozen_teacher(config), own_dtype)  # noqa: E731
+    cache, teacher = None, None
     if config.teacher_cache is not None and objective.needs_teacher:  # p^T read from disk: no teacher model in memory
-        teacher, train_blocks = cached_teacher(config, train_blocks, make_teacher, collator, args, model)
-    else:
+        cache, train_blocks = plan_cache(config, train_blocks, collator, model)
+    # ZeRO-3: only the training engine runs the partitioned teacher, so its cache is built when training begins
+    cache_in_training = cache is not None and engine.runs_weights_only_in_training
+    if cache is None:
         teacher = make_teacher()
+    elif not cache_in_training:
+        teacher = cache.built_by_main(make_teacher, args)
 
     trainer = MFTTrainer(
         model=model,
@@ -265,6 +270,9 @@ def _run(config: MFTConfigBase, registry: Registry) -> dict[str, Any]:
         quadratic_warmup=config.lr_quadratic_warmup,
         callbacks=stopping_callbacks(config),  # loss_watchdog_*, early_stopping_patience
     )
+    if cache_in_training:
+        placed = lambda: trainer.engine.place_teacher(make_teacher(), trainer.accelerator)  # noqa: E731
+        trainer.teacher_at_train_begin(lambda: cache.built_in_lockstep(placed, trainer.accelerator))
     trainer.set_base_perplexities(  # measured once; cached for resumed runs and sweep siblings
         load_base_perplexities(output_dir, config, eval_sets),
         lambda measured: save_base_perplexities(output_dir, config, eval_sets, measured),

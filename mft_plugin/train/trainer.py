@@ -224,11 +224,17 @@ class MFTTrainer(Trainer):
         """
         if cached is not None:
             self.base_perplexities = cached
-        elif self.engine.measures_base_in_training:
+        elif self.engine.runs_weights_only_in_training:
             self.add_callback(_BaseAtTrainBegin(self, on_measured))
         else:
             self.base_perplexities = self.perplexities(base=True)
             on_measured(self.base_perplexities)
+
+    def teacher_at_train_begin(self, make_teacher: Callable[[], Teacher]) -> None:
+        """The teacher made by ``make_teacher()`` when training begins, before its first step, placed by the
+        engine: under ZeRO-3 only the training engine that ``train()`` builds runs the weights (the teacher
+        cache is built then, ``mft_plugin.teacher.cache.CachePlan.built_in_lockstep``)."""
+        self.add_callback(_TeacherAtTrainBegin(self, make_teacher))
 
     def _issue_warnings_after_load(self, load_result: Any) -> None:
         """The Trainer's warnings after loading a checkpoint, without the tied LM head: with tied
@@ -289,3 +295,16 @@ class _BaseAtTrainBegin(TrainerCallback):
             )
         self.trainer.base_perplexities = self.trainer.perplexities(base=True)
         self.on_measured(self.trainer.base_perplexities)
+
+
+class _TeacherAtTrainBegin(TrainerCallback):
+    """Makes the teacher once the ZeRO-3 engine exists (``MFTTrainer.teacher_at_train_begin``)."""
+
+    def __init__(self, trainer: MFTTrainer, make_teacher: Callable[[], Teacher]) -> None:
+        self.trainer = trainer
+        self.make_teacher = make_teacher
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.trainer.teacher = self.trainer.engine.place_teacher(self.make_teacher(), self.trainer.accelerator)
