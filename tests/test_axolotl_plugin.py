@@ -22,6 +22,7 @@ import os
 import re
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,7 @@ needs_axolotl = pytest.mark.skipif(importlib.util.find_spec("axolotl") is None, 
 
 def test_axolotl_schema_gains_exactly_our_strategy_and_evaluation_keys(corpora: dict[str, Path]) -> None:
     model = args_model(default_registry())
-    keys = {"objective", "mitigations", "general_eval_datasets", "max_degeneralization", "target_specialization", "loss_impl"}
+    keys = {"objective", "mitigations", "general_eval_datasets", "max_degeneralization", "target_specialization", "loss_impl", "teacher_cache"}
     assert set(model.model_fields) == keys
     defaults = model.model_validate({})
     assert (defaults.objective.name, defaults.objective.tau, defaults.mitigations) == ("mft", 0.25, [])
@@ -119,7 +120,7 @@ def test_replay_composes_axolotls_tokenized_rows_as_mft_run_composes_its_own(tin
     per micro-batch of 2."""
     from transformers import AutoTokenizer
 
-    from mft_plugin.axolotl.bridge import composed_training_set, data_stage_keys, scheduled_steps
+    from mft_plugin.axolotl.bridge import composed_training_set, required_keys, scheduled_steps
     from mft_plugin.data.batches import FT_LOSS_COLUMN, REPLAY_COLUMN
 
     ids = [[1, 5, 6, 7], [1, 8, 9]]
@@ -128,7 +129,7 @@ def test_replay_composes_axolotls_tokenized_rows_as_mft_run_composes_its_own(tin
     cfg = {"micro_batch_size": 2, "sequence_len": 32, "seed": 0, "mitigations": [{"name": "replay", "datasets": [{"path": str(corpora["general_val"])}]}]}
     _, mitigations = selected_strategies(cfg, default_registry())
     train, epoch_rows = composed_training_set(cfg, mitigations, axolotl_rows, AutoTokenizer.from_pretrained(tiny_model))
-    assert data_stage_keys(mitigations) == {"remove_unused_columns": False, "shuffle_merged_datasets": False}
+    assert {key: value for key, (value, _) in required_keys(cfg, mitigations).items()} == {"remove_unused_columns": False, "shuffle_merged_datasets": False}
     assert train.select(range(2))["input_ids"] == ids and train[REPLAY_COLUMN][:2] == [0, 0]
     general = train.select(range(2, len(train)))
     assert set(general[REPLAY_COLUMN]) == set(general[FT_LOSS_COLUMN]) == {1} and len(general) > 1
@@ -269,7 +270,7 @@ def _step(trainer: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, l
     trainer.model.zero_grad()
     loss = trainer.compute_loss(trainer.model, batch)
     loss.backward()
-    return loss.detach(), [p.grad.clone() for p in trainer.model.parameters()]
+    return loss.detach(), [p.grad.clone() for p in trainer.model.parameters() if p.requires_grad]
 
 
 def test_a_packed_mft_step_equals_the_same_rows_unpacked(tiny_model: Path, tmp_path: Path) -> None:
@@ -296,39 +297,143 @@ def test_a_packed_mft_step_equals_the_same_rows_unpacked(tiny_model: Path, tmp_p
     assert not torch.allclose(trainer.compute_loss(trainer.model, crossed), unpacked_loss)  # positions matter
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_the_plugins_chunked_loss_equals_its_plain_loss(tiny_model: Path, tmp_path: Path, packed: bool) -> None:
-    """loss_impl inside the plugin: chosen as mft-run chooses it (probe forward), named in the startup
-    line, and the fused loss gives the plain loss and gradients, packed rows included."""
-    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+def _multipack_collator(tokenizer: Any) -> Any:
+    """Axolotl's multipack collator (its padding to a multiple of 64 included) where Axolotl is installed; else
+    one that packs as it does: each pack's rows concatenated (labels as they are), padded on the right."""
+    if importlib.util.find_spec("axolotl") is not None:
+        from axolotl.utils.collators import V2BatchSamplerDataCollatorForSeq2Seq
 
-    from mft_plugin.axolotl.bridge import announcement, loss_chooser
+        return V2BatchSamplerDataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=64)
     from mft_plugin.data.batches import PaddingCollator
+
+    return lambda packs: PaddingCollator(0)([{key: [v for row in pack for v in row[key]] for key in pack[0]} for pack in packs])
+
+
+CACHE_LAYOUTS = {  # (adapter, packed): the layout the plugin's cache takes, and why (the startup line)
+    (False, False): "hidden_states layout (projected does not apply: the run has no adapter",
+    (True, False): "projected layout (frozen head shared with the base)",
+    (False, True): "hidden_states layout (sample_packing: Axolotl's multipack labels",
+    (True, True): "hidden_states layout (sample_packing: Axolotl's multipack labels",
+}
+
+
+@pytest.mark.parametrize(("adapter", "packed"), list(CACHE_LAYOUTS))
+def test_the_plugins_chunked_loss_equals_its_plain_loss(tiny_model: Path, tmp_path: Path, adapter: bool, packed: bool) -> None:
+    """loss_impl inside the plugin: chosen as mft-run chooses it (probe forward), named in the startup
+    line, and the fused loss gives the plain loss and gradients, packed rows included, for full finetuning
+    (a frozen copy unlike the student) and a LoRA student (the shared base; adapters not zero). With
+    ``teacher_cache: {}`` the plugin's trainer builds mft-run's cache of its training rows (projected for the
+    adapter, hidden states otherwise) and reads it per row, or per token from rows packed by Axolotl's
+    multipack collator, whose packed-in rows' last tokens are labelled with the next row's first token (hidden
+    states then): the online teacher's loss and gradients again, and a second trainer reads the cache without
+    loading the teacher."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+    from mft_plugin.axolotl.bridge import announcement, axolotl_teacher_cache, loss_chooser, run_config
+    from mft_plugin.data.batches import ROW_COLUMN, TOKEN_COLUMN, PaddingCollator
 
     other = build_tiny_model(tmp_path / "teacher", seed=1)
     objective, _ = selected_strategies({"objective": "mft"}, default_registry())
     generator = torch.Generator().manual_seed(0)
     rows = [torch.randint(3, 4000, (n,), generator=generator).tolist() for n in (17, 9, 30)]
-    batch = _packed(rows) if packed else PaddingCollator(0)([{"input_ids": row} for row in rows])
+    data = Dataset.from_dict({"input_ids": rows, "labels": rows} | ({"position_ids": [list(range(len(r))) for r in rows]} if packed else {}))
+    collator = _multipack_collator(AutoTokenizer.from_pretrained(tiny_model)) if packed else PaddingCollator(0)
+    collate = lambda collator, rows: dict(collator([list(rows)] if packed else list(rows)))  # noqa: E731  one pack
+    batch = collate(collator, data)
+    loaded: list[weakref.ref] = []
+
+    def load(student: Any, tokenizer: Any) -> Any:
+        model = AutoModelForCausalLM.from_pretrained(other, **NO_KV_CACHE)
+        loaded.append(weakref.ref(model))
+        return model
+
+    def student() -> Any:
+        model = AutoModelForCausalLM.from_pretrained(tiny_model, **NO_KV_CACHE)
+        torch.manual_seed(0)  # the same adapters in every trainer
+        return get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)) if adapter else model
+
     steps = {}
-    for loss_impl in ("naive", "chunked", "auto"):
-        cfg = {"loss_impl": loss_impl}
-        chooser = loss_chooser(cfg, plugin_args(cfg, default_registry()), objective)
-        teacher = lambda student, tokenizer: AutoModelForCausalLM.from_pretrained(other, **NO_KV_CACHE)  # noqa: E731
-        cls = trainer_class(Trainer, objective, [], teacher, Engine(), choose_loss=chooser)
-        args = TrainingArguments(output_dir=str(tmp_path / loss_impl), report_to=[], use_cpu=True)
-        trainer = cls(model=AutoModelForCausalLM.from_pretrained(tiny_model, **NO_KV_CACHE), args=args)
+    for loss_impl in ("naive", "chunked", "auto", "cache", "cache again"):
+        cfg = {"loss_impl": "auto" if "cache" in loss_impl else loss_impl, "base_model": str(tiny_model), "sample_packing": packed}
+        cfg |= {"teacher_cache": {"path": str(tmp_path / "cache")}} if "cache" in loss_impl else {}
+        args = plugin_args(cfg, default_registry())
+        chooser = loss_chooser(cfg, args, objective)
+        cls = trainer_class(Trainer, objective, [], load, Engine(), choose_loss=chooser, cache=axolotl_teacher_cache(cfg, args))
+        training = TrainingArguments(output_dir=str(tmp_path / loss_impl), report_to=[], use_cpu=True)
+        loaded.clear()
+        trainer = cls(model=student(), args=training, train_dataset=data, data_collator=collator)
         assert (trainer.chunked_loss is None) == (loss_impl == "naive")
-        assert f"loss: {'plain' if loss_impl == 'naive' else 'chunked'} (loss_impl: {loss_impl}" in announcement(trainer)
-        steps[loss_impl] = _step(trainer, batch)
+        assert f"loss: {'plain' if loss_impl == 'naive' else 'chunked'} (loss_impl: {cfg['loss_impl']}" in announcement(trainer)
+        assert len(loaded) == (0 if adapter or loss_impl == "cache again" else 1)  # a frozen copy, to build the cache only:
+        assert "cache" not in loss_impl or all(ref() is None for ref in loaded)  # not held once built
+        if "cache" in loss_impl:
+            assert run_config(cfg, args).teacher_cache.path == str(tmp_path / "cache")
+            assert announcement(trainer).count(f"teacher: teacher cache, {CACHE_LAYOUTS[adapter, packed]}") == 1
+            column = TOKEN_COLUMN if packed else ROW_COLUMN
+            assert column in trainer.train_dataset.column_names and [ROW_COLUMN, TOKEN_COLUMN][packed] not in batch
+            cached_batch = collate(trainer.data_collator, trainer.train_dataset)
+            assert {key: value for key, value in cached_batch.items() if key != column}.keys() == batch.keys()
+            assert all(torch.equal(cached_batch[key], value) for key, value in batch.items())
+            steps[loss_impl] = _step(trainer, cached_batch)
+        else:
+            steps[loss_impl] = _step(trainer, batch)
+    assert len(list((tmp_path / "cache").glob("*/meta.json"))) == 1
     (naive_loss, naive_grads), (chunked_loss, chunked_grads) = steps["naive"], steps["chunked"]
     torch.testing.assert_close(chunked_loss, naive_loss, rtol=1e-5, atol=0)
     for chunked, naive in zip(chunked_grads, naive_grads):
         torch.testing.assert_close(chunked, naive, rtol=1e-4, atol=1e-7)
+    for cached in ("cache", "cache again"):
+        cache_loss, cache_grads = steps[cached]
+        torch.testing.assert_close(cache_loss, chunked_loss, rtol=1e-5, atol=0)
+        for cache, chunked in zip(cache_grads, chunked_grads):
+            torch.testing.assert_close(cache, chunked, rtol=1e-5, atol=1e-8)
+
+
+def test_cache_indices_are_laid_out_as_the_collator_lays_out_the_input_ids(tiny_model: Path) -> None:
+    """TokenIndexCollator: per pack, its rows' cache indices concatenated and padded as the input ids are
+    (NO_ROW), and read per token they are what the per-row read gives; a collator that lays the tokens out
+    otherwise is an error, never another token's p^T. A tokenizer that pads on the left is refused before
+    the cache is built (its padding token before each row is labelled with the row's first token)."""
+    import numpy as np
+    from transformers import AutoTokenizer, DataCollatorForSeq2Seq
+
+    from mft_plugin.axolotl.bridge import run_config
+    from mft_plugin.axolotl.cache import LEFT_PADDING, AxolotlTeacherCache, TokenIndexCollator
+    from mft_plugin.data.batches import TOKEN_COLUMN, PaddingCollator
+    from mft_plugin.teacher.stored import NO_ROW, TOKEN_STRIDE, Field, token_indices
+
+    rows = [{"input_ids": ids, TOKEN_COLUMN: token_indices(row, len(ids))} for row, ids in [(0, [5, 6]), (2, [7]), (NO_ROW, [8, 9, 4, 3])]]
+    concatenated = lambda packs: PaddingCollator(0)([{"input_ids": [t for row in pack for t in row["input_ids"]]} for pack in packs])  # noqa: E731
+    batch = TokenIndexCollator(concatenated)([rows[:2], rows[2:]])
+    assert batch[TOKEN_COLUMN].tolist() == [[0, 1, 2 * TOKEN_STRIDE, NO_ROW], [NO_ROW] * 4]
+    field = Field(np.arange(3 * 4 * 2, dtype=np.float32).reshape(3, 4, 2), torch.float32)
+    per_row = field.rows(np.array([0, 2, NO_ROW]), 2)  # rows 0 and 2 at positions 0, 1
+    torch.testing.assert_close(field.tokens(batch[TOKEN_COLUMN].numpy())[0], torch.stack([per_row[0, 0], per_row[0, 1], per_row[1, 0], per_row[2, 0]]), rtol=0, atol=0)
+    left = DataCollatorForSeq2Seq(AutoTokenizer.from_pretrained(tiny_model, padding_side="left"), padding=True)
+    with pytest.raises(RuntimeError, match="DataCollatorForSeq2Seq did not lay out row 0's input ids as concatenated rows"):
+        TokenIndexCollator(left)([rows[0], rows[2]])
+    cache = AxolotlTeacherCache(run_config({}, plugin_args({"teacher_cache": {}}, default_registry())), packed=False)
+    with pytest.raises(ValueError, match=re.escape(LEFT_PADDING)):
+        cache.build(Dataset.from_list(rows), lambda: pytest.fail("loaded a teacher"), None, None, left)  # type: ignore[arg-type]
 
 
 def test_the_plugin_refuses_what_it_cannot_do_for_the_loss() -> None:
-    assert "teacher_cache: not available inside axolotl train" in "\n".join(unsupported({"teacher_cache": {}}, []))
+    assert unsupported({"teacher_cache": {}}, []) == unsupported({"teacher_cache": {}, "sample_packing": True}, []) == []
+    assert unsupported({"teacher_cache": {}, "loss_impl": "naive"}, []) == [
+        "teacher_cache needs the chunked loss: set loss_impl: auto or chunked, or remove teacher_cache"
+    ]
+    assert unsupported({"teacher_cache": {}, "fsdp_config": {"fsdp_version": 2}}, []) == [
+        "teacher_cache: needs the fused loss, which is not used with fsdp/deepspeed inside axolotl train yet (mft-run "
+        "fuses it there, inside the LM head's forward); remove teacher_cache"
+    ]
+    (unused,) = unsupported({"teacher_cache": {}, "remove_unused_columns": True}, [])
+    assert unused.startswith("remove_unused_columns: true: the teacher cache's index column is needed by the loss")
+    for layout in ({"layout": "projected"}, {"top_k": 8}):
+        (packed,) = unsupported({"teacher_cache": layout, "sample_packing": True}, [])
+        (key, value), = layout.items()
+        assert packed.startswith(f"teacher_cache.{key}: {value} with sample_packing: true cannot be exact (Axolotl's multipack")
+        assert unsupported({"teacher_cache": layout}, []) == []
     sharded = unsupported({"loss_impl": "chunked", "fsdp_config": {"fsdp_version": 2}}, [])
     assert any(problem.startswith("loss_impl: chunked cannot be used with fsdp/deepspeed") for problem in sharded)
     assert unsupported({"loss_impl": "auto", "fsdp_config": {"fsdp_version": 2}}, []) == []
@@ -551,23 +656,30 @@ def _full_precision_steps(output_dir: Path) -> list[dict[str, float]]:
 @pytest.mark.slow
 def test_axolotl_train_with_the_fused_loss_trains_as_the_plain_loss(axolotl_config: dict[str, Any], tmp_path: Path) -> None:
     """The chunked loss inside `axolotl train` (full MFT, a frozen teacher) gives the plain loss's training
-    loss; with packing and added tokens (the teacher built by Axolotl's loader, with the student's vocabulary)
-    it trains and says which loss path it took."""
-    runs = {}
-    for loss_impl in ("naive", "chunked"):
-        config = _with_plugin(axolotl_config, tmp_path, loss_impl, objective={"name": "mft", "tau": TAU}, loss_impl=loss_impl)
+    loss, and so does the teacher cache (``teacher_cache: {}``: built before the first step from Axolotl's rows,
+    the hidden states of full finetuning), step by step; with packing and added tokens (the teacher that builds
+    the cache made by Axolotl's loader, with the student's vocabulary) the cache is read per token, and the run
+    trains and says which teacher and loss path it took (the packed cache's exactness is tested outside
+    Axolotl's CLI: ``test_the_plugins_chunked_loss_equals_its_plain_loss``)."""
+    runs, steps = {}, {}
+    for name, keys in {"naive": {"loss_impl": "naive"}, "chunked": {"loss_impl": "chunked"}, "cache": {"teacher_cache": {}}}.items():
+        config = _with_plugin(axolotl_config, tmp_path, name, objective={"name": "mft", "tau": TAU}, **keys)
         result = _axolotl_train(config, tmp_path)
+        log = result.stdout + result.stderr
         assert result.returncode == 0, result.stderr[-5000:]
-        assert f"loss: {'plain' if loss_impl == 'naive' else 'chunked'} (loss_impl: {loss_impl}" in result.stdout + result.stderr
-        runs[loss_impl] = json.loads((Path(config["output_dir"]) / "metrics.json").read_text())
+        assert f"loss: {'plain' if name == 'naive' else 'chunked'} (loss_impl: {keys.get('loss_impl', 'auto')}" in log
+        runs[name] = json.loads((Path(config["output_dir"]) / "metrics.json").read_text())
+        steps[name] = [step["loss"] for step in _full_precision_steps(Path(config["output_dir"]))]
+    assert "teacher: teacher cache, hidden_states layout (projected does not apply: the run has no adapter" in log
     assert runs["chunked"]["train_loss"] == pytest.approx(runs["naive"]["train_loss"], rel=1e-5)
+    assert len(steps["cache"]) == 3 and steps["cache"] == pytest.approx(steps["naive"], rel=1e-5)
 
-    packed = {"sample_packing": True, "attn_implementation": "sdpa", "tokens": ["<mft_a>", "<mft_b>"]}
+    packed = {"sample_packing": True, "attn_implementation": "sdpa", "tokens": ["<mft_a>", "<mft_b>"], "teacher_cache": {}}
     config = _with_plugin(axolotl_config, tmp_path, "packed", objective={"name": "mft", "tau": TAU}, **packed)
     result = _axolotl_train(config, tmp_path)
     assert result.returncode == 0, result.stderr[-5000:]
-    assert "teacher: frozen copy of the base" in result.stdout + result.stderr
-    assert "loss: chunked (loss_impl: auto" in result.stdout + result.stderr
+    assert "teacher: teacher cache, hidden_states layout (sample_packing: " in result.stdout + result.stderr
+    assert "read per token; no teacher model held; loss: chunked (loss_impl: auto" in result.stdout + result.stderr
 
 
 @needs_axolotl

@@ -15,8 +15,9 @@ from datasets import Dataset
 from pydantic import BaseModel, ValidationError, create_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
+from mft_plugin.axolotl.cache import AxolotlTeacherCache, packing_problem
 from mft_plugin.config.errors import ConfigError, format_errors, read_yaml
-from mft_plugin.config.loss import loss_impl_problem
+from mft_plugin.config.loss import TeacherCacheConfig, loss_impl_problem
 from mft_plugin.config.schema import NEEDS_VALIDATION_SET, MFTConfigBase, strategies_model
 from mft_plugin.eval.metrics import GENERAL, SPEC
 from mft_plugin.loss.chunked import ChunkedLoss, loss_choice
@@ -34,8 +35,8 @@ from mft_plugin.train.trainer import MFTTrainer
 AXOLOTL_SHAPED_KEYS = {"datasets", "test_datasets", "general_eval_datasets", "fsdp", "fsdp_config"}
 # mft-run's evaluation keys that Axolotl's schema lacks: the plugin adds them, defined as in ours.
 EVALUATION_KEYS = ("general_eval_datasets", "max_degeneralization", "target_specialization")
-# mft-run's loss key: the fused loss and its probe (README "Performance"), chosen as mft-run chooses it.
-LOSS_KEYS = ("loss_impl",)
+# mft-run's loss keys: the fused loss and its probe, and the teacher cache (README "Performance"), as mft-run has them.
+LOSS_KEYS = ("loss_impl", "teacher_cache")
 PLUGIN_KEYS = ("objective", "mitigations", *EVALUATION_KEYS, *LOSS_KEYS)  # what the plugin adds to Axolotl's schema
 # transformers reads packed rows (sample_packing: positions restarting, no attention mask) off
 # position_ids only when the forward builds no KV cache: a model whose config says use_cache would
@@ -58,11 +59,14 @@ DATA_STAGE_KEYS: dict[str, tuple[Any, str]] = {
     "remove_unused_columns": (False, "the data-stage mitigation's routing columns are needed by the loss"),
     "shuffle_merged_datasets": (False, "the data-stage mitigation draws the order of the rows itself, as mft-run does"),
 }
+CACHE_KEYS: dict[str, tuple[Any, str]] = {  # the same for teacher_cache, whose index column the loss reads
+    "remove_unused_columns": (False, "the teacher cache's index column is needed by the loss"),
+}
 
 
 def args_model(registry: Registry) -> type[BaseModel]:
-    """The model Axolotl merges into its schema: ``objective``, ``mitigations``, the evaluation keys and
-    ``loss_impl``, validated against our registry and schema as mft-run validates them (unknown keys and
+    """The model Axolotl merges into its schema: ``objective``, ``mitigations``, the evaluation keys,
+    ``loss_impl`` and ``teacher_cache``, validated against our registry and schema as mft-run validates them (unknown keys and
     names are errors)."""
     keys = (*EVALUATION_KEYS, *LOSS_KEYS)
     fields = {key: (MFTConfigBase.model_fields[key].annotation, MFTConfigBase.model_fields[key]) for key in keys}
@@ -113,20 +117,20 @@ def unsupported(cfg: Mapping[str, Any], mitigations: Sequence[Mitigation]) -> li
     if cfg.get("rl") or cfg.get("reward_model") or cfg.get("process_reward_model"):
         problems.append("rl/reward_model: MFT is a supervised finetuning objective; use the plugin with SFT configs")
     problems += evaluation_problems(cfg)
-    if cfg.get("teacher_cache") is not None:
-        problems.append("teacher_cache: not available inside axolotl train yet; remove it (mft-run has it)")
     sharded = config_view(cfg).engine_name != "ddp"
-    if problem := loss_impl_problem(cfg.get("loss_impl") or "auto", None):
-        problems.append(problem)
+    cache = None if cfg.get("teacher_cache") is None else TeacherCacheConfig.model_validate(cfg["teacher_cache"])
+    if sharded and cache is not None:  # mft-run runs the cache there; the cache needs the fused loss, which the plugin does not
+        problems.append(f"teacher_cache: needs the fused loss, which is not used with fsdp/deepspeed {PLUGIN_UNFUSED}; remove teacher_cache")
+    for problem in (loss_impl_problem(cfg.get("loss_impl") or "auto", cache), packing_problem(cfg)):
+        problems += [problem] if problem else []
     if sharded and cfg.get("loss_impl") == "chunked":
         problems.append(f"loss_impl: chunked cannot be used with fsdp/deepspeed {PLUGIN_UNFUSED}; use loss_impl: auto or naive")
     if cfg.get("sample_packing") and (composing := data_stage(mitigations)):
         problems.append(PACKING_REFUSAL.format(names=[m.name for m in composing]))
-    if data_stage(mitigations):
-        problems += [
-            f"{key}: {str(cfg[key]).lower()}: {why}; remove the key (the plugin sets {str(value).lower()})"
-            for key, (value, why) in DATA_STAGE_KEYS.items() if cfg.get(key) not in (None, value)
-        ]  # fmt: skip
+    problems += [
+        f"{key}: {str(cfg[key]).lower()}: {why}; remove the key (the plugin sets {str(value).lower()})"
+        for key, (value, why) in required_keys(cfg, mitigations).items() if cfg.get(key) not in (None, value)
+    ]  # fmt: skip
     for mitigation in mitigations:
         own = type(mitigation)
         stages = [stage for stage in STAGES_AXOLOTL_OWNS if getattr(own, stage) is not getattr(Mitigation, stage)]
@@ -165,11 +169,13 @@ def scheduled_steps(cfg: Mapping[str, Any], epoch_rows: int) -> int:
     return min(steps, cfg["max_steps"]) if cfg.get("max_steps") else steps
 
 
-def data_stage_keys(mitigations: Sequence[Mitigation]) -> dict[str, Any]:
-    """Axolotl keys a data-stage mitigation needs (:data:`DATA_STAGE_KEYS`): its routing columns reach the
-    loss (the Trainer would drop columns the model's ``forward`` does not take), and Axolotl's rows reach it
-    in their datasets' order, which the mitigation composes as mft-run composes its own."""
-    return {key: value for key, (value, _) in DATA_STAGE_KEYS.items()} if data_stage(mitigations) else {}
+def required_keys(cfg: Mapping[str, Any], mitigations: Sequence[Mitigation]) -> dict[str, tuple[Any, str]]:
+    """Axolotl keys the plugin sets, each with why: a data-stage mitigation's (:data:`DATA_STAGE_KEYS`: its
+    routing columns reach the loss, where the Trainer would drop columns the model's ``forward`` does not
+    take, and Axolotl's rows reach it in their datasets' order, which the mitigation composes as mft-run
+    composes its own) and the teacher cache's (:data:`CACHE_KEYS`: its index column reaches the loss)."""
+    keys = dict(DATA_STAGE_KEYS) if data_stage(mitigations) else {}
+    return CACHE_KEYS | keys if cfg.get("teacher_cache") is not None else keys
 
 
 def evaluation_problems(cfg: Mapping[str, Any]) -> list[str]:
@@ -258,9 +264,16 @@ def loss_chooser(cfg: Mapping[str, Any], args: BaseModel, objective: Objective) 
 
 
 def run_config(cfg: Mapping[str, Any], args: BaseModel) -> MFTConfigBase:
-    """:func:`config_view` with the plugin's own validated ``loss_impl``: what the loss path and the
-    base-perplexity key are chosen from, as mft-run chooses them from its config."""
-    return config_view(cfg).model_copy(update={"loss_impl": args.loss_impl})  # type: ignore[attr-defined]
+    """:func:`config_view` with the plugin's own validated ``loss_impl`` and ``teacher_cache``: what the loss
+    path, the teacher cache and the base-perplexity key are chosen from, as mft-run chooses them from its config."""
+    return config_view(cfg).model_copy(update={key: getattr(args, key) for key in LOSS_KEYS})
+
+
+def axolotl_teacher_cache(cfg: Mapping[str, Any], args: BaseModel) -> AxolotlTeacherCache | None:
+    """The run's teacher cache (``teacher_cache:``), or None."""
+    if args.teacher_cache is None:  # type: ignore[attr-defined]
+        return None
+    return AxolotlTeacherCache(run_config(cfg, args), packed=bool(cfg.get("sample_packing")))
 
 
 def describe_teacher(teacher: Teacher | None) -> str:
@@ -278,7 +291,7 @@ def announcement(trainer: MFTTrainer) -> str:
     evaluation = ", ".join(f"{name} ({len(data)} rows)" for name, data in trainer.eval_sets.items()) or "none"
     return (
         f"mft_plugin.axolotl.MFTPlugin active: objective {objective}; mitigations {mitigations or 'none'}; "
-        f"teacher: {describe_teacher(trainer.teacher)}; loss: {trainer.loss_path}; "
+        f"teacher: {trainer.teacher_source}; loss: {trainer.loss_path}; "
         f"evaluation: {evaluation}, S/DG/DG-S against the base; best checkpoint by {SPEC_METRIC}; budget {trainer.budget}"
     )
 
@@ -292,6 +305,7 @@ def trainer_class(
     eval_sets: Callable[[PreTrainedTokenizerBase, Dataset | None], dict[str, Dataset]] = lambda tokenizer, spec: {},
     budget: Budget | None = None,
     choose_loss: Callable[[PreTrainedModel], tuple[ChunkedLoss | None, str]] = lambda student: (None, "plain"),
+    cache: AxolotlTeacherCache | None = None,
 ) -> type[MFTTrainer]:
     """MFTTrainer (loss and evaluation) on top of Axolotl's trainer class ``base``.
 
@@ -300,7 +314,9 @@ def trainer_class(
     student's device, sharded like it under FSDP2/ZeRO-3 (:meth:`mft_plugin.train.engine.Engine.place_teacher`).
     ``eval_sets`` makes the evaluation sets from the tokenizer and Axolotl's eval dataset;
     ``evaluate`` is MFTTrainer's: perplexities, S, DG, DG/S. ``choose_loss`` picks the loss path for
-    the student (:func:`loss_chooser`); the startup line says which and why (``loss_path``).
+    the student (:func:`loss_chooser`); the startup line says which and why (``loss_path``). ``cache``: the
+    teacher is the teacher cache of Axolotl's training set, built here if missing, before the first step
+    (:mod:`mft_plugin.axolotl.cache`); the startup line says so (``teacher_source``).
     """
 
     class AxolotlMFTTrainer(MFTTrainer, base):  # type: ignore[misc, valid-type]
@@ -310,9 +326,16 @@ def trainer_class(
             if kwargs["args"].metric_for_best_model == SPEC_METRIC:  # Axolotl drops a false greater_is_better,
                 kwargs["args"].greater_is_better = False  # and the Trainer would take a perplexity for a score
             tokenizer = kwargs.get("processing_class")
-            teacher = build_teacher(objective.needs_teacher, student, lambda: load_frozen_copy(student, tokenizer))
+            make_teacher = lambda: build_teacher(objective.needs_teacher, student, lambda: load_frozen_copy(student, tokenizer))  # noqa: E731
             sets = eval_sets(tokenizer, kwargs.get("eval_dataset"))
-            chunked_loss, self.loss_path = choose_loss(student)
+            chunked_loss, self.loss_path = choose_loss(student)  # before the cache: it needs the chunked loss
+            if cache is not None and objective.needs_teacher:  # p^T read from disk, as in mft-run
+                teacher, kwargs["train_dataset"], kwargs["data_collator"], self.teacher_source = cache.build(
+                    kwargs["train_dataset"], make_teacher, kwargs["args"], student, kwargs.get("data_collator")
+                )
+            else:
+                teacher = make_teacher()
+                self.teacher_source = describe_teacher(teacher)
             super().__init__(
                 *args, objective=objective, teacher=teacher, mitigations=mitigations, engine=engine,
                 eval_sets=sets, budget=budget, chunked_loss=chunked_loss, **kwargs,

@@ -4,7 +4,7 @@ Hooks used, in the order Axolotl calls them: ``get_input_args`` (our keys join A
 schema), ``register`` (the strategies are built and checked against the rest of the config,
 before any data or weights load; the best-checkpoint keys are set), ``load_datasets`` (Axolotl's own
 datasets, composed by a data-stage mitigation such as replay), ``get_trainer_cls`` (the MFT
-trainer on top of Axolotl's), ``post_trainer_create`` (the base perplexities, cached in ``base_perplexity.json`` under mft-run's
+trainer on top of Axolotl's; with ``teacher_cache:`` it builds the cache when created), ``post_trainer_create`` (the base perplexities, cached in ``base_perplexity.json`` under mft-run's
 key of the evaluation rows and the base, mitigations' ``on_train_begin``, and the startup line in Axolotl's log), ``post_train`` (``metrics.json``
 as mft-run writes it, from the same code: :func:`mft_plugin.train.outputs.final_metrics`).
 """
@@ -23,18 +23,19 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer
 from mft_plugin.axolotl.bridge import (
     NO_KV_CACHE,
     announcement,
+    axolotl_teacher_cache,
     best_checkpoint_keys,
     composed_training_set,
     config_view,
     data_stage,
-    data_stage_keys,
     evaluation_sets,
     loss_chooser,
     plugin_args,
+    refusal,
+    required_keys,
     resolved_config,
     run_config,
     run_context,
-    refusal,
     scheduled_steps,
     trainer_class,
 )
@@ -85,7 +86,9 @@ class MFTPlugin(BasePlugin):
         self.objective, self.mitigations = build_strategies(self.args, registry)  # type: ignore[arg-type]
         if problem := refusal(cfg, self.mitigations):
             raise problem  # before any data or weights load; `mft-run axolotl` says it in one line, exit 2
-        for key, value in (best_checkpoint_keys(cfg) | data_stage_keys(self.mitigations)).items():
+        for key, (value, _) in required_keys(cfg, self.mitigations).items():
+            cfg[key] = value
+        for key, value in best_checkpoint_keys(cfg).items():
             cfg[key] = value
 
     def load_datasets(self, cfg: Any, preprocess: bool = False) -> Any:
@@ -112,7 +115,8 @@ class MFTPlugin(BasePlugin):
         sets = lambda tokenizer, spec: evaluation_sets(self.args, cfg, tokenizer, spec)  # noqa: E731
         budget = Budget(cfg.get("max_degeneralization"), cfg.get("target_specialization"))
         chooser = loss_chooser(cfg, self.args, self.objective)
-        return trainer_class(AxolotlTrainer, self.objective, self.mitigations, teacher_loader(cfg), engine, sets, budget, chooser)
+        cache = axolotl_teacher_cache(cfg, self.args)  # built by the trainer from Axolotl's training set, before the first step
+        return trainer_class(AxolotlTrainer, self.objective, self.mitigations, teacher_loader(cfg), engine, sets, budget, chooser, cache)
 
     def post_trainer_create(self, cfg: Any, trainer: Trainer) -> None:
         self.trainer = trainer  # type: ignore[assignment]

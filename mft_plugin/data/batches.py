@@ -33,12 +33,15 @@ LABELS = "labels"
 REPLAY_COLUMN = "is_replay"
 FT_LOSS_COLUMN = "ft_loss"
 ROW_COLUMN = "teacher_row"
+TOKEN_COLUMN = "teacher_token"
 ROUTING_COLUMNS: dict[str, str] = {  # column -> what it tells the loss (int per row)
     REPLAY_COLUMN: "1: a general-domain row a data-stage mitigation mixed in; the training set is then "
     "composed micro-batch by micro-batch and shuffled in whole micro-batches (MicroBatchSampler)",
     FT_LOSS_COLUMN: "1: the row trains on the plain FT loss whatever the objective (w = 1; e.g. replayed "
     "pre-training text, which is no correction of the teacher); the teacher runs on the other rows only",
     ROW_COLUMN: "the row's index in the teacher cache (mft_plugin.teacher.cache), added with the cache",
+    TOKEN_COLUMN: "per token: where the token is in the teacher cache (mft_plugin.teacher.stored.token_indices), for "
+    "rows that are concatenations of cached rows (Axolotl's multipack); padding reads no cached token",
 }
 
 
@@ -66,12 +69,13 @@ class RowRouting:
 
     ft_rows: torch.Tensor | None  # [batch] bool, or None when no row takes the plain FT loss
     cache_rows: torch.Tensor | None  # [batch] long: rows of the teacher cache, or None
+    cache_tokens: torch.Tensor | None = None  # [batch, seq] long: tokens of the teacher cache (packed rows), or None
 
     @classmethod
     def of(cls, batch: Mapping[str, torch.Tensor]) -> RowRouting:
         ft = batch.get(FT_LOSS_COLUMN)
         ft_rows = ft.bool() if ft is not None and bool(ft.any()) else None
-        return cls(ft_rows=ft_rows, cache_rows=batch.get(ROW_COLUMN))
+        return cls(ft_rows=ft_rows, cache_rows=batch.get(ROW_COLUMN), cache_tokens=batch.get(TOKEN_COLUMN))
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import torch
 from mft_plugin.models.forms import has_adapters
 from mft_plugin.models.heads import LogitTransform, output_head
 from mft_plugin.teacher.sources import frozen_head_view
-from mft_plugin.teacher.stored import Field, as_stored, cache_rows, no_logits
+from mft_plugin.teacher.stored import Field, as_stored, no_logits, stored_at
 from mft_plugin.teacher.views import TeacherHead
 
 
@@ -88,7 +88,7 @@ class HiddenStateCache:
 
     def targets(self, batch: Mapping[str, torch.Tensor], rows: torch.Tensor | None = None) -> TeacherHead:
         """The stored hidden states of the batch's blocks, all rows (reading is free), with the frozen head."""
-        hidden = self.hidden.rows(cache_rows(batch), batch["input_ids"].shape[1]).to(self.device).flatten(0, 1)
+        hidden = stored_at(self.hidden, batch).to(self.device).flatten(0, 1)
         if self.shared_head is not None:
             return frozen_head_view(hidden, self.shared_head.weight, self.shared_head.bias, self.transform)
         return TeacherHead(hidden, self.weight, self.bias, self.transform)

@@ -25,6 +25,9 @@ STORAGE = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16:
 
 
 NO_ROW = -1  # the cache row of a block whose loss reads no p^T (``ft_loss`` rows): none was built
+# A cached token's index (TOKEN_COLUMN) is row x TOKEN_STRIDE + position: independent of the cache's width,
+# so that it can be written before the cache is opened; NO_ROW for a token no cache holds (padding).
+TOKEN_STRIDE = 1 << 32
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,14 @@ class Field:
         if stored.shape[1] < width:
             padding = np.zeros((stored.shape[0], width - stored.shape[1], *stored.shape[2:]), dtype=stored.dtype)
             stored = np.concatenate([stored, padding], axis=1)
+        return as_tensor(np.ascontiguousarray(stored), self.dtype)
+
+    def tokens(self, indices: np.ndarray) -> torch.Tensor:
+        """The stored values of single tokens ``indices`` (any shape, :func:`token_indices`), as a tensor of
+        that shape and the stored trailing dimensions; :data:`NO_ROW` reads as zeros, as in :meth:`rows`."""
+        rows, positions = np.divmod(np.maximum(indices, 0), TOKEN_STRIDE)
+        stored = self.array[rows, positions]  # advanced indexing: a copy, never the memory map
+        stored[indices < 0] = 0
         return as_tensor(np.ascontiguousarray(stored), self.dtype)
 
     def whole(self) -> torch.Tensor:
@@ -99,16 +110,26 @@ class PerTokenCache:
 
     def read(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Every stored array at the batch's blocks, all rows (reading is free), ``[N, ...]`` on the device."""
-        blocks, width = cache_rows(batch), batch["input_ids"].shape[1]
-        return {name: field.rows(blocks, width).to(self.device).flatten(0, 1) for name, field in self.fields.items()}
+        return {name: stored_at(field, batch).to(self.device).flatten(0, 1) for name, field in self.fields.items()}
 
     def logits(self, batch: Mapping[str, torch.Tensor], rows: torch.Tensor | None = None) -> torch.Tensor:
         no_logits()
 
 
-def cache_rows(batch: Mapping[str, torch.Tensor]) -> np.ndarray:
-    """The cache rows of a training batch's blocks (its ``teacher_row`` routing column)."""
-    return RowRouting.of(batch).cache_rows.cpu().numpy()
+def stored_at(field: Field, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``field`` at every position of a training batch, ``[batch, seq, ...]``: read per token where the batch
+    carries its tokens' cache indices (``teacher_token``: rows that concatenate cached rows), else per row
+    (its ``teacher_row`` routing column: each row is one cached block)."""
+    routing = RowRouting.of(batch)
+    if routing.cache_tokens is not None:
+        return field.tokens(routing.cache_tokens.cpu().numpy())
+    return field.rows(routing.cache_rows.cpu().numpy(), batch["input_ids"].shape[1])
+
+
+def token_indices(row: int, length: int) -> list[int]:
+    """The cache indices of the first ``length`` tokens of cache row ``row`` (all :data:`NO_ROW` for a row
+    not cached), which a collator that concatenates rows concatenates with their input ids."""
+    return [NO_ROW] * length if row == NO_ROW else [row * TOKEN_STRIDE + position for position in range(length)]
 
 
 
