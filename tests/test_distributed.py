@@ -54,6 +54,30 @@ def test_fsdp_config_maps_axolotl_keys_to_the_trainers() -> None:
     assert FSDPConfig.model_validate({"version": 2, "cpu_offload": True}).offload_params  # the Trainer's names
 
 
+def test_an_axolotl_fsdp1_block_is_read_as_axolotl_reads_it(base_config: dict[str, Any]) -> None:
+    """Axolotl's older spellings: ``fsdp: [full_shard, auto_wrap]``, ``fsdp_``-prefixed keys, ``sharding_strategy``;
+    the FSDP1 switches FSDP2 has no use for are accepted and said at the start, the trainer never sees them."""
+    fsdp1 = {
+        "fsdp_offload_params": True, "fsdp_sync_module_states": True, "fsdp_use_orig_params": False,
+        "fsdp_state_dict_type": "FULL_STATE_DICT", "fsdp_transformer_layer_cls_to_wrap": "LlamaDecoderLayer",
+        "fsdp_sharding_strategy": "SHARD_GRAD_OP",
+    }  # fmt: skip
+    config = validate_config({**base_config, "fsdp": ["full_shard", "auto_wrap"], "fsdp_config": fsdp1})
+    assert config.engine_name == "fsdp"
+    assert config.fsdp_config.trainer_config() == FSDPConfig(
+        offload_params=True, transformer_layer_cls_to_wrap="LlamaDecoderLayer", reshard_after_forward=False
+    ).trainer_config()  # fsdp_config's own sharding_strategy wins over the fsdp list's full_shard, as in transformers
+    notes = [note for note in config.start_notes if note.startswith("fsdp_config")]
+    assert notes == [
+        "fsdp_config.use_orig_params: False has no effect: an FSDP1 switch; FSDP2 always trains the original parameters",
+        "fsdp_config.sync_module_states: True has no effect: an FSDP1 switch; FSDP2 broadcasts rank 0's weights only with cpu_ram_efficient_loading",
+        "fsdp_config without fsdp_version: Axolotl 0.19 would run FSDP1 (deprecated); mft-run runs FSDP2 (fully_shard), which computes the same",
+    ]
+    listed = validate_config({**base_config, "fsdp": "full_shard offload", "fsdp_version": 2})
+    assert listed.fsdp_config.reshard_after_forward and listed.fsdp_config.offload_params
+    assert not [note for note in listed.start_notes if note.startswith("fsdp_config")]
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -61,6 +85,10 @@ def test_fsdp_config_maps_axolotl_keys_to_the_trainers() -> None:
         ({"fsdp_config": {"offload_param": True}}, "fsdp_config.offload_param: unknown key; did you mean 'offload_params'?"),
         ({"deepspeed": "missing/zero3.json"}, "deepspeed: file or folder not found: missing/zero3.json"),
         ({"fsdp": True, "deepspeed": str(REPO / "yaml_examples/deepspeed/zero3.json")}, "choose one engine"),
+        ({"fsdp": ["hybrid_shard", "auto_wrap"]}, "fsdp: hybrid_shard is not offered"),
+        ({"fsdp_config": {"sharding_strategy": "HYBRID_SHARD"}}, "fsdp_config: 'HYBRID_SHARD' is not offered"),
+        ({"fsdp_config": {"mixed_precision_policy": "bf16"}}, "mixed_precision_policy: 'bf16' is not offered"),
+        ({"fsdp_config": {"final_state_dict_type": "SHARDED_STATE_DICT"}}, "fsdp_config.final_state_dict_type: Input should be 'FULL_STATE_DICT'"),
     ],
 )
 def test_engine_keys_are_validated(base_config: dict[str, Any], extra: dict[str, Any], message: str) -> None:

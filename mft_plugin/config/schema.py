@@ -35,7 +35,7 @@ from mft_plugin.config.adapters import (
     adapter_problems,
 )
 from mft_plugin.config.axolotl_keys import RefusedAxolotlKeys, no_effect_notes
-from mft_plugin.config.engines import FSDPConfig, fsdp2_only
+from mft_plugin.config.engines import FSDPConfig, fsdp2_only, legacy_fsdp_options
 from mft_plugin.config.unfrozen import UnfrozenPattern
 from mft_plugin.config.loss import LossImpl, TeacherCacheConfig, loss_impl_problem
 from mft_plugin.config.speed import SpeedSwitches, inactive_attention, inactive_switches
@@ -333,7 +333,7 @@ class MFTConfigBase(StrictModel, QuantizationKeys, SpeedSwitches, RefusedAxolotl
     )
 
     # multi-process engines (README "Scaling out"); DDP needs no key, only `accelerate launch`
-    fsdp: bool | None = Field(None, description="FSDP2 on; an fsdp_config block alone turns it on too")
+    fsdp: bool | None = Field(None, description="FSDP2 on; an fsdp_config block alone turns it on too (Axolotl's option list: see legacy_fsdp_options)")
     fsdp_config: FSDPConfig | None = None
     fsdp_version: int | None = Field(None, description="Axolotl's top-level spelling of fsdp_config.fsdp_version (2 only)")
     deepspeed: str | None = Field(None, description="a DeepSpeed JSON config, e.g. yaml_examples/deepspeed/zero3.json")
@@ -591,6 +591,7 @@ class MFTConfigBase(StrictModel, QuantizationKeys, SpeedSwitches, RefusedAxolotl
             notes.append(f"revision_of_model: {self.revision_of_model!r} has no effect: base_model is a local folder, read as it is")
         if self.hf_use_auth_token:
             notes.append("hf_use_auth_token: true: hub downloads use the saved hub token (HF_TOKEN or `hf auth login`), the hub client's default")
+        notes += self.fsdp_config.notes(self.fsdp_version) if self.fsdp_config is not None and self.fsdp_enabled else []
         return notes + no_effect_notes(self) + inactive_switches(self, is_torch_tf32_available())
 
     @property
@@ -888,7 +889,7 @@ def config_model(registry: Registry) -> type[MFTConfigBase]:
 
     def axolotl_top_level_keys(cls: type, data: Any) -> Any:
         """Axolotl's top-level keys that are ours in another shape: dataset defaults, then the adapter's."""
-        data = axolotl_derived_keys(dataset_defaults(data, registry, default_format))
+        data = legacy_fsdp_options(axolotl_derived_keys(dataset_defaults(data, registry, default_format)))
         return adapter_from_axolotl_keys(empty_means_default(data, cls.model_fields), adapter_names)
 
     def mitigations_fit(self: MFTConfigBase) -> MFTConfigBase:
