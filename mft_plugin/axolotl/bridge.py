@@ -121,7 +121,8 @@ def unsupported(cfg: Mapping[str, Any], mitigations: Sequence[Mitigation]) -> li
     cache = None if cfg.get("teacher_cache") is None else TeacherCacheConfig.model_validate(cfg["teacher_cache"])
     if sharded and cache is not None:  # mft-run runs the cache there; the cache needs the fused loss, which the plugin does not
         problems.append(f"teacher_cache: needs the fused loss, which is not used with fsdp/deepspeed {PLUGIN_UNFUSED}; remove teacher_cache")
-    for problem in (loss_impl_problem(cfg.get("loss_impl") or "auto", cache), packing_problem(cfg)):
+    packed = bool(cfg.get("sample_packing"))
+    for problem in (loss_impl_problem(cfg.get("loss_impl") or "auto", cache), packing_problem(cache, packed)):
         problems += [problem] if problem else []
     if sharded and cfg.get("loss_impl") == "chunked":
         problems.append(f"loss_impl: chunked cannot be used with fsdp/deepspeed {PLUGIN_UNFUSED}; use loss_impl: auto or naive")

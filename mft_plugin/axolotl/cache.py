@@ -30,6 +30,7 @@ import torch
 from datasets import Dataset
 from transformers import TrainingArguments
 
+from mft_plugin.config.loss import TeacherCacheConfig
 from mft_plugin.config.schema import MFTConfigBase
 from mft_plugin.data.batches import LABELS, ROUTING_COLUMNS, ROW_COLUMN, TOKEN_COLUMN, PaddingCollator
 from mft_plugin.teacher.cache import cache_layout, cached_teacher, layout_reason
@@ -51,16 +52,16 @@ CACHE_INPUTS = ("input_ids", LABELS)  # what the teacher is run on; the cache's 
 Collator = Callable[[list[Any]], Mapping[str, torch.Tensor]]
 
 
-def packing_problem(cfg: Mapping[str, Any]) -> str | None:
-    """Why ``teacher_cache`` cannot be as asked under ``sample_packing`` (a layout that stores p^T_l), or None."""
-    cache = cfg.get("teacher_cache")
-    if not cfg.get("sample_packing") or cache is None:
+def packing_problem(cache: TeacherCacheConfig | None, packed: bool) -> str | None:
+    """Why ``teacher_cache`` (validated) cannot be as asked under ``sample_packing`` (``packed``: a layout
+    that stores p^T_l), or None."""
+    if not packed or cache is None:
         return None
-    key = "top_k" if cache.get("top_k") is not None else "layout" if cache.get("layout") == "projected" else None
+    key = "top_k" if cache.top_k is not None else "layout" if cache.layout == "projected" else None
     if key is None:
         return None
     return (
-        f"teacher_cache.{key}: {cache[key]} with sample_packing: true cannot be exact "
+        f"teacher_cache.{key}: {getattr(cache, key)} with sample_packing: true cannot be exact "
         f"({PACKED_LAYOUT.removeprefix('sample_packing: ')}); remove it (the hidden states are used) or set sample_packing: false"
     )
 
